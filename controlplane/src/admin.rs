@@ -1,0 +1,209 @@
+//! The admin API: services, endpoints, workload tokens, proxies and status, for holders of an
+//! admin credential (`spiffe://<td>/trellis/admin/<name>`, issued at bootstrap).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+use trellis_federation::token::{TokenParts, WORKLOAD_PREFIX};
+use trellis_proto::identity::Principal;
+use trellis_proto::{grpc, pb};
+
+use crate::convert::{endpoint_to_pb, service_from_pb, service_to_pb};
+use crate::proxies::ProxyTracker;
+use crate::state::{Command, WorkloadToken, validate_service_key};
+use crate::store::Store;
+use crate::unix_now;
+
+/// Default and maximum lifetime of a workload token.
+pub const WORKLOAD_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+const MAX_WORKLOAD_TOKEN_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// The Admin gRPC service.
+pub struct AdminService {
+    pub store: Arc<dyn Store>,
+    pub proxies: Arc<ProxyTracker>,
+    pub cluster: String,
+    pub node: String,
+}
+
+fn require_admin<T>(req: &Request<T>) -> Result<String, Status> {
+    match grpc::peer_identity(req) {
+        Some(id) => match id.principal() {
+            Principal::Admin { name } => Ok(name.to_string()),
+            _ => Err(Status::permission_denied(format!(
+                "{id} is not an administrator; use the admin context written at bootstrap"
+            ))),
+        },
+        None => Err(Status::unauthenticated(
+            "the admin API needs an admin client certificate; use the context written at bootstrap \
+             (`trellis config import <data-dir>/admin/context.yaml`)",
+        )),
+    }
+}
+
+fn token_info(t: &WorkloadToken) -> pb::WorkloadTokenInfo {
+    pb::WorkloadTokenInfo {
+        id: t.id.clone(),
+        namespace: t.namespace.clone(),
+        service_account: t.service_account.clone(),
+        expires_at: t.expires_at,
+        created_at: t.created_at,
+        description: t.description.clone(),
+        revoked: t.revoked,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn list_services(
+        &self,
+        req: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        require_admin(&req)?;
+        let ns = req.into_inner().namespace;
+        let state = self.store.current();
+        let services =
+            state.services.values().filter(|s| ns.is_empty() || s.namespace == ns).map(service_to_pb).collect();
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn apply_service(&self, req: Request<pb::Service>) -> Result<Response<pb::Service>, Status> {
+        let who = require_admin(&req)?;
+        let svc = service_from_pb(req.get_ref()).map_err(Status::invalid_argument)?;
+        let key = svc.key();
+        self.store.propose(Command::UpsertService(svc)).await?;
+        tracing::info!(admin = %who, service = %key, "service applied");
+        let state = self.store.current();
+        let s = state.services.get(&key).ok_or_else(|| Status::internal("service vanished after apply"))?;
+        Ok(Response::new(service_to_pb(s)))
+    }
+
+    async fn delete_service(
+        &self,
+        req: Request<pb::DeleteServiceRequest>,
+    ) -> Result<Response<pb::DeleteServiceResponse>, Status> {
+        let who = require_admin(&req)?;
+        let r = req.into_inner();
+        let key = format!("{}.{}", r.name, if r.namespace.is_empty() { "default" } else { &r.namespace });
+        validate_service_key(&key).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.store.propose(Command::DeleteService { key: key.clone() }).await?;
+        tracing::info!(admin = %who, service = %key, "service deleted");
+        Ok(Response::new(pb::DeleteServiceResponse {}))
+    }
+
+    async fn list_endpoints(
+        &self,
+        req: Request<pb::ListEndpointsRequest>,
+    ) -> Result<Response<pb::ListEndpointsResponse>, Status> {
+        require_admin(&req)?;
+        let service = req.into_inner().service;
+        let state = self.store.current();
+        let endpoints = state
+            .endpoints
+            .values()
+            .filter(|e| service.is_empty() || e.service == service)
+            .map(endpoint_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListEndpointsResponse { endpoints }))
+    }
+
+    async fn create_workload_token(
+        &self,
+        req: Request<pb::CreateWorkloadTokenRequest>,
+    ) -> Result<Response<pb::CreateWorkloadTokenResponse>, Status> {
+        let who = require_admin(&req)?;
+        let r = req.into_inner();
+        let ttl = match r.ttl_seconds {
+            0 => WORKLOAD_TOKEN_TTL,
+            s => Duration::from_secs(s),
+        };
+        if ttl > MAX_WORKLOAD_TOKEN_TTL {
+            return Err(Status::invalid_argument("a workload token lives at most 366 days; use a shorter --ttl"));
+        }
+        let (parts, text) = TokenParts::generate(WORKLOAD_PREFIX).map_err(|e| Status::internal(e.to_string()))?;
+        let now = unix_now();
+        let token = WorkloadToken {
+            id: parts.id.clone(),
+            secret_hash: parts.secret_hash(),
+            namespace: if r.namespace.is_empty() { "default".into() } else { r.namespace },
+            service_account: r.service_account,
+            expires_at: now + ttl.as_secs(),
+            created_at: now,
+            description: r.description,
+            revoked: false,
+        };
+        self.store.propose(Command::CreateWorkloadToken(token.clone())).await?;
+        tracing::info!(admin = %who, token = %token.id, namespace = %token.namespace, service_account = %token.service_account, "workload token created");
+        Ok(Response::new(pb::CreateWorkloadTokenResponse { token: text, info: Some(token_info(&token)) }))
+    }
+
+    async fn list_workload_tokens(
+        &self,
+        req: Request<pb::ListWorkloadTokensRequest>,
+    ) -> Result<Response<pb::ListWorkloadTokensResponse>, Status> {
+        require_admin(&req)?;
+        let state = self.store.current();
+        Ok(Response::new(pb::ListWorkloadTokensResponse {
+            tokens: state.workload_tokens.values().map(token_info).collect(),
+        }))
+    }
+
+    async fn revoke_workload_token(
+        &self,
+        req: Request<pb::RevokeWorkloadTokenRequest>,
+    ) -> Result<Response<pb::RevokeWorkloadTokenResponse>, Status> {
+        let who = require_admin(&req)?;
+        let id = req.into_inner().id;
+        self.store.propose(Command::RevokeWorkloadToken { id: id.clone() }).await?;
+        tracing::info!(admin = %who, token = %id, "workload token revoked");
+        Ok(Response::new(pb::RevokeWorkloadTokenResponse {}))
+    }
+
+    async fn list_proxies(
+        &self,
+        req: Request<pb::ListProxiesRequest>,
+    ) -> Result<Response<pb::ListProxiesResponse>, Status> {
+        require_admin(&req)?;
+        let proxies = self
+            .proxies
+            .list()
+            .into_iter()
+            .map(|p| pb::ProxyStatus {
+                identity: p.identity,
+                cluster: p.cluster,
+                instance: p.instance,
+                acked_version: p.acked_version,
+                sent_version: p.sent_version,
+                last_nack: p.last_nack,
+                connected: p.connected,
+                peer_address: p.peer_address,
+            })
+            .collect();
+        Ok(Response::new(pb::ListProxiesResponse { proxies }))
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        require_admin(&req)?;
+        let state = self.store.current();
+        let ca_expires_in = state
+            .clusters
+            .get(&self.cluster)
+            .and_then(|c| trellis_proto::tls::certs_from_pem(&c.intermediate_cert_pem).ok())
+            .and_then(|certs| trellis_proto::tls::validity(&certs[0]).ok())
+            .and_then(|(_, na)| na.duration_since(std::time::SystemTime::now()).ok())
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Ok(Response::new(pb::StatusResponse {
+            trust_domain: state.trust_domain().unwrap_or_default().to_string(),
+            cluster: self.cluster.clone(),
+            node: self.node.clone(),
+            revision: state.revision,
+            services: state.services.len() as u32,
+            endpoints: state.endpoints.len() as u32,
+            proxies_connected: self.proxies.connected() as u32,
+            version: crate::VERSION.to_string(),
+            ca_expires_in,
+        }))
+    }
+}

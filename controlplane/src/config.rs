@@ -1,0 +1,85 @@
+//! Configuration of `trellis-cp`: flags and environment, validated once at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Configuration of one control-plane instance.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct CpConfig {
+    /// Directory of the store, the trust bundle file and, at bootstrap, the admin credential.
+    #[arg(long, env = "TRELLIS_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Address of the mTLS gRPC listener (discovery, certificates, admin).
+    #[arg(long, env = "TRELLIS_LISTEN", default_value = "127.0.0.1:7443")]
+    pub listen: SocketAddr,
+    /// Address that proxies and the CLI use to reach this instance (default: the bound address).
+    #[arg(long, env = "TRELLIS_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Address of the unauthenticated metrics and health listener; must be loopback.
+    #[arg(long, env = "TRELLIS_METRICS", default_value = "127.0.0.1:0")]
+    pub metrics: SocketAddr,
+    /// Trust domain of a new federation (ignored once bootstrapped).
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = trellis_proto::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Name of this instance's cluster.
+    #[arg(long, env = "TRELLIS_CLUSTER", default_value = "local")]
+    pub cluster: String,
+    /// Region of this instance's cluster.
+    #[arg(long, env = "TRELLIS_REGION", default_value = "local")]
+    pub region: String,
+    /// Name of this instance, unique within its cluster.
+    #[arg(long, env = "TRELLIS_NODE", default_value = "cp-1")]
+    pub node: String,
+    /// Write the bound addresses as JSON to this file once serving.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+    /// Seconds after start before endpoints whose proxy has not reconnected are marked unhealthy.
+    #[arg(long, default_value_t = 15)]
+    pub endpoint_grace_secs: u64,
+    /// Lifetime of the instance's own serving certificate, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub cert_ttl_secs: u64,
+}
+
+/// Why a configuration cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--metrics {0} is not a loopback address: the metrics listener is unauthenticated; use 127.0.0.1:PORT")]
+    MetricsNotLoopback(SocketAddr),
+    #[error("--{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+}
+
+impl CpConfig {
+    /// Checks the configuration; every message names the flag and what to do.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.metrics.ip().is_loopback() {
+            return Err(ConfigError::MetricsNotLoopback(self.metrics));
+        }
+        let name = |flag: &'static str, v: &str| {
+            trellis_proto::identity::validate_name(v).map_err(|e| ConfigError::Invalid { flag, reason: e.to_string() })
+        };
+        name("cluster", &self.cluster)?;
+        name("node", &self.node)?;
+        trellis_proto::SpiffeId::new(&self.trust_domain, "x")
+            .map_err(|e| ConfigError::Invalid { flag: "trust-domain", reason: e.to_string() })?;
+        if let Some(a) = &self.advertise
+            && a.parse::<SocketAddr>().is_err()
+            && a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none()
+        {
+            return Err(ConfigError::Invalid { flag: "advertise", reason: format!("'{a}' is not host:port") });
+        }
+        if self.cert_ttl_secs < 120 {
+            return Err(ConfigError::Invalid { flag: "cert-ttl-secs", reason: "must be at least 120".into() });
+        }
+        Ok(())
+    }
+
+    /// Grace period for proxies to reconnect after a restart.
+    pub fn endpoint_grace(&self) -> Duration {
+        Duration::from_secs(self.endpoint_grace_secs)
+    }
+}

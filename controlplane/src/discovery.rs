@@ -1,0 +1,316 @@
+//! The discovery API: one bidirectional stream per proxy. The proxy says who it is and which
+//! endpoints it serves; this instance registers them, sends a full view, then deltas computed from
+//! the store's changelog (cost grows with the change, not with the mesh), and records each
+//! ACK/NACK so `trellis get proxies` shows stale or diverged proxies.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use trellis_proto::identity::Principal;
+use trellis_proto::pb::{self, discovery_request::Kind};
+use trellis_proto::{SpiffeId, grpc};
+
+use crate::convert::{bundle_to_pb, endpoint_to_pb, service_to_pb};
+use crate::metrics::Metrics;
+use crate::proxies::{ProxyInfo, ProxyTracker};
+use crate::state::{ChangeKey, Command, Endpoint, Protocol, State, validate_service_key};
+use crate::store::Store;
+
+/// How long a proxy has to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The discovery service of one instance.
+#[derive(Clone)]
+pub struct DiscoveryService {
+    pub store: Arc<dyn Store>,
+    pub proxies: Arc<ProxyTracker>,
+    pub cluster: String,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Builds the response that brings a proxy from `since` to `state` (full when `since` is 0 or
+/// the changelog no longer reaches back). Pure: the stream only sends what this returns.
+pub fn build_response(state: &State, since: u64) -> Option<pb::DiscoveryResponse> {
+    let keys = if since == 0 { None } else { state.changes_since(since) };
+    let Some(keys) = keys else {
+        return Some(pb::DiscoveryResponse {
+            version: state.revision,
+            full: true,
+            services: state.services.values().map(service_to_pb).collect(),
+            endpoints: state.endpoints.values().map(endpoint_to_pb).collect(),
+            trust_bundle: Some(bundle_to_pb(state)),
+            ..Default::default()
+        });
+    };
+    if keys.is_empty() {
+        return None;
+    }
+    let mut resp = pb::DiscoveryResponse { version: state.revision, full: false, ..Default::default() };
+    for key in keys {
+        match key {
+            ChangeKey::Service(k) => match state.services.get(&k) {
+                Some(s) => resp.services.push(service_to_pb(s)),
+                None => resp.removed_services.push(k),
+            },
+            ChangeKey::Endpoint(id) => match state.endpoints.get(&id) {
+                Some(e) => resp.endpoints.push(endpoint_to_pb(e)),
+                None => resp.removed_endpoints.push(id),
+            },
+            ChangeKey::Trust => resp.trust_bundle = Some(bundle_to_pb(state)),
+        }
+    }
+    Some(resp)
+}
+
+/// Turns a Hello's registrations into endpoints, refusing anything the proxy may not claim.
+pub fn registrations(
+    hello: &pb::Hello,
+    peer: &SpiffeId,
+    cluster: &str,
+) -> Result<Vec<(Endpoint, Protocol)>, Status> {
+    let node = hello.node.as_ref().ok_or_else(|| Status::invalid_argument("Hello.node is missing"))?;
+    if !node.identity.is_empty() && node.identity != peer.to_string() {
+        return Err(Status::permission_denied(format!(
+            "Hello says identity {} but the client certificate is {peer}",
+            node.identity
+        )));
+    }
+    if !node.cluster.is_empty() && node.cluster != cluster {
+        return Err(Status::invalid_argument(format!(
+            "the proxy says it is in cluster '{}' but this control plane serves cluster '{cluster}'; \
+             point --control-plane at a control plane of its own cluster",
+            node.cluster
+        )));
+    }
+    trellis_proto::identity::validate_name(&node.instance)
+        .map_err(|e| Status::invalid_argument(format!("Hello.node.instance: {e}")))?;
+    let Principal::Workload { namespace, .. } = peer.principal() else {
+        return Err(Status::permission_denied(format!("{peer} is not a workload identity")));
+    };
+    hello
+        .endpoints
+        .iter()
+        .map(|r| {
+            validate_service_key(&r.service).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let (name, ns) = r.service.split_once('.').unwrap_or_default();
+            if ns != namespace {
+                return Err(Status::permission_denied(format!(
+                    "workload of namespace '{namespace}' cannot register an endpoint of {}",
+                    r.service
+                )));
+            }
+            r.address.parse::<SocketAddr>().map_err(|_| {
+                Status::invalid_argument(format!("endpoint address '{}' must be ip:port", r.address))
+            })?;
+            let protocol = Protocol::parse(&r.protocol).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok((
+                Endpoint {
+                    id: format!("{cluster}/{ns}/{name}/{}", node.instance),
+                    service: r.service.clone(),
+                    cluster: cluster.to_string(),
+                    zone: node.zone.clone(),
+                    address: r.address.clone(),
+                    identity: peer.to_string(),
+                    healthy: r.ready,
+                    weight: r.weight.max(1),
+                    revision: 0,
+                },
+                protocol,
+            ))
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl pb::discovery_server::Discovery for DiscoveryService {
+    type StreamStream = ReceiverStream<Result<pb::DiscoveryResponse, Status>>;
+
+    async fn stream(
+        &self,
+        req: Request<Streaming<pb::DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = grpc::peer_identity(&req)
+            .ok_or_else(|| Status::unauthenticated("discovery needs a workload client certificate"))?;
+        let peer_addr = grpc::peer_addr(&req).map(|a| a.to_string()).unwrap_or_default();
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10 s"))??
+            .ok_or_else(|| Status::cancelled("stream closed before Hello"))?;
+        let Some(Kind::Hello(hello)) = first.kind else {
+            return Err(Status::invalid_argument("the first message of a discovery stream must be Hello"));
+        };
+        let regs = registrations(&hello, &peer, &self.cluster)?;
+        for (endpoint, protocol) in &regs {
+            self.store
+                .propose(Command::UpsertEndpoint { endpoint: endpoint.clone(), protocol: *protocol })
+                .await?;
+        }
+        let node = hello.node.clone().unwrap_or_default();
+        let session = self.proxies.open(ProxyInfo {
+            identity: peer.to_string(),
+            cluster: self.cluster.clone(),
+            instance: node.instance.clone(),
+            peer_address: peer_addr,
+            endpoints: regs.iter().map(|(e, _)| e.id.clone()).collect(),
+            ..Default::default()
+        });
+        tracing::info!(%peer, instance = %node.instance, endpoints = regs.len(), "proxy connected");
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let deregistered = this.serve(session, hello.known_version, &mut inbound, tx).await;
+            let owned = this.proxies.close(session);
+            for id in owned {
+                let cmd = if deregistered {
+                    Command::DeleteEndpoint { id: id.clone() }
+                } else {
+                    Command::SetEndpointHealth { id: id.clone(), healthy: false }
+                };
+                if let Err(e) = this.store.propose(cmd).await {
+                    tracing::warn!(endpoint = %id, error = %e, "could not update endpoint after disconnect");
+                }
+            }
+            this.metrics.proxies_connected.set(this.proxies.connected() as i64);
+            tracing::info!(%peer, instance = %node.instance, deregistered, "proxy disconnected");
+        });
+        self.metrics.proxies_connected.set(self.proxies.connected() as i64);
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl DiscoveryService {
+    /// Runs one session until the proxy goes away; returns true if it deregistered.
+    async fn serve(
+        &self,
+        session: u64,
+        known: u64,
+        inbound: &mut Streaming<pb::DiscoveryRequest>,
+        tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
+    ) -> bool {
+        let mut states = self.store.subscribe();
+        // A proxy that already holds a version newer than ours (we restarted from an older
+        // snapshot, or it talked to another instance) gets a full view.
+        let mut sent = if known > states.borrow().revision { 0 } else { known };
+        loop {
+            let state = states.borrow_and_update().clone();
+            if let Some(resp) = build_response(&state, sent) {
+                let bytes = resp.encoded_len() as u64;
+                let full = resp.full;
+                if tx.send(Ok(resp)).await.is_err() {
+                    return false;
+                }
+                sent = state.revision;
+                self.proxies.sent(session, sent);
+                self.metrics.record_push(full, bytes);
+            } else {
+                sent = state.revision;
+            }
+            tokio::select! {
+                changed = states.changed() => if changed.is_err() { return false },
+                msg = inbound.message() => match msg {
+                    Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Ack(a)) })) => self.proxies.acked(session, a.version),
+                    Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Nack(n)) })) => {
+                        tracing::warn!(session, version = n.version, reason = %n.reason, "proxy refused a configuration");
+                        self.metrics.nacks.inc();
+                        self.proxies.nacked(session, &n.reason);
+                    }
+                    Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Deregister(_)) })) => return true,
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => return false,
+                },
+            }
+        }
+    }
+}
+
+/// After a restart, marks unhealthy the endpoints of this cluster whose proxy did not come back
+/// within the grace period (a proxy that died while the control plane was down).
+pub async fn expire_orphans(store: Arc<dyn Store>, proxies: Arc<ProxyTracker>, cluster: String, grace: Duration) {
+    tokio::time::sleep(grace).await;
+    let state = store.current();
+    let orphans: BTreeSet<String> = state
+        .endpoints
+        .values()
+        .filter(|e| e.cluster == cluster && e.healthy && !proxies.is_owned(&e.id))
+        .map(|e| e.id.clone())
+        .collect();
+    for id in orphans {
+        tracing::info!(endpoint = %id, "proxy did not reconnect after restart; marking unhealthy");
+        let _ = store.propose(Command::SetEndpointHealth { id, healthy: false }).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(identity: &str, service: &str, address: &str) -> pb::Hello {
+        pb::Hello {
+            node: Some(pb::Node { identity: identity.into(), cluster: "a".into(), zone: "z".into(), instance: "web-1".into() }),
+            endpoints: vec![pb::EndpointRegistration {
+                service: service.into(),
+                address: address.into(),
+                protocol: "http".into(),
+                weight: 0,
+                ready: true,
+            }],
+            known_version: 0,
+        }
+    }
+
+    #[test]
+    fn registrations_are_checked_against_the_certificate() {
+        let peer: SpiffeId = "spiffe://trellis.local/ns/default/sa/web".parse().unwrap();
+        let ok = registrations(&hello(&peer.to_string(), "web.default", "127.0.0.1:9"), &peer, "a").unwrap();
+        assert_eq!(ok[0].0.id, "a/default/web/web-1");
+        assert_eq!(ok[0].0.weight, 1);
+        let cases = [
+            (hello("spiffe://trellis.local/ns/default/sa/other", "web.default", "127.0.0.1:9"), tonic::Code::PermissionDenied),
+            (hello("", "web.prod", "127.0.0.1:9"), tonic::Code::PermissionDenied),
+            (hello("", "web", "127.0.0.1:9"), tonic::Code::InvalidArgument),
+            (hello("", "web.default", "localhost"), tonic::Code::InvalidArgument),
+        ];
+        for (h, code) in cases {
+            assert_eq!(registrations(&h, &peer, "a").unwrap_err().code(), code, "{h:?}");
+        }
+        let mut other_cluster = hello("", "web.default", "127.0.0.1:9");
+        other_cluster.node.as_mut().unwrap().cluster = "b".into();
+        assert_eq!(registrations(&other_cluster, &peer, "a").unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn deltas_carry_only_changes() {
+        let mut s = State::default();
+        let regs = registrations(
+            &hello("", "web.default", "127.0.0.1:9"),
+            &"spiffe://trellis.local/ns/default/sa/web".parse().unwrap(),
+            "a",
+        )
+        .unwrap();
+        for i in 0..100u64 {
+            let mut e = regs[0].0.clone();
+            e.id = format!("a/default/web/{i}");
+            s.apply(i + 1, &Command::UpsertEndpoint { endpoint: e, protocol: Protocol::Http }).unwrap();
+        }
+        let full = build_response(&s, 0).unwrap();
+        assert!(full.full);
+        assert_eq!(full.endpoints.len(), 100);
+        let v = s.revision;
+        s.apply(v + 1, &Command::SetEndpointHealth { id: "a/default/web/7".into(), healthy: false }).unwrap();
+        s.apply(v + 2, &Command::DeleteEndpoint { id: "a/default/web/8".into() }).unwrap();
+        let delta = build_response(&s, v).unwrap();
+        assert!(!delta.full);
+        assert_eq!(delta.endpoints.len(), 1);
+        assert!(!delta.endpoints[0].healthy);
+        assert_eq!(delta.removed_endpoints, vec!["a/default/web/8".to_string()]);
+        assert!(delta.encoded_len() * 20 < full.encoded_len(), "a delta must be far smaller than the full view");
+        assert!(build_response(&s, s.revision).is_none());
+    }
+}

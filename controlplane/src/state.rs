@@ -1,0 +1,426 @@
+//! The replicated state machine: the federation's settings and trust material, clusters,
+//! services, endpoints and workload tokens, changed only by applying [`Command`]s in log order.
+//!
+//! `apply` is deterministic (every timestamp travels inside the command), validates before it
+//! changes anything, and leaves the state untouched when it refuses a command. The store that
+//! orders commands (single node today, Raft next) calls it; nothing else mutates a `State`.
+
+use std::collections::VecDeque;
+
+use imbl::OrdMap;
+use serde::{Deserialize, Serialize};
+use trellis_proto::identity::validate_name;
+
+/// How many recent changes are kept to answer delta requests; older subscribers get a full view.
+pub const CHANGELOG_LEN: usize = 16_384;
+
+/// Application protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    #[default]
+    Http,
+    Grpc,
+}
+
+impl Protocol {
+    /// Parses the wire form ("" means http).
+    pub fn parse(s: &str) -> Result<Self, ApplyError> {
+        match s {
+            "" | "http" => Ok(Self::Http),
+            "tcp" => Ok(Self::Tcp),
+            "grpc" => Ok(Self::Grpc),
+            other => Err(ApplyError::Invalid(format!("protocol '{other}' is not one of tcp, http, grpc"))),
+        }
+    }
+
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Http => "http",
+            Self::Grpc => "grpc",
+        }
+    }
+}
+
+/// A root certificate authority of the federation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootCa {
+    pub cert_pem: String,
+    /// Secret: kept only in the store, which is readable by the control plane alone.
+    pub key_pem: String,
+    pub created_at: u64,
+}
+
+/// A cluster of the federation with its intermediate CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cluster {
+    pub name: String,
+    pub region: String,
+    pub intermediate_cert_pem: String,
+    pub intermediate_key_pem: String,
+    pub created_at: u64,
+}
+
+/// Federation-wide settings, set once at bootstrap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Federation {
+    pub trust_domain: String,
+    pub created_at: u64,
+}
+
+/// A service port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+}
+
+/// A service, keyed by `name.namespace`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub ports: Vec<ServicePort>,
+    pub protocol: Protocol,
+    pub exported: bool,
+    pub revision: u64,
+}
+
+impl Service {
+    /// `name.namespace`.
+    pub fn key(&self) -> String {
+        format!("{}.{}", self.name, self.namespace)
+    }
+}
+
+/// One workload behind one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// `<cluster>/<namespace>/<service>/<instance>`.
+    pub id: String,
+    /// `name.namespace`.
+    pub service: String,
+    pub cluster: String,
+    pub zone: String,
+    pub address: String,
+    pub identity: String,
+    pub healthy: bool,
+    pub weight: u32,
+    pub revision: u64,
+}
+
+/// A workload token as stored: the secret only as a hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadToken {
+    pub id: String,
+    pub secret_hash: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub expires_at: u64,
+    pub created_at: u64,
+    pub description: String,
+    pub revoked: bool,
+}
+
+/// A change to the state. Every field a replica needs is inside, including times.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Creates the federation with its first root and first cluster.
+    Bootstrap { federation: Federation, root: RootCa, cluster: Cluster },
+    UpsertService(Service),
+    DeleteService { key: String },
+    /// Registers or updates an endpoint; creates its service (cluster-local) if it is unknown.
+    UpsertEndpoint { endpoint: Endpoint, protocol: Protocol },
+    SetEndpointHealth { id: String, healthy: bool },
+    DeleteEndpoint { id: String },
+    CreateWorkloadToken(WorkloadToken),
+    RevokeWorkloadToken { id: String },
+    /// Does nothing; used to check that the log is writable.
+    Noop,
+}
+
+/// Why a command was refused. The state is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// A key whose resource changed, for computing deltas.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ChangeKey {
+    Service(String),
+    Endpoint(String),
+    Trust,
+}
+
+/// The whole replicated state at one revision.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    /// Index of the last applied log entry.
+    pub revision: u64,
+    pub federation: Option<Federation>,
+    pub roots: Vec<RootCa>,
+    pub clusters: OrdMap<String, Cluster>,
+    pub services: OrdMap<String, Service>,
+    pub endpoints: OrdMap<String, Endpoint>,
+    pub workload_tokens: OrdMap<String, WorkloadToken>,
+    /// Recent changes (revision, key), oldest first; rebuilt empty after a restart.
+    #[serde(skip)]
+    pub changes: VecDeque<(u64, ChangeKey)>,
+}
+
+/// Validates `name.namespace`.
+pub fn validate_service_key(key: &str) -> Result<(), ApplyError> {
+    let (name, ns) = key
+        .split_once('.')
+        .ok_or_else(|| ApplyError::Invalid(format!("service '{key}' must be written name.namespace")))?;
+    validate_name(name).map_err(|e| ApplyError::Invalid(format!("service name: {e}")))?;
+    validate_name(ns).map_err(|e| ApplyError::Invalid(format!("service namespace: {e}")))?;
+    Ok(())
+}
+
+fn validate_address(addr: &str) -> Result<(), ApplyError> {
+    addr.parse::<std::net::SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| ApplyError::Invalid(format!("endpoint address '{addr}' must be ip:port")))
+}
+
+impl State {
+    /// The trust domain, once bootstrapped.
+    pub fn trust_domain(&self) -> Option<&str> {
+        self.federation.as_ref().map(|f| f.trust_domain.as_str())
+    }
+
+    /// Endpoints of one service.
+    pub fn endpoints_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Endpoint> + 'a {
+        self.endpoints.values().filter(move |e| e.service == service)
+    }
+
+    /// Changes after `since`, or `None` when the changelog no longer reaches back that far.
+    pub fn changes_since(&self, since: u64) -> Option<Vec<ChangeKey>> {
+        if since >= self.revision {
+            return Some(Vec::new());
+        }
+        let oldest = self.changes.front().map(|(r, _)| *r)?;
+        if oldest > since + 1 {
+            return None;
+        }
+        let mut keys: Vec<ChangeKey> =
+            self.changes.iter().filter(|(r, _)| *r > since).map(|(_, k)| k.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        Some(keys)
+    }
+
+    fn record(&mut self, key: ChangeKey) {
+        self.changes.push_back((self.revision, key));
+        while self.changes.len() > CHANGELOG_LEN {
+            self.changes.pop_front();
+        }
+    }
+
+    /// Applies the command at log index `index`. On error the state is unchanged except for
+    /// `revision`, which always advances so every replica agrees on the applied index.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> Result<(), ApplyError> {
+        self.revision = index;
+        match cmd {
+            Command::Noop => Ok(()),
+            Command::Bootstrap { federation, root, cluster } => {
+                if self.federation.is_some() {
+                    return Err(ApplyError::Conflict("the federation is already bootstrapped".into()));
+                }
+                validate_name(&cluster.name).map_err(|e| ApplyError::Invalid(e.to_string()))?;
+                self.federation = Some(federation.clone());
+                self.roots = vec![root.clone()];
+                self.clusters.insert(cluster.name.clone(), cluster.clone());
+                self.record(ChangeKey::Trust);
+                Ok(())
+            }
+            Command::UpsertService(svc) => {
+                let key = svc.key();
+                validate_service_key(&key)?;
+                if svc.ports.iter().any(|p| p.port == 0) {
+                    return Err(ApplyError::Invalid(format!("service {key}: port 0 is not a valid port")));
+                }
+                let mut svc = svc.clone();
+                svc.revision = index;
+                self.services.insert(key.clone(), svc);
+                self.record(ChangeKey::Service(key));
+                Ok(())
+            }
+            Command::DeleteService { key } => {
+                if self.services.remove(key).is_none() {
+                    return Err(ApplyError::NotFound(format!("service {key}")));
+                }
+                let ids: Vec<String> = self.endpoints_of(key).map(|e| e.id.clone()).collect();
+                for id in ids {
+                    self.endpoints.remove(&id);
+                    self.record(ChangeKey::Endpoint(id));
+                }
+                self.record(ChangeKey::Service(key.clone()));
+                Ok(())
+            }
+            Command::UpsertEndpoint { endpoint, protocol } => {
+                validate_service_key(&endpoint.service)?;
+                validate_address(&endpoint.address)?;
+                if endpoint.id.is_empty() {
+                    return Err(ApplyError::Invalid("endpoint id is empty".into()));
+                }
+                if !self.services.contains_key(&endpoint.service) {
+                    let (name, ns) = endpoint.service.split_once('.').unwrap_or_default();
+                    let svc = Service {
+                        name: name.to_string(),
+                        namespace: ns.to_string(),
+                        ports: Vec::new(),
+                        protocol: *protocol,
+                        exported: false,
+                        revision: index,
+                    };
+                    self.services.insert(endpoint.service.clone(), svc);
+                    self.record(ChangeKey::Service(endpoint.service.clone()));
+                }
+                let mut ep = endpoint.clone();
+                ep.revision = index;
+                ep.weight = ep.weight.max(1);
+                if self.endpoints.get(&ep.id).map(|old| {
+                    let mut o = old.clone();
+                    o.revision = index;
+                    o == ep
+                }) == Some(true)
+                {
+                    // Unchanged re-registration (proxy reconnect): no change to push.
+                    return Ok(());
+                }
+                self.endpoints.insert(ep.id.clone(), ep.clone());
+                self.record(ChangeKey::Endpoint(ep.id));
+                Ok(())
+            }
+            Command::SetEndpointHealth { id, healthy } => {
+                let Some(ep) = self.endpoints.get_mut(id) else {
+                    return Err(ApplyError::NotFound(format!("endpoint {id}")));
+                };
+                if ep.healthy == *healthy {
+                    return Ok(());
+                }
+                ep.healthy = *healthy;
+                ep.revision = index;
+                self.record(ChangeKey::Endpoint(id.clone()));
+                Ok(())
+            }
+            Command::DeleteEndpoint { id } => {
+                if self.endpoints.remove(id).is_none() {
+                    return Err(ApplyError::NotFound(format!("endpoint {id}")));
+                }
+                self.record(ChangeKey::Endpoint(id.clone()));
+                Ok(())
+            }
+            Command::CreateWorkloadToken(t) => {
+                validate_name(&t.namespace).map_err(|e| ApplyError::Invalid(e.to_string()))?;
+                validate_name(&t.service_account).map_err(|e| ApplyError::Invalid(e.to_string()))?;
+                if self.workload_tokens.contains_key(&t.id) {
+                    return Err(ApplyError::Conflict(format!("workload token {} already exists", t.id)));
+                }
+                self.workload_tokens.insert(t.id.clone(), t.clone());
+                Ok(())
+            }
+            Command::RevokeWorkloadToken { id } => {
+                let Some(t) = self.workload_tokens.get_mut(id) else {
+                    return Err(ApplyError::NotFound(format!("workload token {id}")));
+                };
+                t.revoked = true;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(id: &str, service: &str) -> Endpoint {
+        Endpoint {
+            id: id.into(),
+            service: service.into(),
+            cluster: "a".into(),
+            zone: "z1".into(),
+            address: "127.0.0.1:1000".into(),
+            identity: "spiffe://trellis.local/ns/default/sa/web".into(),
+            healthy: true,
+            weight: 1,
+            revision: 0,
+        }
+    }
+
+    #[test]
+    fn endpoint_registration_creates_service_and_records_changes() {
+        let mut s = State::default();
+        s.apply(1, &Command::UpsertEndpoint { endpoint: ep("a/default/web/1", "web.default"), protocol: Protocol::Http })
+            .unwrap();
+        assert_eq!(s.services["web.default"].protocol, Protocol::Http);
+        assert!(!s.services["web.default"].exported);
+        assert_eq!(s.endpoints["a/default/web/1"].revision, 1);
+        assert_eq!(
+            s.changes_since(0).unwrap(),
+            vec![ChangeKey::Service("web.default".into()), ChangeKey::Endpoint("a/default/web/1".into())]
+        );
+        // Identical re-registration changes nothing.
+        s.apply(2, &Command::UpsertEndpoint { endpoint: ep("a/default/web/1", "web.default"), protocol: Protocol::Http })
+            .unwrap();
+        assert_eq!(s.changes_since(1).unwrap(), vec![]);
+        s.apply(3, &Command::SetEndpointHealth { id: "a/default/web/1".into(), healthy: false }).unwrap();
+        assert_eq!(s.changes_since(2).unwrap(), vec![ChangeKey::Endpoint("a/default/web/1".into())]);
+    }
+
+    #[test]
+    fn invalid_commands_leave_state_unchanged() {
+        let mut s = State::default();
+        let before = serde_json::to_string(&s).unwrap();
+        let bad = [
+            Command::UpsertEndpoint { endpoint: ep("x", "no-namespace"), protocol: Protocol::Http },
+            Command::UpsertEndpoint {
+                endpoint: Endpoint { address: "nowhere".into(), ..ep("x", "web.default") },
+                protocol: Protocol::Http,
+            },
+            Command::DeleteService { key: "web.default".into() },
+            Command::SetEndpointHealth { id: "missing".into(), healthy: true },
+            Command::RevokeWorkloadToken { id: "missing".into() },
+        ];
+        for (i, c) in bad.iter().enumerate() {
+            assert!(s.apply(i as u64 + 1, c).is_err(), "{c:?}");
+        }
+        let mut after: serde_json::Value = serde_json::to_value(&s).unwrap();
+        after["revision"] = 0.into();
+        assert_eq!(after, serde_json::from_str::<serde_json::Value>(&before).unwrap());
+    }
+
+    #[test]
+    fn deleting_a_service_removes_its_endpoints() {
+        let mut s = State::default();
+        s.apply(1, &Command::UpsertEndpoint { endpoint: ep("e1", "web.default"), protocol: Protocol::Http }).unwrap();
+        s.apply(2, &Command::UpsertEndpoint { endpoint: ep("e2", "api.default"), protocol: Protocol::Grpc }).unwrap();
+        s.apply(3, &Command::DeleteService { key: "web.default".into() }).unwrap();
+        assert!(!s.endpoints.contains_key("e1"));
+        assert!(s.endpoints.contains_key("e2"));
+    }
+
+    #[test]
+    fn changelog_window_forces_full_resync() {
+        let mut s = State::default();
+        for i in 1..=(CHANGELOG_LEN as u64 + 10) {
+            s.apply(i, &Command::SetEndpointHealth { id: "none".into(), healthy: true }).ok();
+            s.apply(i, &Command::UpsertEndpoint { endpoint: ep(&format!("e{i}"), "web.default"), protocol: Protocol::Http })
+                .unwrap();
+        }
+        assert!(s.changes_since(1).is_none());
+        assert!(s.changes_since(s.revision - 5).is_some());
+    }
+}

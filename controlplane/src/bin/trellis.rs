@@ -1,1 +1,495 @@
-fn main() {}
+//! `trellis`: the command-line interface to a Trellis mesh.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use serde_json::json;
+use trellis_controlplane::cli::client::{self, CliError};
+use trellis_controlplane::cli::demo::{self, DemoArgs};
+use trellis_controlplane::cli::output::{Format, Listing, human_duration};
+use trellis_controlplane::context::{ConfigFile, Context, default_path};
+use trellis_controlplane::telemetry::{self, LogFormat};
+use trellis_controlplane::unix_now;
+use trellis_proto::pb;
+
+#[derive(Parser)]
+#[command(name = "trellis", version, about = "Operate a Trellis multi-cluster service mesh", propagate_version = true)]
+struct Cli {
+    /// CLI configuration file (default: $TRELLIS_CONFIG or ~/.trellis/config).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Context to use instead of the current one.
+    #[arg(long, global = true)]
+    context: Option<String>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List resources: services, endpoints, proxies, workload-tokens.
+    Get {
+        #[arg(value_enum)]
+        resource: Resource,
+        /// Only this namespace (services) or this service `name.namespace` (endpoints).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Show the control plane's status.
+    Status {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Create or update a service.
+    #[command(name = "create-service")]
+    CreateService {
+        /// `name.namespace` (namespace defaults to `default`).
+        name: String,
+        #[arg(long, default_value = "http")]
+        protocol: String,
+        /// Ports as `name:port` or `port`, repeatable.
+        #[arg(long = "port")]
+        ports: Vec<String>,
+        /// Make the service reachable from other clusters.
+        #[arg(long)]
+        exported: bool,
+    },
+    /// Delete a service and its endpoints.
+    #[command(name = "delete-service")]
+    DeleteService { name: String },
+    /// Workload tokens (universal mode: how a workload proves its identity for a certificate).
+    Token {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
+    /// Manage contexts (which control plane and credential the CLI uses).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCmd,
+    },
+    /// Start a whole mesh on this machine and show traffic through it.
+    Demo(DemoArgs),
+    /// The demo's sample application (used by `trellis demo`).
+    #[command(name = "demo-app", hide = true)]
+    DemoApp {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+    /// Print a shell completion script.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Resource {
+    #[value(alias = "service", alias = "svc")]
+    Services,
+    #[value(alias = "endpoint", alias = "ep")]
+    Endpoints,
+    #[value(alias = "proxy")]
+    Proxies,
+    #[value(name = "workload-tokens", alias = "workload-token")]
+    WorkloadTokens,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Workload tokens.
+    Workload {
+        #[command(subcommand)]
+        command: WorkloadTokenCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkloadTokenCmd {
+    /// Create a token for one namespace and service account; prints it once.
+    Create {
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        /// Lifetime, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Revoke a token by id.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Import a context file (e.g. `<data-dir>/admin/context.yaml`) and make it current.
+    Import {
+        file: PathBuf,
+        /// Name to give the context.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Make a context current.
+    UseContext { name: String },
+    /// List contexts.
+    GetContexts,
+    /// Print the current context's name.
+    CurrentContext,
+}
+
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86_400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .map(|n| n * mult)
+        .ok_or_else(|| format!("--ttl '{s}' is not a duration; use e.g. 90s, 30m, 24h or 7d"))
+}
+
+fn load_context(cli: &Cli) -> Result<(PathBuf, Context), String> {
+    let path = cli.config.clone().unwrap_or_else(default_path);
+    let cfg = ConfigFile::load(&path).map_err(|e| e.to_string())?;
+    let ctx = match &cli.context {
+        Some(name) => cfg.get(name),
+        None => cfg.current(),
+    }
+    .map_err(|e| e.to_string())?
+    .clone();
+    Ok((path, ctx))
+}
+
+fn split_service(name: &str) -> (String, String) {
+    match name.split_once('.') {
+        Some((n, ns)) => (n.to_string(), ns.to_string()),
+        None => (name.to_string(), "default".to_string()),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let status = |server: &str| {
+        let server = server.to_string();
+        move |s: tonic::Status| client::from_status(&server, s).to_string()
+    };
+    match &cli.command {
+        Cmd::Demo(args) => {
+            let report = demo::run(args.clone()).await?;
+            match args.output {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default()),
+                Format::Yaml => print!("{}", serde_saphyr::to_string(&report).unwrap_or_default()),
+                Format::Table => println!(
+                    "\nDemo finished: {} requests, {} failed, mTLS on every request: {}, p50 {:.2} ms, p99 {:.2} ms",
+                    report.requests, report.failed, report.mtls, report.p50_ms, report.p99_ms
+                ),
+            }
+            if report.failed > 0 {
+                return Err(format!("{} requests failed", report.failed));
+            }
+            Ok(())
+        }
+        Cmd::DemoApp { name, cluster, listen } => {
+            trellis_controlplane::cli::demo_app::run(name.clone(), cluster.clone(), *listen).await.map_err(|e| e.to_string())
+        }
+        Cmd::Completion { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "trellis", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Config { command } => {
+            let path = cli.config.clone().unwrap_or_else(default_path);
+            let mut cfg = ConfigFile::load(&path).map_err(|e| e.to_string())?;
+            match command {
+                ConfigCmd::Import { file, name } => {
+                    let src = ConfigFile::load(file).map_err(|e| e.to_string())?;
+                    let mut ctx = src.current().map_err(|e| format!("{}: {e}", file.display()))?.clone();
+                    if let Some(n) = name {
+                        ctx.name = n.clone();
+                    }
+                    cfg.current_context = Some(ctx.name.clone());
+                    println!("Context '{}' imported and made current ({}).", ctx.name, ctx.server);
+                    cfg.upsert(ctx);
+                    cfg.save(&path).map_err(|e| e.to_string())
+                }
+                ConfigCmd::UseContext { name } => {
+                    cfg.get(name).map_err(|e| e.to_string())?;
+                    cfg.current_context = Some(name.clone());
+                    cfg.save(&path).map_err(|e| e.to_string())?;
+                    println!("Switched to context '{name}'.");
+                    Ok(())
+                }
+                ConfigCmd::GetContexts => {
+                    let rows: Vec<Vec<String>> = cfg
+                        .contexts
+                        .iter()
+                        .map(|c| {
+                            let cur = if cfg.current_context.as_deref() == Some(&c.name) { "*" } else { "" };
+                            vec![cur.to_string(), c.name.clone(), c.server.clone(), c.trust_domain.clone()]
+                        })
+                        .collect();
+                    print!("{}", trellis_controlplane::cli::output::table(&["CURRENT", "NAME", "SERVER", "TRUST DOMAIN"], &rows));
+                    Ok(())
+                }
+                ConfigCmd::CurrentContext => {
+                    println!("{}", cfg.current().map_err(|e| e.to_string())?.name);
+                    Ok(())
+                }
+            }
+        }
+        Cmd::Get { resource, namespace, output } => {
+            let (_, ctx) = load_context(&cli)?;
+            let mut admin = client::admin(&ctx).map_err(|e: CliError| e.to_string())?;
+            let listing = match resource {
+                Resource::Services => {
+                    let r = admin
+                        .list_services(pb::ListServicesRequest { namespace: namespace.clone().unwrap_or_default() })
+                        .await
+                        .map_err(status(&ctx.server))?
+                        .into_inner();
+                    Listing {
+                        columns: vec!["NAME", "NAMESPACE", "PROTOCOL", "PORTS", "EXPORTED", "REVISION"],
+                        rows: r
+                            .services
+                            .iter()
+                            .map(|s| {
+                                vec![
+                                    s.name.clone(),
+                                    s.namespace.clone(),
+                                    s.protocol.clone(),
+                                    s.ports.iter().map(|p| p.port.to_string()).collect::<Vec<_>>().join(","),
+                                    s.exported.to_string(),
+                                    s.revision.to_string(),
+                                ]
+                            })
+                            .collect(),
+                        value: json!(r.services.iter().map(|s| json!({
+                            "name": s.name, "namespace": s.namespace, "protocol": s.protocol,
+                            "ports": s.ports.iter().map(|p| json!({"name": p.name, "port": p.port})).collect::<Vec<_>>(),
+                            "exported": s.exported, "revision": s.revision,
+                        })).collect::<Vec<_>>()),
+                    }
+                }
+                Resource::Endpoints => {
+                    let r = admin
+                        .list_endpoints(pb::ListEndpointsRequest { service: namespace.clone().unwrap_or_default() })
+                        .await
+                        .map_err(status(&ctx.server))?
+                        .into_inner();
+                    Listing {
+                        columns: vec!["SERVICE", "CLUSTER", "ZONE", "ADDRESS", "HEALTHY", "IDENTITY"],
+                        rows: r
+                            .endpoints
+                            .iter()
+                            .map(|e| {
+                                vec![
+                                    e.service.clone(),
+                                    e.cluster.clone(),
+                                    e.zone.clone(),
+                                    e.address.clone(),
+                                    e.healthy.to_string(),
+                                    e.identity.clone(),
+                                ]
+                            })
+                            .collect(),
+                        value: json!(r.endpoints.iter().map(|e| json!({
+                            "id": e.id, "service": e.service, "cluster": e.cluster, "zone": e.zone,
+                            "address": e.address, "healthy": e.healthy, "identity": e.identity,
+                            "weight": e.weight, "revision": e.revision,
+                        })).collect::<Vec<_>>()),
+                    }
+                }
+                Resource::Proxies => {
+                    let r = admin.list_proxies(pb::ListProxiesRequest {}).await.map_err(status(&ctx.server))?.into_inner();
+                    Listing {
+                        columns: vec!["IDENTITY", "INSTANCE", "CONNECTED", "SENT", "ACKED", "STATE", "LAST NACK"],
+                        rows: r
+                            .proxies
+                            .iter()
+                            .map(|p| {
+                                let state = if !p.connected {
+                                    "disconnected"
+                                } else if p.acked_version >= p.sent_version {
+                                    "in sync"
+                                } else {
+                                    "stale"
+                                };
+                                vec![
+                                    p.identity.clone(),
+                                    p.instance.clone(),
+                                    p.connected.to_string(),
+                                    p.sent_version.to_string(),
+                                    p.acked_version.to_string(),
+                                    state.to_string(),
+                                    p.last_nack.clone(),
+                                ]
+                            })
+                            .collect(),
+                        value: json!(r.proxies.iter().map(|p| json!({
+                            "identity": p.identity, "cluster": p.cluster, "instance": p.instance,
+                            "connected": p.connected, "sent_version": p.sent_version,
+                            "acked_version": p.acked_version, "last_nack": p.last_nack,
+                            "peer_address": p.peer_address,
+                        })).collect::<Vec<_>>()),
+                    }
+                }
+                Resource::WorkloadTokens => token_listing(&mut admin, &ctx.server).await?,
+            };
+            print!("{}", listing.render(*output));
+            Ok(())
+        }
+        Cmd::Status { output } => {
+            let (_, ctx) = load_context(&cli)?;
+            let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+            let s = admin.status(pb::StatusRequest {}).await.map_err(status(&ctx.server))?.into_inner();
+            let value = json!({
+                "server": ctx.server, "trust_domain": s.trust_domain, "cluster": s.cluster, "node": s.node,
+                "revision": s.revision, "services": s.services, "endpoints": s.endpoints,
+                "proxies_connected": s.proxies_connected, "version": s.version, "ca_expires_in_s": s.ca_expires_in,
+            });
+            match output {
+                Format::Table => {
+                    println!("Control plane {} ({}), cluster {}, trust domain {}", s.node, ctx.server, s.cluster, s.trust_domain);
+                    println!("  store revision      {}", s.revision);
+                    println!("  services/endpoints  {}/{}", s.services, s.endpoints);
+                    println!("  proxies connected   {}", s.proxies_connected);
+                    println!("  cluster CA expires  in {}", human_duration(s.ca_expires_in));
+                    println!("  version             {}", s.version);
+                    println!("  Replication: one instance; losing it stops writes (proxies keep serving). Replicated groups arrive with the Raft store.");
+                }
+                other => print!("{}", Listing { columns: vec![], rows: vec![], value }.render(*other)),
+            }
+            Ok(())
+        }
+        Cmd::CreateService { name, protocol, ports, exported } => {
+            let (_, ctx) = load_context(&cli)?;
+            let (n, ns) = split_service(name);
+            let ports = ports
+                .iter()
+                .map(|p| {
+                    let (pname, port) = p.split_once(':').map_or(("", p.as_str()), |(a, b)| (a, b));
+                    port.parse::<u32>()
+                        .map(|port| pb::ServicePort { name: pname.to_string(), port })
+                        .map_err(|_| format!("--port '{p}' must be PORT or NAME:PORT"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+            let s = admin
+                .apply_service(pb::Service { name: n, namespace: ns, ports, protocol: protocol.clone(), exported: *exported, revision: 0 })
+                .await
+                .map_err(status(&ctx.server))?
+                .into_inner();
+            println!("service/{}.{} applied (revision {})", s.name, s.namespace, s.revision);
+            Ok(())
+        }
+        Cmd::DeleteService { name } => {
+            let (_, ctx) = load_context(&cli)?;
+            let (n, ns) = split_service(name);
+            let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+            admin.delete_service(pb::DeleteServiceRequest { name: n.clone(), namespace: ns.clone() }).await.map_err(status(&ctx.server))?;
+            println!("service/{n}.{ns} deleted");
+            Ok(())
+        }
+        Cmd::Token { command: TokenCmd::Workload { command } } => {
+            let (_, ctx) = load_context(&cli)?;
+            let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+            match command {
+                WorkloadTokenCmd::Create { namespace, service_account, ttl, description } => {
+                    let ttl_seconds = parse_ttl(ttl)?;
+                    let r = admin
+                        .create_workload_token(pb::CreateWorkloadTokenRequest {
+                            namespace: namespace.clone(),
+                            service_account: service_account.clone(),
+                            ttl_seconds,
+                            description: description.clone(),
+                        })
+                        .await
+                        .map_err(status(&ctx.server))?
+                        .into_inner();
+                    eprintln!(
+                        "Workload token for namespace {namespace}, service account {service_account}, valid {}. It is shown only now:",
+                        human_duration(ttl_seconds)
+                    );
+                    println!("{}", r.token);
+                    Ok(())
+                }
+                WorkloadTokenCmd::List { output } => {
+                    print!("{}", token_listing(&mut admin, &ctx.server).await?.render(*output));
+                    Ok(())
+                }
+                WorkloadTokenCmd::Revoke { id } => {
+                    admin
+                        .revoke_workload_token(pb::RevokeWorkloadTokenRequest { id: id.clone() })
+                        .await
+                        .map_err(status(&ctx.server))?;
+                    println!("workload token {id} revoked");
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+async fn token_listing(
+    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    server: &str,
+) -> Result<Listing, String> {
+    let r = admin
+        .list_workload_tokens(pb::ListWorkloadTokensRequest {})
+        .await
+        .map_err(|s| client::from_status(server, s).to_string())?
+        .into_inner();
+    let now = unix_now();
+    Ok(Listing {
+        columns: vec!["ID", "NAMESPACE", "SERVICE ACCOUNT", "EXPIRES", "STATE", "DESCRIPTION"],
+        rows: r
+            .tokens
+            .iter()
+            .map(|t| {
+                let state = if t.revoked {
+                    "revoked"
+                } else if t.expires_at <= now {
+                    "expired"
+                } else {
+                    "valid"
+                };
+                let expires = if t.expires_at > now { format!("in {}", human_duration(t.expires_at - now)) } else { "-".into() };
+                vec![t.id.clone(), t.namespace.clone(), t.service_account.clone(), expires, state.into(), t.description.clone()]
+            })
+            .collect(),
+        value: json!(r.tokens.iter().map(|t| json!({
+            "id": t.id, "namespace": t.namespace, "service_account": t.service_account,
+            "expires_at": t.expires_at, "created_at": t.created_at, "revoked": t.revoked, "description": t.description,
+        })).collect::<Vec<_>>()),
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = if matches!(cli.command, Cmd::DemoApp { .. }) { "info" } else { "warn" };
+    telemetry::init(LogFormat::Text, filter);
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

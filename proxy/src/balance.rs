@@ -1,0 +1,347 @@
+//! Endpoint choice: power of two choices over a peak-EWMA latency estimate.
+//!
+//! Each endpoint carries a latency estimate that jumps up at once on a slow or failed attempt
+//! ("peak") and otherwise moves towards new samples with a time-based decay. While an endpoint is
+//! idle its estimate decays towards zero, so an endpoint that was penalised gets probed again after
+//! a while instead of being starved forever. The score is `estimate * (in_flight + 1) / weight`;
+//! two distinct eligible endpoints are drawn at random and the lower score wins.
+//!
+//! [`choose`] is pure (randomness injected); [`Balancer`] keeps the per-endpoint state.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::routes::Endpoint;
+
+/// Estimate of an endpoint never used: neutral, neither preferred over nor starved by
+/// endpoints with real samples on a LAN (Linkerd uses the same default).
+pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+
+/// A failed attempt counts as this much latency, so choice moves away from it.
+pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
+/// Decay time constant of the estimate.
+pub const DECAY: Duration = Duration::from_secs(10);
+
+/// One eligible-or-not endpoint as seen by [`choose`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    /// Ready per control plane.
+    pub healthy: bool,
+    /// Already tried by this request (retries go elsewhere).
+    pub excluded: bool,
+    /// Relative weight (0 is treated as 1).
+    pub weight: u32,
+    /// Current latency estimate in seconds.
+    pub estimate: f64,
+    /// Requests in flight.
+    pub in_flight: u32,
+}
+
+impl Candidate {
+    /// Lower is better.
+    pub fn score(&self) -> f64 {
+        self.estimate * (f64::from(self.in_flight) + 1.0) / f64::from(self.weight.max(1))
+    }
+}
+
+/// Picks the index of an endpoint: power of two choices among healthy, non-excluded candidates.
+pub fn choose(candidates: &[Candidate], rng: &mut fastrand::Rng) -> Option<usize> {
+    let eligible: Vec<usize> = candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.healthy && !c.excluded)
+        .map(|(i, _)| i)
+        .collect();
+    match eligible.len() {
+        0 => None,
+        1 => Some(eligible[0]),
+        n => {
+            let a = rng.usize(0..n);
+            // A second, distinct draw: shift by 1..n so it never equals the first.
+            let b = (a + 1 + rng.usize(0..n - 1)) % n;
+            let (a, b) = (eligible[a], eligible[b]);
+            Some(if candidates[b].score() < candidates[a].score() { b } else { a })
+        }
+    }
+}
+
+/// A peak-EWMA latency estimate.
+#[derive(Debug, Clone, Copy)]
+pub struct PeakEwma {
+    estimate: f64,
+    updated: Instant,
+}
+
+impl PeakEwma {
+    /// A fresh estimate at [`DEFAULT_RTT`].
+    pub fn new(now: Instant) -> Self {
+        Self { estimate: DEFAULT_RTT.as_secs_f64(), updated: now }
+    }
+
+    fn decay(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        (-elapsed / DECAY.as_secs_f64()).exp()
+    }
+
+    /// The estimate at `now`, decayed towards zero since the last sample.
+    pub fn get(&self, now: Instant) -> f64 {
+        self.estimate * self.decay(now)
+    }
+
+    /// Adds a sample: a slower one replaces the estimate (peak), a faster one is averaged in.
+    pub fn observe(&mut self, rtt: Duration, now: Instant) {
+        let rtt = rtt.as_secs_f64();
+        if rtt > self.estimate {
+            self.estimate = rtt;
+        } else {
+            let w = self.decay(now);
+            self.estimate = self.estimate * w + rtt * (1.0 - w);
+        }
+        self.updated = now;
+    }
+}
+
+/// Live load of one endpoint.
+#[derive(Debug)]
+pub struct EndpointLoad {
+    ewma: Mutex<PeakEwma>,
+    in_flight: AtomicU32,
+}
+
+impl EndpointLoad {
+    fn new(now: Instant) -> Self {
+        Self { ewma: Mutex::new(PeakEwma::new(now)), in_flight: AtomicU32::new(0) }
+    }
+
+    fn candidate(&self, ep: &Endpoint, excluded: bool, now: Instant) -> Candidate {
+        Candidate {
+            healthy: ep.healthy,
+            excluded,
+            weight: ep.weight,
+            estimate: self.ewma.lock().unwrap_or_else(|p| p.into_inner()).get(now),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Marks one attempt in flight until the guard is finished or dropped.
+    pub fn start(self: &Arc<Self>) -> LoadGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        LoadGuard { load: self.clone(), started: Instant::now() }
+    }
+
+    fn record(&self, rtt: Duration) {
+        self.ewma.lock().unwrap_or_else(|p| p.into_inner()).observe(rtt, Instant::now());
+    }
+}
+
+/// One attempt in flight on an endpoint.
+#[derive(Debug)]
+pub struct LoadGuard {
+    load: Arc<EndpointLoad>,
+    started: Instant,
+}
+
+impl LoadGuard {
+    /// The attempt got an answer: its latency is a sample.
+    pub fn success(self) {
+        self.load.record(self.started.elapsed());
+    }
+
+    /// The attempt failed: counts as [`FAILURE_PENALTY`].
+    pub fn failure(self) {
+        self.load.record(FAILURE_PENALTY.max(self.started.elapsed()));
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        // A cancelled attempt (client went away) records no sample: it says nothing about the
+        // endpoint. Only the in-flight count is released.
+        self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Per-endpoint load state and the random source for choices.
+#[derive(Debug)]
+pub struct Balancer {
+    loads: Mutex<HashMap<String, Arc<EndpointLoad>>>,
+    rng: Mutex<fastrand::Rng>,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Self::new(fastrand::Rng::new())
+    }
+}
+
+impl Balancer {
+    /// A balancer drawing from `rng`.
+    pub fn new(rng: fastrand::Rng) -> Self {
+        Self { loads: Mutex::new(HashMap::new()), rng: Mutex::new(rng) }
+    }
+
+    /// Picks one of `endpoints`, skipping those whose id is in `tried`.
+    pub fn pick(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        tried: &[String],
+    ) -> Option<(Arc<Endpoint>, Arc<EndpointLoad>)> {
+        let now = Instant::now();
+        let loads: Vec<Arc<EndpointLoad>> = {
+            let mut map = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+            endpoints
+                .iter()
+                .map(|ep| map.entry(ep.id.clone()).or_insert_with(|| Arc::new(EndpointLoad::new(now))).clone())
+                .collect()
+        };
+        let candidates: Vec<Candidate> = endpoints
+            .iter()
+            .zip(&loads)
+            .map(|(ep, load)| load.candidate(ep, tried.contains(&ep.id), now))
+            .collect();
+        let i = choose(&candidates, &mut self.rng.lock().unwrap_or_else(|p| p.into_inner()))?;
+        Some((endpoints[i].clone(), loads[i].clone()))
+    }
+
+    /// Forgets endpoints that are no longer known.
+    pub fn retain(&self, live: &dyn Fn(&str) -> bool) {
+        self.loads.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| live(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(estimate_ms: f64, in_flight: u32, weight: u32, healthy: bool) -> Candidate {
+        Candidate { healthy, excluded: false, weight, estimate: estimate_ms / 1000.0, in_flight }
+    }
+
+    fn histogram(cands: &[Candidate], n: usize, seed: u64) -> Vec<usize> {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut counts = vec![0; cands.len()];
+        for _ in 0..n {
+            if let Some(i) = choose(cands, &mut rng) {
+                counts[i] += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn p2c_table() {
+        const N: usize = 10_000;
+        // (candidates, per-index bounds on the share of N picks, inclusive)
+        let cases: Vec<(Vec<Candidate>, Vec<(usize, usize)>)> = vec![
+            // A slow endpoint among four fast ones: it only wins when drawn twice, which P2C never
+            // does, so it gets nothing; the fast ones share evenly.
+            (
+                vec![c(100.0, 0, 1, true), c(1.0, 0, 1, true), c(1.0, 0, 1, true), c(1.0, 0, 1, true)],
+                vec![(0, 0), (3000, 3700), (3000, 3700), (3000, 3700)],
+            ),
+            // Unhealthy is never picked, even when it looks fastest.
+            (
+                vec![c(0.1, 0, 1, false), c(5.0, 0, 1, true), c(5.0, 0, 1, true)],
+                vec![(0, 0), (4500, 5500), (4500, 5500)],
+            ),
+            // In-flight load counts: 10 ms idle beats 1 ms with 20 in flight.
+            (vec![c(1.0, 20, 1, true), c(10.0, 0, 1, true)], vec![(0, 0), (N, N)]),
+            // Weight divides the score.
+            (vec![c(4.0, 0, 1, true), c(6.0, 0, 2, true)], vec![(0, 0), (N, N)]),
+            // Equal scores: the first draw wins ties, so both get about half.
+            (vec![c(2.0, 0, 1, true), c(2.0, 0, 1, true)], vec![(4500, 5500), (4500, 5500)]),
+            // Nothing eligible.
+            (vec![c(1.0, 0, 1, false)], vec![(0, 0)]),
+        ];
+        for (i, (cands, bounds)) in cases.iter().enumerate() {
+            let got = histogram(cands, N, 42 + i as u64);
+            for (j, (lo, hi)) in bounds.iter().enumerate() {
+                assert!(got[j] >= *lo && got[j] <= *hi, "case {i}: endpoint {j} picked {} times, want {lo}..={hi}", got[j]);
+            }
+        }
+    }
+
+    #[test]
+    fn slow_endpoint_among_two_is_picked_far_less_with_real_estimates() {
+        // Two endpoints, one slower: with P2C over two, the pair is always the same, so the
+        // faster wins every time; with three (one slow) the slow one never wins either.
+        let mut rng = fastrand::Rng::with_seed(1);
+        let now = Instant::now();
+        let mut fast = PeakEwma::new(now);
+        let mut slow = PeakEwma::new(now);
+        for _ in 0..50 {
+            fast.observe(Duration::from_millis(2), now + Duration::from_secs(1));
+            slow.observe(Duration::from_millis(80), now + Duration::from_secs(1));
+        }
+        let t = now + Duration::from_secs(1);
+        let cands = [
+            Candidate { healthy: true, excluded: false, weight: 1, estimate: slow.get(t), in_flight: 0 },
+            Candidate { healthy: true, excluded: false, weight: 1, estimate: fast.get(t), in_flight: 0 },
+            Candidate { healthy: true, excluded: false, weight: 1, estimate: fast.get(t), in_flight: 3 },
+        ];
+        let mut slow_picks = 0;
+        for _ in 0..10_000 {
+            if choose(&cands, &mut rng) == Some(0) {
+                slow_picks += 1;
+            }
+        }
+        assert!(slow_picks < 100, "slow endpoint picked {slow_picks} times of 10000");
+    }
+
+    #[test]
+    fn excluded_endpoints_are_skipped() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut cands = vec![c(1.0, 0, 1, true), c(50.0, 0, 1, true)];
+        cands[0].excluded = true;
+        for _ in 0..100 {
+            assert_eq!(choose(&cands, &mut rng), Some(1));
+        }
+        cands[1].excluded = true;
+        assert_eq!(choose(&cands, &mut rng), None);
+    }
+
+    #[test]
+    fn ewma_peaks_decays_and_penalises() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(t0);
+        assert!((e.get(t0) - 0.030).abs() < 1e-9, "neutral start");
+        e.observe(Duration::from_millis(500), t0);
+        assert!((e.get(t0) - 0.5).abs() < 1e-9, "a peak replaces the estimate at once");
+        // A fast sample 10 s later is averaged in with weight 1 - e^-1.
+        e.observe(Duration::from_millis(1), t0 + DECAY);
+        let want = 0.5 * (-1f64).exp() + 0.001 * (1.0 - (-1f64).exp());
+        assert!((e.get(t0 + DECAY) - want).abs() < 1e-9);
+        // Idle for another 30 s: decays towards zero so the endpoint gets probed again.
+        let later = e.get(t0 + DECAY * 4);
+        assert!(later < want * 0.06, "{later}");
+    }
+
+    #[test]
+    fn balancer_moves_away_from_failures() {
+        let ep = |id: &str| {
+            Arc::new(Endpoint {
+                id: id.into(),
+                service: "web.default".parse().unwrap(),
+                cluster: "local".into(),
+                zone: "zone-a".into(),
+                address: "127.0.0.1:1".into(),
+                identity: None,
+                healthy: true,
+                weight: 1,
+            })
+        };
+        let eps = vec![ep("a"), ep("b")];
+        let b = Balancer::new(fastrand::Rng::with_seed(9));
+        let (first, load) = b.pick(&eps, &[]).unwrap();
+        load.start().failure();
+        for _ in 0..1000 {
+            let (got, _) = b.pick(&eps, &[]).unwrap();
+            assert_ne!(got.id, first.id, "the failed endpoint must not be chosen while penalised");
+        }
+        let (retry, _) = b.pick(&eps, &[first.id.clone()]).unwrap();
+        assert_ne!(retry.id, first.id);
+    }
+}

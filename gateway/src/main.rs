@@ -1,1 +1,8 @@
-fn main() {}
+//! `trellis-gateway`: the east-west gateway binary.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    eprintln!("trellis-gateway: {}", trellis_gateway::NOT_AVAILABLE);
+    ExitCode::from(2)
+}

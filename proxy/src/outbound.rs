@@ -1,0 +1,479 @@
+//! Outbound traffic (universal mode): one local listener per upstream service.
+//!
+//! Each accepted connection is sniffed ([`crate::detect`]). HTTP/1.1 and HTTP/2 are served by
+//! hyper; every request picks an endpoint ([`crate::balance`]) and travels over the pooled mTLS
+//! HTTP/2 connection to that endpoint's proxy, with timeouts and retries ([`crate::retry`]).
+//! Anything else is spliced byte for byte over a fresh mTLS connection (ALPN `trellis/tcp`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::balance::Balancer;
+use crate::body::{self, Body, text};
+use crate::detect::{Protocol, sniff};
+use crate::drain::Drain;
+use crate::headers::strip_hop_by_hop;
+use crate::metrics::{Direction, Metrics, ServiceLabels};
+use crate::pool::{ConnectError, H2Pool, MeshConnector, Target};
+use crate::retry::{self, Failure, MAX_REPLAY_BODY, MAX_RETRIES, RetryBudget, should_retry};
+use crate::routes::{AppProtocol, Endpoint, Routes, ServiceName};
+
+/// How long a new client connection may take to show its protocol before it is treated as TCP.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Timeouts of the outbound side.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboundTimeouts {
+    /// Whole request, until response headers.
+    pub request: Duration,
+    /// One attempt, if shorter than the request timeout.
+    pub per_try: Option<Duration>,
+    /// Protocol detection.
+    pub sniff: Duration,
+}
+
+/// The outbound side, shared by every upstream listener.
+pub struct Outbound {
+    routes: watch::Receiver<Arc<Routes>>,
+    balancer: Balancer,
+    pool: H2Pool,
+    tcp: MeshConnector,
+    metrics: Arc<Metrics>,
+    timeouts: OutboundTimeouts,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound").field("timeouts", &self.timeouts).finish_non_exhaustive()
+    }
+}
+
+/// One upstream listener's service and retry budget.
+#[derive(Debug)]
+struct Upstream {
+    service: ServiceName,
+    label: String,
+    budget: RetryBudget,
+}
+
+/// How one attempt went wrong, with a message for the final error.
+#[derive(Debug)]
+struct AttemptError {
+    failure: Failure,
+    message: String,
+}
+
+/// The request body, held so that it can be sent again when that is safe.
+enum ReqBody {
+    Empty,
+    Buffered(Bytes),
+    Streaming(Option<Body>),
+}
+
+impl ReqBody {
+    fn replayable(&self) -> bool {
+        !matches!(self, ReqBody::Streaming(_))
+    }
+
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            ReqBody::Empty => Some(body::empty()),
+            ReqBody::Buffered(b) => Some(body::full(b.clone())),
+            ReqBody::Streaming(b) => b.take(),
+        }
+    }
+
+    fn put_back(&mut self, b: Body) {
+        if let ReqBody::Streaming(slot) = self {
+            *slot = Some(b);
+        }
+    }
+}
+
+impl Outbound {
+    /// The outbound side over `routes`, dialing HTTP with `h2` and TCP with `tcp`.
+    pub fn new(
+        routes: watch::Receiver<Arc<Routes>>,
+        h2: MeshConnector,
+        tcp: MeshConnector,
+        metrics: Arc<Metrics>,
+        timeouts: OutboundTimeouts,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            routes,
+            balancer: Balancer::default(),
+            pool: H2Pool::new(h2),
+            tcp,
+            metrics,
+            timeouts,
+        })
+    }
+
+    /// Forgets load and pooled connections of endpoints that left the configuration.
+    pub fn prune(&self, routes: &Routes) {
+        self.balancer.retain(&|id| routes.endpoints.contains_key(id));
+        let live: std::collections::HashSet<Target> = routes
+            .endpoints
+            .values()
+            .map(|e| Target { addr: e.address.clone(), identity: e.identity.clone() })
+            .collect();
+        self.pool.retain(&|t| live.contains(t));
+    }
+
+    /// Accepts local connections for `service` until the drain starts.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, service: ServiceName, drain: Drain) {
+        let up = Arc::new(Upstream { label: service.to_string(), service, budget: RetryBudget::default() });
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = drain.signaled() => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let this = self.clone();
+            let up = up.clone();
+            let d = drain.clone();
+            drain.spawn(async move {
+                let span = tracing::debug_span!("outbound", service = %up.label, client = %peer);
+                let _enter = span.enter();
+                drop(_enter);
+                this.connection(up, tcp, d).await;
+            });
+        }
+        tracing::debug!("outbound listener closed");
+    }
+
+    async fn connection(self: Arc<Self>, up: Arc<Upstream>, tcp: TcpStream, drain: Drain) {
+        let _open = self.metrics.connection(Direction::outbound);
+        let known_tcp = self
+            .routes
+            .borrow()
+            .service(&up.service)
+            .is_some_and(|s| s.protocol == AppProtocol::Tcp);
+        // A service declared TCP skips detection, so server-speaks-first protocols work at once.
+        let (protocol, io) = if known_tcp {
+            (Protocol::Tcp, crate::detect::Prefixed::new(Bytes::new(), tcp))
+        } else {
+            match sniff(tcp, self.timeouts.sniff).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "client connection failed during detection");
+                    return;
+                }
+            }
+        };
+        match protocol {
+            Protocol::Http1 | Protocol::Http2 => self.serve_http(up, io, drain).await,
+            Protocol::Tcp => self.splice(&up, io).await,
+        }
+    }
+
+    async fn serve_http<I>(self: Arc<Self>, up: Arc<Upstream>, io: I, drain: Drain)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            let up = up.clone();
+            async move { Ok::<_, Infallible>(this.forward(&up, req).await) }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new());
+        builder.http2().timer(TokioTimer::new());
+        let conn = builder.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
+                }
+            }
+            _ = drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    async fn forward(&self, up: &Upstream, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let resp = self.forward_inner(up, req, started).await;
+        self.metrics.request(Direction::outbound, &up.label, resp.status().as_str(), started.elapsed());
+        resp
+    }
+
+    async fn forward_inner(&self, up: &Upstream, req: Request<Incoming>, started: Instant) -> Response<Body> {
+        let deadline = started + self.timeouts.request;
+        let client_version = req.version();
+        if req.method() == Method::CONNECT {
+            return text(StatusCode::NOT_IMPLEMENTED, "trellis-proxy: CONNECT is not supported on an upstream port");
+        }
+        let (mut parts, incoming) = req.into_parts();
+        let uri = match mesh_uri(&parts.uri, parts.headers.get(header::HOST), &up.service) {
+            Some(u) => u,
+            None => return text(StatusCode::BAD_REQUEST, "trellis-proxy: the request has no usable path"),
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        // HTTP/2 carries the authority in the URI; a Host header would be a second source of truth.
+        parts.headers.remove(header::HOST);
+        let mut body = match hold_body(&parts.method, incoming, deadline).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+
+        up.budget.deposit();
+        let mut tried: Vec<String> = Vec::new();
+        let mut retries = 0u32;
+        let mut last_error: Option<String> = None;
+        loop {
+            let routes = self.routes.borrow().clone();
+            let Some((ep, load)) = self.balancer.pick(routes.endpoints_of(&up.service), &tried) else {
+                break;
+            };
+            tried.push(ep.id.clone());
+            let attempt_deadline = match self.timeouts.per_try {
+                Some(t) => deadline.min(Instant::now() + t),
+                None => deadline,
+            };
+            let guard = load.start();
+            let failure = match self.attempt(&ep, &parts, &uri, &mut body, attempt_deadline).await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retryable = matches!(status.as_u16(), 502..=504);
+                    if retryable {
+                        guard.failure();
+                    } else {
+                        guard.success();
+                    }
+                    let failure = Failure::Status(status);
+                    if !retryable || !self.may_retry(up, &parts.method, &body, failure, retries, deadline) {
+                        return client_response(resp, client_version);
+                    }
+                    tracing::debug!(endpoint = %ep.id, %status, "retrying on another endpoint");
+                    last_error = Some(format!("{} answered {status}", ep.id));
+                    retries += 1;
+                    continue;
+                }
+                Err(e) => {
+                    guard.failure();
+                    tracing::debug!(endpoint = %ep.id, error = %e.message, "attempt failed");
+                    last_error = Some(format!("{}: {}", ep.id, e.message));
+                    e.failure
+                }
+            };
+            if Instant::now() >= deadline {
+                return timeout_response(up, self.timeouts.request);
+            }
+            if !self.may_retry(up, &parts.method, &body, failure, retries, deadline) {
+                return match failure {
+                    Failure::Timeout => timeout_response(up, self.timeouts.request),
+                    _ => unavailable(up, last_error.as_deref()),
+                };
+            }
+            retries += 1;
+        }
+        unavailable(up, last_error.as_deref())
+    }
+
+    fn may_retry(
+        &self,
+        up: &Upstream,
+        method: &Method,
+        body: &ReqBody,
+        failure: Failure,
+        retries: u32,
+        deadline: Instant,
+    ) -> bool {
+        let eligible = retries < MAX_RETRIES
+            && Instant::now() < deadline
+            && should_retry(method, body.replayable(), failure)
+            // A streamed body that was sent cannot be sent again (only BeforeWrite keeps it).
+            && (body.replayable() || matches!(body, ReqBody::Streaming(Some(_))));
+        if !eligible {
+            return false;
+        }
+        if !up.budget.try_withdraw() {
+            tracing::debug!(service = %up.label, "retry budget exhausted");
+            return false;
+        }
+        self.metrics.retries.get_or_create(&ServiceLabels { service: up.label.clone() }).inc();
+        true
+    }
+
+    async fn attempt(
+        &self,
+        ep: &Endpoint,
+        parts: &http::request::Parts,
+        uri: &Uri,
+        body: &mut ReqBody,
+        deadline: Instant,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        let target = Target { addr: ep.address.clone(), identity: ep.identity.clone() };
+        let before_write = |message: String| AttemptError { failure: Failure::BeforeWrite, message };
+        let mut sender = match tokio::time::timeout_at(deadline, self.pool.get(&target)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(before_write(e.to_string())),
+            Err(_) => return Err(AttemptError { failure: Failure::Timeout, message: "connect timed out".into() }),
+        };
+        if let Err(e) = sender.ready().await {
+            self.pool.forget(&target);
+            return Err(before_write(format!("pooled connection closed: {e}")));
+        }
+        let Some(b) = body.take() else {
+            return Err(AttemptError { failure: Failure::Reset, message: "request body already sent".into() });
+        };
+        let mut req = Request::new(b);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri.clone();
+        *req.version_mut() = Version::HTTP_2;
+        *req.headers_mut() = parts.headers.clone();
+        match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(mut e)) => {
+                if let Some(req) = e.take_message() {
+                    // Never written: the body is intact and any method may go elsewhere.
+                    body.put_back(req.into_body());
+                    self.pool.forget(&target);
+                    return Err(before_write(e.into_error().to_string()));
+                }
+                let err = e.into_error();
+                if err.is_closed() || err.is_canceled() {
+                    self.pool.forget(&target);
+                }
+                Err(AttemptError { failure: Failure::Reset, message: err.to_string() })
+            }
+            Err(_) => Err(AttemptError { failure: Failure::Timeout, message: "no response in time".into() }),
+        }
+    }
+
+    async fn splice<I>(&self, up: &Upstream, mut io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let started = Instant::now();
+        let mut tried = Vec::new();
+        let mut last_error = None;
+        for _ in 0..=MAX_RETRIES {
+            let routes = self.routes.borrow().clone();
+            let Some((ep, load)) = self.balancer.pick(routes.endpoints_of(&up.service), &tried) else {
+                break;
+            };
+            tried.push(ep.id.clone());
+            let target = Target { addr: ep.address.clone(), identity: ep.identity.clone() };
+            let guard = load.start();
+            match self.tcp.connect(&target).await {
+                Ok(mut tls) => {
+                    guard.success();
+                    self.metrics.request(Direction::outbound, &up.label, "tcp", started.elapsed());
+                    match tokio::io::copy_bidirectional(&mut io, &mut tls).await {
+                        Ok((to, from)) => tracing::debug!(endpoint = %ep.id, sent = to, received = from, "TCP stream done"),
+                        Err(e) => tracing::debug!(endpoint = %ep.id, error = %e, "TCP stream broke"),
+                    }
+                    return;
+                }
+                Err(e) => {
+                    guard.failure();
+                    tracing::debug!(endpoint = %ep.id, error = %e, "TCP connect failed");
+                    last_error = Some(e.to_string());
+                    if !matches!(e, ConnectError::Http2 { .. }) && !up.budget.try_withdraw() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.metrics.request(Direction::outbound, &up.label, "503", started.elapsed());
+        tracing::info!(service = %up.label, error = ?last_error, "no endpoint accepted the TCP stream");
+    }
+}
+
+/// The request URI over the mesh: scheme `http`, the client's authority (or the Host header, or
+/// the service name), and the path.
+pub fn mesh_uri(uri: &Uri, host: Option<&http::HeaderValue>, service: &ServiceName) -> Option<Uri> {
+    let authority = uri
+        .authority()
+        .cloned()
+        .or_else(|| host.and_then(|h| h.to_str().ok()).and_then(|h| h.parse::<Authority>().ok()))
+        .or_else(|| Authority::try_from(service.to_string()).ok())?;
+    let pq = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(pq).build().ok()
+}
+
+/// Holds the body so that it can be replayed when the request is retryable and the body small.
+async fn hold_body(method: &Method, incoming: Incoming, deadline: Instant) -> Result<ReqBody, Response<Body>> {
+    if incoming.is_end_stream() {
+        return Ok(ReqBody::Empty);
+    }
+    let small = incoming.size_hint().exact().is_some_and(|n| n <= MAX_REPLAY_BODY);
+    if !(retry::is_idempotent(method) && small) {
+        return Ok(ReqBody::Streaming(Some(body::boxed(incoming))));
+    }
+    match tokio::time::timeout_at(deadline, incoming.collect()).await {
+        Ok(Ok(c)) => Ok(ReqBody::Buffered(c.to_bytes())),
+        Ok(Err(e)) => Err(text(StatusCode::BAD_REQUEST, format!("trellis-proxy: reading the request body failed: {e}"))),
+        Err(_) => Err(text(StatusCode::REQUEST_TIMEOUT, "trellis-proxy: the request body did not arrive in time")),
+    }
+}
+
+/// Turns the peer's response into one for the local client.
+fn client_response(resp: Response<Incoming>, version: Version) -> Response<Body> {
+    let (mut parts, incoming) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = version;
+    Response::from_parts(parts, body::boxed(incoming))
+}
+
+fn unavailable(up: &Upstream, last_error: Option<&str>) -> Response<Body> {
+    let msg = match last_error {
+        None => format!("trellis-proxy: no healthy endpoint for service {}", up.label),
+        Some(e) => format!("trellis-proxy: no healthy endpoint of service {} answered (last error: {e})", up.label),
+    };
+    text(StatusCode::SERVICE_UNAVAILABLE, msg)
+}
+
+fn timeout_response(up: &Upstream, timeout: Duration) -> Response<Body> {
+    text(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!("trellis-proxy: service {} did not answer within {} ms", up.label, timeout.as_millis()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_uri_table() {
+        let svc: ServiceName = "web.default".parse().unwrap();
+        let host = |s: &'static str| http::HeaderValue::from_static(s);
+        let cases: Vec<(&str, Option<http::HeaderValue>, &str)> = vec![
+            ("/a?b=c", Some(host("127.0.0.1:15001")), "http://127.0.0.1:15001/a?b=c"),
+            ("/a", None, "http://web.default/a"),
+            ("http://api.example:8080/x", Some(host("ignored")), "http://api.example:8080/x"),
+            ("/", Some(host("bad host header")), "http://web.default/"),
+        ];
+        for (uri, h, want) in cases {
+            let uri: Uri = uri.parse().unwrap();
+            let got = mesh_uri(&uri, h.as_ref(), &svc).unwrap();
+            assert_eq!(got.to_string(), want);
+        }
+    }
+}

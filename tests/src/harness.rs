@@ -1,0 +1,185 @@
+//! Processes, binaries and waiting.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The directory holding the workspace's binaries (`target/<profile>`), found from the running
+/// test executable (`target/<profile>/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let mut dir = exe.parent().expect("deps dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary; panics with what to do when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.is_file(), "{} is missing: run the tests with `cargo test --workspace` (it builds every binary)", p.display());
+    p
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `program args` with stdout and stderr in `log`.
+    pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path, envs: &[(&str, &str)]) -> Self {
+        let out = std::fs::File::create(log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Self { name: name.to_string(), child, log: log.to_path_buf() }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it has exited; returns its status if so.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits for exit up to `deadline`.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `deadline`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Reads a JSON ready file written by a process, failing early with its log if it exits.
+pub fn wait_ready(proc: &mut Proc, file: &Path, deadline: Duration) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(file)
+            && let Ok(v) = serde_json::from_str(&text)
+        {
+            return v;
+        }
+        if let Some(status) = proc.exited() {
+            panic!("{} exited ({status}) before it was ready; log:\n{}", proc.name, proc.log());
+        }
+        assert!(start.elapsed() < deadline, "{} not ready after {deadline:?}; log:\n{}", proc.name, proc.log());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A control-plane instance of one cluster, started on the cluster's loopback block.
+pub struct ControlPlane {
+    pub proc: Proc,
+    pub grpc: String,
+    pub trust_bundle: PathBuf,
+    pub admin_context: PathBuf,
+    pub trust_domain: String,
+    args: Vec<String>,
+    ready_file: PathBuf,
+}
+
+impl ControlPlane {
+    /// Starts `trellis-cp` for `cluster` with its data in `dir`, listening on `ip:port`.
+    pub fn start(dir: &Path, cluster: &str, ip: &str, port: u16) -> Self {
+        let ready_file = dir.join(format!("{cluster}-cp.ready"));
+        let args: Vec<String> = [
+            "--data-dir",
+            &dir.join(format!("{cluster}-cp")).display().to_string(),
+            "--listen",
+            &format!("{ip}:{port}"),
+            "--cluster",
+            cluster,
+            "--node",
+            "cp-1",
+            "--endpoint-grace-secs",
+            "5",
+            "--ready-file",
+            &ready_file.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut proc = Proc::spawn(&format!("trellis-cp {cluster}"), &bin("trellis-cp"), &args, &dir.join(format!("{cluster}-cp.log")), &[]);
+        let ready = wait_ready(&mut proc, &ready_file, Duration::from_secs(30));
+        Self {
+            proc,
+            grpc: ready["grpc"].as_str().unwrap_or_default().to_string(),
+            trust_bundle: PathBuf::from(ready["trust_bundle"].as_str().unwrap_or_default()),
+            admin_context: PathBuf::from(ready["admin_context"].as_str().unwrap_or_default()),
+            trust_domain: ready["trust_domain"].as_str().unwrap_or_default().to_string(),
+            args,
+            ready_file,
+        }
+    }
+
+    /// Kills the instance (SIGKILL) and starts it again with the same data and address.
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        let _ = std::fs::remove_file(&self.ready_file);
+        let log = self.proc.log.clone();
+        let mut log_name = log.clone();
+        log_name.set_extension("restarted.log");
+        self.proc = Proc::spawn(&self.proc.name.clone(), &bin("trellis-cp"), &self.args, &log_name, &[]);
+        wait_ready(&mut self.proc, &self.ready_file, Duration::from_secs(30));
+    }
+}
+
+/// Runs the `trellis` CLI with a given config file; returns its output.
+pub fn trellis(config: &Path, args: &[&str]) -> Output {
+    Command::new(bin("trellis"))
+        .args(args)
+        .env("TRELLIS_CONFIG", config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run trellis")
+}
+
+/// A free port on `ip`.
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0)).expect("bind").local_addr().expect("addr").port()
+}

@@ -1,1 +1,78 @@
-fn main() {}
+//! `trellis-bench`: measures the mesh side by side with the direct path and a peer proxy.
+//! Prints one JSON object per figure on stdout and a table on stderr. See tests/README.md.
+
+use std::time::Duration;
+
+use clap::Parser;
+use trellis_tests::bench::load::Proto;
+use trellis_tests::bench::report::Report;
+use trellis_tests::bench::scenarios::{self, proxy_latency, tcp_throughput};
+
+#[derive(Parser)]
+#[command(name = "trellis-bench", about = "Trellis benchmark scenarios (build the workspace in release mode first)")]
+struct Args {
+    /// Scenario to run, or `all`.
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(
+        ["all", "proxy-latency", "tcp-throughput", "cross-cluster", "config-propagation", "failover", "join", "raft", "scale"]))]
+    scenario: String,
+    /// Request rates for proxy-latency, requests per second.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
+    rates: Vec<u32>,
+    /// Seconds per path per round.
+    #[arg(long, default_value_t = 5)]
+    duration: u64,
+    /// Alternations of the paths.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Connections (HTTP/1.1) or concurrent streams (HTTP/2).
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Protocols for proxy-latency.
+    #[arg(long, value_delimiter = ',', default_value = "http1,grpc")]
+    protocols: Vec<String>,
+    /// Seconds of the one-core saturation run (0 skips it).
+    #[arg(long, default_value_t = 5)]
+    saturation: u64,
+    /// MiB per stream for tcp-throughput.
+    #[arg(long, default_value_t = 256)]
+    stream_mib: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let protos = args
+        .protocols
+        .iter()
+        .map(|p| match p.as_str() {
+            "http1" | "http" => Ok(Proto::Http1),
+            "grpc" | "h2" | "http2" => Ok(Proto::Http2),
+            other => Err(anyhow::anyhow!("--protocols: '{other}' is not http1 or grpc")),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let names: Vec<&str> = if args.scenario == "all" { scenarios::ALL.to_vec() } else { vec![args.scenario.as_str()] };
+    let mut report = Report::default();
+    for name in names {
+        if let Some(reason) = scenarios::not_built(name) {
+            report.skipped(name, reason);
+            continue;
+        }
+        match name {
+            "proxy-latency" => {
+                let opts = proxy_latency::Opts {
+                    rates: args.rates.clone(),
+                    duration: Duration::from_secs(args.duration),
+                    rounds: args.rounds,
+                    conns: args.connections,
+                    protos: protos.clone(),
+                    saturation: Duration::from_secs(args.saturation),
+                };
+                proxy_latency::run(&opts, &mut report).await?;
+            }
+            "tcp-throughput" => tcp_throughput::run(args.stream_mib, args.rounds, &mut report).await?,
+            other => report.skipped(other, "unknown scenario"),
+        }
+    }
+    eprintln!("\n{}", report.table());
+    Ok(())
+}

@@ -218,7 +218,8 @@ mod tests {
             revoked: false,
         };
         s.apply(1, &Command::CreateWorkloadToken(t)).unwrap();
-        let cases: &[(&str, &str, &str, u64, Option<(tonic::Code, &str)>)] = &[
+        type Case<'a> = (&'a str, &'a str, &'a str, u64, Option<(tonic::Code, &'a str)>);
+        let cases: &[Case<'_>] = &[
             (&text, "default", "web", 10, None),
             (&text, "default", "web", 1_000, Some((tonic::Code::Unauthenticated, "expired"))),
             (&text, "default", "api", 10, Some((tonic::Code::PermissionDenied, "is for namespace"))),

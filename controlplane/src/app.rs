@@ -233,7 +233,12 @@ async fn follow_state(
 }
 
 /// Renews this instance's serving certificate at half-life.
-async fn renew_serving_identity(store: Arc<dyn Store>, signer: Arc<Signer>, identity: Arc<IdentityStore>, cfg: CpConfig) {
+async fn renew_serving_identity(
+    store: Arc<dyn Store>,
+    signer: Arc<Signer>,
+    identity: Arc<IdentityStore>,
+    cfg: CpConfig,
+) {
     loop {
         let at = identity.current().map(|i| i.renew_at()).unwrap_or_else(SystemTime::now);
         let wait = at.duration_since(SystemTime::now()).unwrap_or_default();

@@ -57,7 +57,11 @@ pub async fn ensure_federation(store: &dyn Store, cfg: &CpConfig) -> Result<bool
     store
         .propose(Command::Bootstrap {
             federation: Federation { trust_domain: cfg.trust_domain.clone(), created_at: now },
-            root: RootCa { cert_pem: root.cert_pem().to_string(), key_pem: root.key_pem().to_string(), created_at: now },
+            root: RootCa {
+                cert_pem: root.cert_pem().to_string(),
+                key_pem: root.key_pem().to_string(),
+                created_at: now,
+            },
             cluster: Cluster {
                 name: cfg.cluster.clone(),
                 region: cfg.region.clone(),

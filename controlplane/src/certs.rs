@@ -47,9 +47,11 @@ impl Signer {
         {
             return Ok(ca.clone());
         }
-        let ca = Ca::from_pem(&cluster.intermediate_cert_pem, &cluster.intermediate_key_pem, vec![
-            cluster.intermediate_cert_pem.clone(),
-        ])
+        let ca = Ca::from_pem(
+            &cluster.intermediate_cert_pem,
+            &cluster.intermediate_key_pem,
+            vec![cluster.intermediate_cert_pem.clone()],
+        )
         .map_err(|e| Status::internal(format!("the cluster CA cannot be loaded: {e}")))?;
         let ca = Arc::new(ca);
         *cached = Some((cluster.intermediate_cert_pem.clone(), ca.clone()));

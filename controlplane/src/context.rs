@@ -40,7 +40,9 @@ pub enum ContextError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid trellis config: {reason}")]
     Parse { path: PathBuf, reason: String },
-    #[error("no current context: start a control plane (it writes <data-dir>/admin/context.yaml), then `trellis config import <file>`, or run `trellis demo`")]
+    #[error(
+        "no current context: start a control plane (it writes <data-dir>/admin/context.yaml), then `trellis config import <file>`, or run `trellis demo`"
+    )]
     NoCurrent,
     #[error("context '{0}' does not exist; `trellis config get-contexts` lists them")]
     Unknown(String),

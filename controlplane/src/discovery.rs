@@ -69,11 +69,7 @@ pub fn build_response(state: &State, since: u64) -> Option<pb::DiscoveryResponse
 }
 
 /// Turns a Hello's registrations into endpoints, refusing anything the proxy may not claim.
-pub fn registrations(
-    hello: &pb::Hello,
-    peer: &SpiffeId,
-    cluster: &str,
-) -> Result<Vec<(Endpoint, Protocol)>, Status> {
+pub fn registrations(hello: &pb::Hello, peer: &SpiffeId, cluster: &str) -> Result<Vec<(Endpoint, Protocol)>, Status> {
     let node = hello.node.as_ref().ok_or_else(|| Status::invalid_argument("Hello.node is missing"))?;
     if !node.identity.is_empty() && node.identity != peer.to_string() {
         return Err(Status::permission_denied(format!(
@@ -105,9 +101,9 @@ pub fn registrations(
                     r.service
                 )));
             }
-            r.address.parse::<SocketAddr>().map_err(|_| {
-                Status::invalid_argument(format!("endpoint address '{}' must be ip:port", r.address))
-            })?;
+            r.address
+                .parse::<SocketAddr>()
+                .map_err(|_| Status::invalid_argument(format!("endpoint address '{}' must be ip:port", r.address)))?;
             let protocol = Protocol::parse(&r.protocol).map_err(|e| Status::invalid_argument(e.to_string()))?;
             Ok((
                 Endpoint {
@@ -148,9 +144,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         };
         let regs = registrations(&hello, &peer, &self.cluster)?;
         for (endpoint, protocol) in &regs {
-            self.store
-                .propose(Command::UpsertEndpoint { endpoint: endpoint.clone(), protocol: *protocol })
-                .await?;
+            self.store.propose(Command::UpsertEndpoint { endpoint: endpoint.clone(), protocol: *protocol }).await?;
         }
         let node = hello.node.clone().unwrap_or_default();
         let session = self.proxies.open(ProxyInfo {
@@ -253,7 +247,12 @@ mod tests {
 
     fn hello(identity: &str, service: &str, address: &str) -> pb::Hello {
         pb::Hello {
-            node: Some(pb::Node { identity: identity.into(), cluster: "a".into(), zone: "z".into(), instance: "web-1".into() }),
+            node: Some(pb::Node {
+                identity: identity.into(),
+                cluster: "a".into(),
+                zone: "z".into(),
+                instance: "web-1".into(),
+            }),
             endpoints: vec![pb::EndpointRegistration {
                 service: service.into(),
                 address: address.into(),
@@ -272,7 +271,10 @@ mod tests {
         assert_eq!(ok[0].0.id, "a/default/web/web-1");
         assert_eq!(ok[0].0.weight, 1);
         let cases = [
-            (hello("spiffe://trellis.local/ns/default/sa/other", "web.default", "127.0.0.1:9"), tonic::Code::PermissionDenied),
+            (
+                hello("spiffe://trellis.local/ns/default/sa/other", "web.default", "127.0.0.1:9"),
+                tonic::Code::PermissionDenied,
+            ),
             (hello("", "web.prod", "127.0.0.1:9"), tonic::Code::PermissionDenied),
             (hello("", "web", "127.0.0.1:9"), tonic::Code::InvalidArgument),
             (hello("", "web.default", "localhost"), tonic::Code::InvalidArgument),

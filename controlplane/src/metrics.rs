@@ -93,10 +93,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                         _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
                     };
                     Ok::<_, std::convert::Infallible>(
-                        Response::builder()
-                            .status(status)
-                            .body(Full::new(Bytes::from(body)))
-                            .unwrap_or_default(),
+                        Response::builder().status(status).body(Full::new(Bytes::from(body))).unwrap_or_default(),
                     )
                 }
             });

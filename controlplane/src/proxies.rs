@@ -99,7 +99,9 @@ impl ProxyTracker {
     /// All known sessions, connected first.
     pub fn list(&self) -> Vec<ProxyInfo> {
         let mut v: Vec<ProxyInfo> = self.lock().sessions.values().cloned().collect();
-        v.sort_by(|a, b| b.connected.cmp(&a.connected).then(a.identity.cmp(&b.identity)).then(a.instance.cmp(&b.instance)));
+        v.sort_by(|a, b| {
+            b.connected.cmp(&a.connected).then(a.identity.cmp(&b.identity)).then(a.instance.cmp(&b.instance))
+        });
         v
     }
 
@@ -116,7 +118,8 @@ mod tests {
     #[test]
     fn reconnect_keeps_ownership_with_newest_session() {
         let t = ProxyTracker::default();
-        let info = ProxyInfo { identity: "i".into(), instance: "x".into(), endpoints: vec!["e".into()], ..Default::default() };
+        let info =
+            ProxyInfo { identity: "i".into(), instance: "x".into(), endpoints: vec!["e".into()], ..Default::default() };
         let old = t.open(info.clone());
         let new = t.open(info);
         // The old stream ends after the proxy reconnected: it must not take the endpoint down.

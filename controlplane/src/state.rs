@@ -129,15 +129,31 @@ pub struct WorkloadToken {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Creates the federation with its first root and first cluster.
-    Bootstrap { federation: Federation, root: RootCa, cluster: Cluster },
+    Bootstrap {
+        federation: Federation,
+        root: RootCa,
+        cluster: Cluster,
+    },
     UpsertService(Service),
-    DeleteService { key: String },
+    DeleteService {
+        key: String,
+    },
     /// Registers or updates an endpoint; creates its service (cluster-local) if it is unknown.
-    UpsertEndpoint { endpoint: Endpoint, protocol: Protocol },
-    SetEndpointHealth { id: String, healthy: bool },
-    DeleteEndpoint { id: String },
+    UpsertEndpoint {
+        endpoint: Endpoint,
+        protocol: Protocol,
+    },
+    SetEndpointHealth {
+        id: String,
+        healthy: bool,
+    },
+    DeleteEndpoint {
+        id: String,
+    },
     CreateWorkloadToken(WorkloadToken),
-    RevokeWorkloadToken { id: String },
+    RevokeWorkloadToken {
+        id: String,
+    },
     /// Does nothing; used to check that the log is writable.
     Noop,
 }
@@ -363,8 +379,11 @@ mod tests {
     #[test]
     fn endpoint_registration_creates_service_and_records_changes() {
         let mut s = State::default();
-        s.apply(1, &Command::UpsertEndpoint { endpoint: ep("a/default/web/1", "web.default"), protocol: Protocol::Http })
-            .unwrap();
+        s.apply(
+            1,
+            &Command::UpsertEndpoint { endpoint: ep("a/default/web/1", "web.default"), protocol: Protocol::Http },
+        )
+        .unwrap();
         assert_eq!(s.services["web.default"].protocol, Protocol::Http);
         assert!(!s.services["web.default"].exported);
         assert_eq!(s.endpoints["a/default/web/1"].revision, 1);
@@ -373,8 +392,11 @@ mod tests {
             vec![ChangeKey::Service("web.default".into()), ChangeKey::Endpoint("a/default/web/1".into())]
         );
         // Identical re-registration changes nothing.
-        s.apply(2, &Command::UpsertEndpoint { endpoint: ep("a/default/web/1", "web.default"), protocol: Protocol::Http })
-            .unwrap();
+        s.apply(
+            2,
+            &Command::UpsertEndpoint { endpoint: ep("a/default/web/1", "web.default"), protocol: Protocol::Http },
+        )
+        .unwrap();
         assert_eq!(s.changes_since(1).unwrap(), vec![]);
         s.apply(3, &Command::SetEndpointHealth { id: "a/default/web/1".into(), healthy: false }).unwrap();
         assert_eq!(s.changes_since(2).unwrap(), vec![ChangeKey::Endpoint("a/default/web/1".into())]);
@@ -417,8 +439,11 @@ mod tests {
         let mut s = State::default();
         for i in 1..=(CHANGELOG_LEN as u64 + 10) {
             s.apply(i, &Command::SetEndpointHealth { id: "none".into(), healthy: true }).ok();
-            s.apply(i, &Command::UpsertEndpoint { endpoint: ep(&format!("e{i}"), "web.default"), protocol: Protocol::Http })
-                .unwrap();
+            s.apply(
+                i,
+                &Command::UpsertEndpoint { endpoint: ep(&format!("e{i}"), "web.default"), protocol: Protocol::Http },
+            )
+            .unwrap();
         }
         assert!(s.changes_since(1).is_none());
         assert!(s.changes_since(s.revision - 5).is_some());

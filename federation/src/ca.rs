@@ -75,11 +75,7 @@ fn random_serial() -> SerialNumber {
     // `ring`'s system RNG; a failure here means the OS has no entropy source at all.
     let rng = ring::rand::SystemRandom::new();
     if ring::rand::SecureRandom::fill(&rng, &mut bytes).is_err() {
-        bytes = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-            .to_be_bytes();
+        bytes = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos().to_be_bytes();
     }
     bytes[0] &= 0x7f; // positive INTEGER
     SerialNumber::from_slice(&bytes)
@@ -124,9 +120,9 @@ impl Ca {
     pub fn from_pem(cert_pem: &str, key_pem: &str, chain_pem: Vec<String>) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::BadCa(format!("key: {e}")))?;
         let certs = trellis_proto::tls::certs_from_pem(cert_pem).map_err(|e| CaError::BadCa(e.to_string()))?;
-        let (_, not_after) =
-            trellis_proto::tls::validity(&certs[0]).map_err(|e| CaError::BadCa(e.to_string()))?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| CaError::BadCa(format!("certificate: {e}")))?;
+        let (_, not_after) = trellis_proto::tls::validity(&certs[0]).map_err(|e| CaError::BadCa(e.to_string()))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| CaError::BadCa(format!("certificate: {e}")))?;
         Ok(Self { cert_pem: cert_pem.to_string(), key_pem: key_pem.to_string(), chain_pem, not_after, issuer })
     }
 
@@ -172,7 +168,12 @@ impl Ca {
         Ok((leaf, key.serialize_pem()))
     }
 
-    fn sign_key(&self, public_key: &impl rcgen::PublicKeyData, id: &SpiffeId, ttl: Duration) -> Result<SignedLeaf, CaError> {
+    fn sign_key(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<SignedLeaf, CaError> {
         let ttl = self.cap_ttl(ttl.min(MAX_LEAF_TTL))?;
         let now = SystemTime::now();
         let mut p = CertificateParams::default();

@@ -67,21 +67,54 @@ fn verifier_rejects_each_bad_certificate_for_the_right_reason() {
         ("valid workload", issue(&root, &good()), IdMatcher::Exact(web), Ok(())),
         (
             "two URI SANs",
-            issue(&root, &Leaf { uris: vec!["spiffe://trellis.local/ns/default/sa/web", "spiffe://trellis.local/ns/default/sa/admin"], ..good() }),
+            issue(
+                &root,
+                &Leaf {
+                    uris: vec![
+                        "spiffe://trellis.local/ns/default/sa/web",
+                        "spiffe://trellis.local/ns/default/sa/admin",
+                    ],
+                    ..good()
+                },
+            ),
             IdMatcher::AnyWorkload,
             Err(VerifyError::UriSanCount(2)),
         ),
-        ("no URI SAN", issue(&root, &Leaf { uris: vec![], ..good() }), IdMatcher::AnyWorkload, Err(VerifyError::UriSanCount(0))),
-        ("CA certificate as leaf", issue(&root, &Leaf { is_ca: true, ..good() }), IdMatcher::AnyWorkload, Err(VerifyError::CaAsLeaf)),
+        (
+            "no URI SAN",
+            issue(&root, &Leaf { uris: vec![], ..good() }),
+            IdMatcher::AnyWorkload,
+            Err(VerifyError::UriSanCount(0)),
+        ),
+        (
+            "CA certificate as leaf",
+            issue(&root, &Leaf { is_ca: true, ..good() }),
+            IdMatcher::AnyWorkload,
+            Err(VerifyError::CaAsLeaf),
+        ),
         (
             "expired",
-            issue(&root, &Leaf { not_before: OffsetDateTime::now_utc() - Duration::days(2), not_after: OffsetDateTime::now_utc() - Duration::days(1), ..good() }),
+            issue(
+                &root,
+                &Leaf {
+                    not_before: OffsetDateTime::now_utc() - Duration::days(2),
+                    not_after: OffsetDateTime::now_utc() - Duration::days(1),
+                    ..good()
+                },
+            ),
             IdMatcher::AnyWorkload,
             Err(VerifyError::Expired),
         ),
         (
             "not yet valid",
-            issue(&root, &Leaf { not_before: OffsetDateTime::now_utc() + Duration::days(1), not_after: OffsetDateTime::now_utc() + Duration::days(2), ..good() }),
+            issue(
+                &root,
+                &Leaf {
+                    not_before: OffsetDateTime::now_utc() + Duration::days(1),
+                    not_after: OffsetDateTime::now_utc() + Duration::days(2),
+                    ..good()
+                },
+            ),
             IdMatcher::AnyWorkload,
             Err(VerifyError::NotYetValid),
         ),
@@ -114,7 +147,9 @@ fn verifier_rejects_each_bad_certificate_for_the_right_reason() {
             "SAN that is not a SPIFFE ID",
             issue(&root, &Leaf { uris: vec!["https://trellis.local/ns/default/sa/web"], ..good() }),
             IdMatcher::AnyWorkload,
-            Err(VerifyError::BadSpiffeId("'https://trellis.local/ns/default/sa/web' is not a SPIFFE ID: it must start with spiffe://".into())),
+            Err(VerifyError::BadSpiffeId(
+                "'https://trellis.local/ns/default/sa/web' is not a SPIFFE ID: it must start with spiffe://".into(),
+            )),
         ),
     ];
     for (name, cert, matcher, want) in cases {

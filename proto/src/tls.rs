@@ -322,6 +322,10 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // A resumed TLS 1.3 session keeps the client identity of the session it resumes: after the
+    // first certificate (or a renewal) the peer would still see the old identity, or none. Mesh
+    // connections are long-lived and pooled, so a full handshake each time costs little.
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }
 

@@ -160,8 +160,7 @@ impl TrustBundle {
             Usage::Server => KeyUsage::server_auth(),
             Usage::Client => KeyUsage::client_auth(),
         };
-        ee.verify_for_usage(algs, &self.anchors, &chain[1..], now, ku, None, None)
-            .map_err(map_webpki)?;
+        ee.verify_for_usage(algs, &self.anchors, &chain[1..], now, ku, None, None).map_err(map_webpki)?;
         // 2. The leaf's shape: not a CA, exactly one URI SAN.
         let id = spiffe_id_of(leaf)?;
         // 3. The identity.

@@ -46,11 +46,7 @@ mod tests {
 
     #[test]
     fn grows_to_the_cap_with_jitter_and_resets() {
-        let mut b = Backoff::with_rng(
-            Duration::from_millis(100),
-            Duration::from_secs(5),
-            fastrand::Rng::with_seed(7),
-        );
+        let mut b = Backoff::with_rng(Duration::from_millis(100), Duration::from_secs(5), fastrand::Rng::with_seed(7));
         let steps = [100u64, 200, 400, 800, 1600, 3200, 5000, 5000];
         for want in steps {
             let got = b.next_delay().as_millis() as u64;

@@ -49,12 +49,8 @@ impl Candidate {
 
 /// Picks the index of an endpoint: power of two choices among healthy, non-excluded candidates.
 pub fn choose(candidates: &[Candidate], rng: &mut fastrand::Rng) -> Option<usize> {
-    let eligible: Vec<usize> = candidates
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.healthy && !c.excluded)
-        .map(|(i, _)| i)
-        .collect();
+    let eligible: Vec<usize> =
+        candidates.iter().enumerate().filter(|(_, c)| c.healthy && !c.excluded).map(|(i, _)| i).collect();
     match eligible.len() {
         0 => None,
         1 => Some(eligible[0]),
@@ -73,12 +69,13 @@ pub fn choose(candidates: &[Candidate], rng: &mut fastrand::Rng) -> Option<usize
 pub struct PeakEwma {
     estimate: f64,
     updated: Instant,
+    sampled: bool,
 }
 
 impl PeakEwma {
     /// A fresh estimate at [`DEFAULT_RTT`].
     pub fn new(now: Instant) -> Self {
-        Self { estimate: DEFAULT_RTT.as_secs_f64(), updated: now }
+        Self { estimate: DEFAULT_RTT.as_secs_f64(), updated: now, sampled: false }
     }
 
     fn decay(&self, now: Instant) -> f64 {
@@ -94,13 +91,15 @@ impl PeakEwma {
     /// Adds a sample: a slower one replaces the estimate (peak), a faster one is averaged in.
     pub fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_secs_f64();
-        if rtt > self.estimate {
+        // The neutral start is a placeholder, not a measurement: the first sample replaces it.
+        if !self.sampled || rtt > self.estimate {
             self.estimate = rtt;
         } else {
             let w = self.decay(now);
             self.estimate = self.estimate * w + rtt * (1.0 - w);
         }
         self.updated = now;
+        self.sampled = true;
     }
 }
 
@@ -184,11 +183,7 @@ impl Balancer {
     }
 
     /// Picks one of `endpoints`, skipping those whose id is in `tried`.
-    pub fn pick(
-        &self,
-        endpoints: &[Arc<Endpoint>],
-        tried: &[String],
-    ) -> Option<(Arc<Endpoint>, Arc<EndpointLoad>)> {
+    pub fn pick(&self, endpoints: &[Arc<Endpoint>], tried: &[String]) -> Option<(Arc<Endpoint>, Arc<EndpointLoad>)> {
         let now = Instant::now();
         let loads: Vec<Arc<EndpointLoad>> = {
             let mut map = self.loads.lock().unwrap_or_else(|p| p.into_inner());
@@ -197,11 +192,8 @@ impl Balancer {
                 .map(|ep| map.entry(ep.id.clone()).or_insert_with(|| Arc::new(EndpointLoad::new(now))).clone())
                 .collect()
         };
-        let candidates: Vec<Candidate> = endpoints
-            .iter()
-            .zip(&loads)
-            .map(|(ep, load)| load.candidate(ep, tried.contains(&ep.id), now))
-            .collect();
+        let candidates: Vec<Candidate> =
+            endpoints.iter().zip(&loads).map(|(ep, load)| load.candidate(ep, tried.contains(&ep.id), now)).collect();
         let i = choose(&candidates, &mut self.rng.lock().unwrap_or_else(|p| p.into_inner()))?;
         Some((endpoints[i].clone(), loads[i].clone()))
     }
@@ -235,7 +227,8 @@ mod tests {
     fn p2c_table() {
         const N: usize = 10_000;
         // (candidates, per-index bounds on the share of N picks, inclusive)
-        let cases: Vec<(Vec<Candidate>, Vec<(usize, usize)>)> = vec![
+        type Case = (Vec<Candidate>, Vec<(usize, usize)>);
+        let cases: Vec<Case> = vec![
             // A slow endpoint among four fast ones: it only wins when drawn twice, which P2C never
             // does, so it gets nothing; the fast ones share evenly.
             (
@@ -259,24 +252,32 @@ mod tests {
         for (i, (cands, bounds)) in cases.iter().enumerate() {
             let got = histogram(cands, N, 42 + i as u64);
             for (j, (lo, hi)) in bounds.iter().enumerate() {
-                assert!(got[j] >= *lo && got[j] <= *hi, "case {i}: endpoint {j} picked {} times, want {lo}..={hi}", got[j]);
+                assert!(
+                    got[j] >= *lo && got[j] <= *hi,
+                    "case {i}: endpoint {j} picked {} times, want {lo}..={hi}",
+                    got[j]
+                );
             }
         }
     }
 
     #[test]
     fn slow_endpoint_among_two_is_picked_far_less_with_real_estimates() {
-        // Two endpoints, one slower: with P2C over two, the pair is always the same, so the
-        // faster wins every time; with three (one slow) the slow one never wins either.
+        // The slow endpoint only wins against a fast one loaded with 3 in-flight requests if
+        // 4 x fast > slow; with real estimates it does not, so it is (almost) never chosen.
         let mut rng = fastrand::Rng::with_seed(1);
         let now = Instant::now();
         let mut fast = PeakEwma::new(now);
         let mut slow = PeakEwma::new(now);
-        for _ in 0..50 {
-            fast.observe(Duration::from_millis(2), now + Duration::from_secs(1));
-            slow.observe(Duration::from_millis(80), now + Duration::from_secs(1));
+        // One sample every 100 ms for 30 s: the estimate moves with time, not with the count.
+        for i in 1..=300u64 {
+            let t = now + Duration::from_millis(100 * i);
+            fast.observe(Duration::from_millis(2), t);
+            slow.observe(Duration::from_millis(80), t);
         }
-        let t = now + Duration::from_secs(1);
+        let t = now + Duration::from_secs(30);
+        assert!(fast.get(t) < 0.004, "fast estimate {}", fast.get(t));
+        assert!((slow.get(t) - 0.080).abs() < 1e-9);
         let cands = [
             Candidate { healthy: true, excluded: false, weight: 1, estimate: slow.get(t), in_flight: 0 },
             Candidate { healthy: true, excluded: false, weight: 1, estimate: fast.get(t), in_flight: 0 },
@@ -317,6 +318,10 @@ mod tests {
         // Idle for another 30 s: decays towards zero so the endpoint gets probed again.
         let later = e.get(t0 + DECAY * 4);
         assert!(later < want * 0.06, "{later}");
+        // The first sample replaces the neutral start, even when it is lower.
+        let mut fresh = PeakEwma::new(t0);
+        fresh.observe(Duration::from_millis(1), t0);
+        assert!((fresh.get(t0) - 0.001).abs() < 1e-9);
     }
 
     #[test]
@@ -341,7 +346,7 @@ mod tests {
             let (got, _) = b.pick(&eps, &[]).unwrap();
             assert_ne!(got.id, first.id, "the failed endpoint must not be chosen while penalised");
         }
-        let (retry, _) = b.pick(&eps, &[first.id.clone()]).unwrap();
+        let (retry, _) = b.pick(&eps, std::slice::from_ref(&first.id)).unwrap();
         assert_ne!(retry.id, first.id);
     }
 }

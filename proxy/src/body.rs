@@ -40,7 +40,6 @@ pub fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     }
     let mut resp = Response::new(full(msg));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
 }

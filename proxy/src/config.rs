@@ -54,13 +54,11 @@ impl FromStr for Upstream {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (svc, addr) = s
-            .split_once('=')
-            .ok_or_else(|| format!("'{s}' must look like NAME.NAMESPACE=127.0.0.1:PORT"))?;
+        let (svc, addr) =
+            s.split_once('=').ok_or_else(|| format!("'{s}' must look like NAME.NAMESPACE=127.0.0.1:PORT"))?;
         let service = svc.parse::<ServiceName>().map_err(|e| e.to_string())?;
-        let listen = addr
-            .parse::<SocketAddr>()
-            .map_err(|_| format!("'{addr}' is not an IP:PORT address to listen on"))?;
+        let listen =
+            addr.parse::<SocketAddr>().map_err(|_| format!("'{addr}' is not an IP:PORT address to listen on"))?;
         Ok(Self { service, listen })
     }
 }
@@ -174,62 +172,58 @@ pub struct Config {
 impl Config {
     /// Checks every field and fills defaults that depend on the host (the instance name).
     pub fn validate(mut self) -> Result<Self, ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(m));
-        validate_host_port(&self.control_plane).or_else(|_| {
-            invalid(format!("--control-plane '{}' must be HOST:PORT", self.control_plane))
-        })?;
+        let invalid = ConfigError::Invalid;
+        validate_host_port(&self.control_plane)
+            .map_err(|_| invalid(format!("--control-plane '{}' must be HOST:PORT", self.control_plane)))?;
         if let Err(e) = SpiffeId::workload(&self.trust_domain, &self.namespace, &self.service_account) {
-            return invalid(format!(
+            return Err(invalid(format!(
                 "--trust-domain/--namespace/--service-account do not make a workload identity: {e}"
-            ));
+            )));
         }
         for (flag, v) in [("--cluster", &self.cluster), ("--zone", &self.zone)] {
             if trellis_proto::identity::validate_name(v).is_err() {
-                return invalid(format!(
-                    "{flag} '{v}' must use lowercase letters, digits and '-' (at most 63)"
-                ));
+                return Err(invalid(format!("{flag} '{v}' must use lowercase letters, digits and '-' (at most 63)")));
             }
         }
         match self.instance.as_deref() {
             Some("") | None => self.instance = Some(default_instance()),
             Some(i) if i.contains('/') || i.len() > 253 => {
-                return invalid(format!("--instance '{i}' must not contain '/' (at most 253 bytes)"));
+                return Err(invalid(format!("--instance '{i}' must not contain '/' (at most 253 bytes)")));
             }
             Some(_) => {}
         }
         if self.service.is_some() && self.app.is_none() {
-            return invalid("--service needs --app HOST:PORT, the local application to forward to".into());
+            return Err(invalid("--service needs --app HOST:PORT, the local application to forward to".into()));
         }
         if let Some(app) = &self.app {
-            validate_host_port(app).or_else(|_| invalid(format!("--app '{app}' must be HOST:PORT")))?;
+            validate_host_port(app).map_err(|_| invalid(format!("--app '{app}' must be HOST:PORT")))?;
         }
         if let Some(adv) = &self.advertise {
-            validate_host_port(adv)
-                .or_else(|_| invalid(format!("--advertise '{adv}' must be HOST:PORT")))?;
+            validate_host_port(adv).map_err(|_| invalid(format!("--advertise '{adv}' must be HOST:PORT")))?;
         }
         if !self.admin.ip().is_loopback() {
-            return invalid(format!(
+            return Err(invalid(format!(
                 "--admin {} is not a loopback address; the admin port is unauthenticated, so it only \
                  listens on 127.0.0.1 or ::1",
                 self.admin
-            ));
+            )));
         }
         let mut seen = std::collections::BTreeSet::new();
         for u in &self.upstreams {
             if !seen.insert(&u.service) {
-                return invalid(format!("--upstream {} is given twice", u.service));
+                return Err(invalid(format!("--upstream {} is given twice", u.service)));
             }
         }
         if self.request_timeout == 0 || self.connect_timeout == 0 {
-            return invalid("--request-timeout and --connect-timeout must be at least 1 ms".into());
+            return Err(invalid("--request-timeout and --connect-timeout must be at least 1 ms".into()));
         }
         if self.cert_ttl < 2 {
-            return invalid("--cert-ttl must be at least 2 seconds".into());
+            return Err(invalid("--cert-ttl must be at least 2 seconds".into()));
         }
         if self.token.is_some() && self.token_file.is_some() {
-            return invalid(
+            return Err(invalid(
                 "give the workload token once: --token (or TRELLIS_WORKLOAD_TOKEN) or --token-file".into(),
-            );
+            ));
         }
         Ok(self)
     }

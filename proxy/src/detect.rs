@@ -52,11 +52,7 @@ fn is_tchar(b: u8) -> bool {
 pub fn detect(buf: &[u8]) -> Detection {
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
-        return if buf.len() >= H2_PREFACE.len() {
-            Detection::Is(Protocol::Http2)
-        } else {
-            Detection::NeedMore
-        };
+        return if buf.len() >= H2_PREFACE.len() { Detection::Is(Protocol::Http2) } else { Detection::NeedMore };
     }
     detect_http1(buf)
 }
@@ -142,11 +138,7 @@ impl<S> Prefixed<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
@@ -158,11 +150,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -232,9 +220,7 @@ mod tests {
     #[tokio::test]
     async fn sniff_replays_the_bytes_and_times_out_to_tcp() {
         let (mut client, server) = tokio::io::duplex(1024);
-        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
         let (p, mut io) = sniff(server, Duration::from_secs(5)).await.unwrap();
         assert_eq!(p, Http1);
         let mut got = vec![0u8; 27];

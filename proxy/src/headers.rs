@@ -70,16 +70,11 @@ mod tests {
 
     #[test]
     fn hop_by_hop_table() {
-        let cases: &[(&[(&str, &str)], &[&str])] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case<'_>] = &[
             (&[("content-type", "text/plain")], &["content-type=text/plain"]),
-            (
-                &[("connection", "keep-alive"), ("keep-alive", "timeout=5"), ("accept", "*/*")],
-                &["accept=*/*"],
-            ),
-            (
-                &[("connection", "close, x-custom"), ("x-custom", "1"), ("x-other", "2")],
-                &["x-other=2"],
-            ),
+            (&[("connection", "keep-alive"), ("keep-alive", "timeout=5"), ("accept", "*/*")], &["accept=*/*"]),
+            (&[("connection", "close, x-custom"), ("x-custom", "1"), ("x-other", "2")], &["x-other=2"]),
             (&[("transfer-encoding", "chunked"), ("content-length", "3")], &["content-length=3"]),
             (&[("upgrade", "websocket"), ("proxy-connection", "keep-alive")], &[]),
             (&[("te", "trailers")], &["te=trailers"]),

@@ -177,11 +177,8 @@ impl Signer {
     }
 
     fn classify(&self, status: &tonic::Status, renewal: bool) -> Attempt {
-        let message = if status.message().is_empty() {
-            format!("{:?}", status.code())
-        } else {
-            status.message().to_string()
-        };
+        let message =
+            if status.message().is_empty() { format!("{:?}", status.code()) } else { status.message().to_string() };
         match status.code() {
             Code::Unauthenticated | Code::PermissionDenied if renewal => {
                 Attempt::Fatal(IdentityError::RenewalRefused(message))
@@ -191,9 +188,7 @@ impl Signer {
                 namespace: self.namespace.clone(),
                 service_account: self.service_account.clone(),
             }),
-            Code::InvalidArgument | Code::Unimplemented => {
-                Attempt::Fatal(IdentityError::Rejected(message))
-            }
+            Code::InvalidArgument | Code::Unimplemented => Attempt::Fatal(IdentityError::Rejected(message)),
             // Unavailable, deadline, transport errors (Unknown), a control plane without a leader
             // yet: all may pass.
             _ => Attempt::Transient(format!("{:?}: {message}", status.code())),
@@ -253,11 +248,7 @@ pub async fn renew_forever(
 ) {
     loop {
         let Some(current) = store.current() else { return };
-        let wait = current
-            .renew_at()
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            .max(MIN_RENEW_INTERVAL);
+        let wait = current.renew_at().duration_since(SystemTime::now()).unwrap_or_default().max(MIN_RENEW_INTERVAL);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = drain.signaled() => return,

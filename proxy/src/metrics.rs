@@ -117,11 +117,7 @@ impl Metrics {
             cert_expiry.clone(),
         );
         let tls_handshake_failures = Family::<DirectionLabels, Counter>::default();
-        registry.register(
-            "tls_handshake_failures",
-            "TLS handshakes that failed",
-            tls_handshake_failures.clone(),
-        );
+        registry.register("tls_handshake_failures", "TLS handshakes that failed", tls_handshake_failures.clone());
         let active_connections = Family::<DirectionLabels, Gauge>::default();
         registry.register("active_connections", "Open connections", active_connections.clone());
         Arc::new(Self {

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::balance::Balancer;
 use crate::body::{self, Body, text};
@@ -26,7 +27,7 @@ use crate::detect::{Protocol, sniff};
 use crate::drain::Drain;
 use crate::headers::strip_hop_by_hop;
 use crate::metrics::{Direction, Metrics, ServiceLabels};
-use crate::pool::{ConnectError, H2Pool, MeshConnector, Target};
+use crate::pool::{H2Pool, MeshConnector, Target};
 use crate::retry::{self, Failure, MAX_REPLAY_BODY, MAX_RETRIES, RetryBudget, should_retry};
 use crate::routes::{AppProtocol, Endpoint, Routes, ServiceName};
 
@@ -111,14 +112,7 @@ impl Outbound {
         metrics: Arc<Metrics>,
         timeouts: OutboundTimeouts,
     ) -> Arc<Self> {
-        Arc::new(Self {
-            routes,
-            balancer: Balancer::default(),
-            pool: H2Pool::new(h2),
-            tcp,
-            metrics,
-            timeouts,
-        })
+        Arc::new(Self { routes, balancer: Balancer::default(), pool: H2Pool::new(h2), tcp, metrics, timeouts })
     }
 
     /// Forgets load and pooled connections of endpoints that left the configuration.
@@ -151,23 +145,15 @@ impl Outbound {
             let this = self.clone();
             let up = up.clone();
             let d = drain.clone();
-            drain.spawn(async move {
-                let span = tracing::debug_span!("outbound", service = %up.label, client = %peer);
-                let _enter = span.enter();
-                drop(_enter);
-                this.connection(up, tcp, d).await;
-            });
+            let span = tracing::debug_span!("outbound", service = %up.label, client = %peer);
+            drain.spawn(this.connection(up, tcp, d).instrument(span));
         }
         tracing::debug!("outbound listener closed");
     }
 
     async fn connection(self: Arc<Self>, up: Arc<Upstream>, tcp: TcpStream, drain: Drain) {
         let _open = self.metrics.connection(Direction::outbound);
-        let known_tcp = self
-            .routes
-            .borrow()
-            .service(&up.service)
-            .is_some_and(|s| s.protocol == AppProtocol::Tcp);
+        let known_tcp = self.routes.borrow().service(&up.service).is_some_and(|s| s.protocol == AppProtocol::Tcp);
         // A service declared TCP skips detection, so server-speaks-first protocols work at once.
         let (protocol, io) = if known_tcp {
             (Protocol::Tcp, crate::detect::Prefixed::new(Bytes::new(), tcp))
@@ -242,81 +228,66 @@ impl Outbound {
 
         up.budget.deposit();
         let mut tried: Vec<String> = Vec::new();
-        let mut retries = 0u32;
         let mut last_error: Option<String> = None;
+        let mut last_failure: Option<Failure> = None;
+        // A 502/503/504 that was retried: returned as is if no other endpoint does better.
+        let mut last_response: Option<Response<Incoming>> = None;
         loop {
             let routes = self.routes.borrow().clone();
             let Some((ep, load)) = self.balancer.pick(routes.endpoints_of(&up.service), &tried) else {
                 break;
             };
+            if !tried.is_empty() {
+                // A retry that can really go somewhere: only now does it cost budget.
+                if !up.budget.try_withdraw() {
+                    tracing::debug!(service = %up.label, "retry budget exhausted");
+                    break;
+                }
+                self.metrics.retries.get_or_create(&ServiceLabels { service: up.label.clone() }).inc();
+            }
             tried.push(ep.id.clone());
             let attempt_deadline = match self.timeouts.per_try {
                 Some(t) => deadline.min(Instant::now() + t),
                 None => deadline,
             };
             let guard = load.start();
-            let failure = match self.attempt(&ep, &parts, &uri, &mut body, attempt_deadline).await {
+            let retries = tried.len() as u32 - 1;
+            match self.attempt(&ep, &parts, &uri, &mut body, attempt_deadline).await {
                 Ok(resp) => {
                     let status = resp.status();
-                    let retryable = matches!(status.as_u16(), 502..=504);
-                    if retryable {
-                        guard.failure();
-                    } else {
-                        guard.success();
-                    }
                     let failure = Failure::Status(status);
-                    if !retryable || !self.may_retry(up, &parts.method, &body, failure, retries, deadline) {
+                    if !matches!(status.as_u16(), 502..=504) {
+                        guard.success();
+                        return client_response(resp, client_version);
+                    }
+                    guard.failure();
+                    if !retry_eligible(&parts.method, &body, failure, retries, deadline) {
                         return client_response(resp, client_version);
                     }
                     tracing::debug!(endpoint = %ep.id, %status, "retrying on another endpoint");
                     last_error = Some(format!("{} answered {status}", ep.id));
-                    retries += 1;
-                    continue;
+                    last_failure = Some(failure);
+                    last_response = Some(resp);
                 }
                 Err(e) => {
                     guard.failure();
                     tracing::debug!(endpoint = %ep.id, error = %e.message, "attempt failed");
                     last_error = Some(format!("{}: {}", ep.id, e.message));
-                    e.failure
+                    last_failure = Some(e.failure);
+                    if Instant::now() >= deadline {
+                        return timeout_response(up, self.timeouts.request);
+                    }
+                    if !retry_eligible(&parts.method, &body, e.failure, retries, deadline) {
+                        break;
+                    }
                 }
-            };
-            if Instant::now() >= deadline {
-                return timeout_response(up, self.timeouts.request);
             }
-            if !self.may_retry(up, &parts.method, &body, failure, retries, deadline) {
-                return match failure {
-                    Failure::Timeout => timeout_response(up, self.timeouts.request),
-                    _ => unavailable(up, last_error.as_deref()),
-                };
-            }
-            retries += 1;
         }
-        unavailable(up, last_error.as_deref())
-    }
-
-    fn may_retry(
-        &self,
-        up: &Upstream,
-        method: &Method,
-        body: &ReqBody,
-        failure: Failure,
-        retries: u32,
-        deadline: Instant,
-    ) -> bool {
-        let eligible = retries < MAX_RETRIES
-            && Instant::now() < deadline
-            && should_retry(method, body.replayable(), failure)
-            // A streamed body that was sent cannot be sent again (only BeforeWrite keeps it).
-            && (body.replayable() || matches!(body, ReqBody::Streaming(Some(_))));
-        if !eligible {
-            return false;
+        match (last_response, last_failure) {
+            (Some(resp), _) => client_response(resp, client_version),
+            (None, Some(Failure::Timeout)) => timeout_response(up, self.timeouts.request),
+            (None, _) => unavailable(up, last_error.as_deref()),
         }
-        if !up.budget.try_withdraw() {
-            tracing::debug!(service = %up.label, "retry budget exhausted");
-            return false;
-        }
-        self.metrics.retries.get_or_create(&ServiceLabels { service: up.label.clone() }).inc();
-        true
     }
 
     async fn attempt(
@@ -334,9 +305,15 @@ impl Outbound {
             Ok(Err(e)) => return Err(before_write(e.to_string())),
             Err(_) => return Err(AttemptError { failure: Failure::Timeout, message: "connect timed out".into() }),
         };
-        if let Err(e) = sender.ready().await {
-            self.pool.forget(&target);
-            return Err(before_write(format!("pooled connection closed: {e}")));
+        match tokio::time::timeout_at(deadline, sender.ready()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.pool.forget(&target);
+                return Err(before_write(format!("pooled connection closed: {e}")));
+            }
+            Err(_) => {
+                return Err(AttemptError { failure: Failure::Timeout, message: "connection not ready in time".into() });
+            }
         }
         let Some(b) = body.take() else {
             return Err(AttemptError { failure: Failure::Reset, message: "request body already sent".into() });
@@ -372,11 +349,18 @@ impl Outbound {
         let started = Instant::now();
         let mut tried = Vec::new();
         let mut last_error = None;
-        for _ in 0..=MAX_RETRIES {
+        for attempt in 0..=MAX_RETRIES {
             let routes = self.routes.borrow().clone();
             let Some((ep, load)) = self.balancer.pick(routes.endpoints_of(&up.service), &tried) else {
                 break;
             };
+            // Nothing was sent on a failed connect: another endpoint may take the stream.
+            if attempt > 0 {
+                if !up.budget.try_withdraw() {
+                    break;
+                }
+                self.metrics.retries.get_or_create(&ServiceLabels { service: up.label.clone() }).inc();
+            }
             tried.push(ep.id.clone());
             let target = Target { addr: ep.address.clone(), identity: ep.identity.clone() };
             let guard = load.start();
@@ -385,7 +369,9 @@ impl Outbound {
                     guard.success();
                     self.metrics.request(Direction::outbound, &up.label, "tcp", started.elapsed());
                     match tokio::io::copy_bidirectional(&mut io, &mut tls).await {
-                        Ok((to, from)) => tracing::debug!(endpoint = %ep.id, sent = to, received = from, "TCP stream done"),
+                        Ok((sent, received)) => {
+                            tracing::debug!(endpoint = %ep.id, sent, received, "TCP stream done")
+                        }
                         Err(e) => tracing::debug!(endpoint = %ep.id, error = %e, "TCP stream broke"),
                     }
                     return;
@@ -394,15 +380,21 @@ impl Outbound {
                     guard.failure();
                     tracing::debug!(endpoint = %ep.id, error = %e, "TCP connect failed");
                     last_error = Some(e.to_string());
-                    if !matches!(e, ConnectError::Http2 { .. }) && !up.budget.try_withdraw() {
-                        break;
-                    }
                 }
             }
         }
         self.metrics.request(Direction::outbound, &up.label, "503", started.elapsed());
         tracing::info!(service = %up.label, error = ?last_error, "no endpoint accepted the TCP stream");
     }
+}
+
+/// May a failed attempt be followed by another one (budget aside)?
+fn retry_eligible(method: &Method, body: &ReqBody, failure: Failure, retries: u32, deadline: Instant) -> bool {
+    retries < MAX_RETRIES
+        && Instant::now() < deadline
+        && should_retry(method, body.replayable(), failure)
+        // A streamed body can only go again if it was never taken (failure before writing).
+        && (body.replayable() || matches!(body, ReqBody::Streaming(Some(_))))
 }
 
 /// The request URI over the mesh: scheme `http`, the client's authority (or the Host header, or
@@ -428,7 +420,9 @@ async fn hold_body(method: &Method, incoming: Incoming, deadline: Instant) -> Re
     }
     match tokio::time::timeout_at(deadline, incoming.collect()).await {
         Ok(Ok(c)) => Ok(ReqBody::Buffered(c.to_bytes())),
-        Ok(Err(e)) => Err(text(StatusCode::BAD_REQUEST, format!("trellis-proxy: reading the request body failed: {e}"))),
+        Ok(Err(e)) => {
+            Err(text(StatusCode::BAD_REQUEST, format!("trellis-proxy: reading the request body failed: {e}")))
+        }
         Err(_) => Err(text(StatusCode::REQUEST_TIMEOUT, "trellis-proxy: the request body did not arrive in time")),
     }
 }

@@ -82,8 +82,7 @@ impl MeshConnector {
             Err(_) => return Err(ConnectError::Timeout { addr }),
         };
         let _ = tcp.set_nodelay(true);
-        let tls = match tokio::time::timeout(self.connect_timeout, self.tls.connect(mesh_server_name(), tcp)).await
-        {
+        let tls = match tokio::time::timeout(self.connect_timeout, self.tls.connect(mesh_server_name(), tcp)).await {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => {
                 self.metrics.handshake_failed(Direction::outbound);
@@ -152,7 +151,9 @@ impl H2Pool {
         {
             return Ok(s.clone());
         }
+        let replacing = sender.is_some();
         *sender = None;
+        tracing::debug!(peer = %target.addr, replacing, "opening a pooled connection");
         let tls = self.connector.connect(target).await?;
         let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())

@@ -41,9 +41,7 @@ pub fn should_retry(method: &Method, replayable: bool, failure: Failure) -> bool
     match failure {
         Failure::BeforeWrite => true,
         Failure::Reset | Failure::Timeout => is_idempotent(method) && replayable,
-        Failure::Status(s) => {
-            matches!(s.as_u16(), 502..=504) && is_idempotent(method) && replayable
-        }
+        Failure::Status(s) => matches!(s.as_u16(), 502..=504) && is_idempotent(method) && replayable,
     }
 }
 

@@ -143,14 +143,15 @@ impl Service {
     /// Converts the wire form.
     pub fn from_proto(pb: &pb::Service) -> Result<Self, RouteError> {
         let name = ServiceName::new(&pb.name, &pb.namespace)?;
-        let protocol = pb.protocol.parse().map_err(|e: RouteError| RouteError::Service {
-            name: name.to_string(),
-            reason: e.to_string(),
-        })?;
+        let protocol = pb
+            .protocol
+            .parse()
+            .map_err(|e: RouteError| RouteError::Service { name: name.to_string(), reason: e.to_string() })?;
         let mut ports = Vec::with_capacity(pb.ports.len());
         for p in &pb.ports {
-            let port = u16::try_from(p.port).ok().filter(|p| *p != 0).ok_or_else(|| {
-                RouteError::Service { name: name.to_string(), reason: format!("bad port {}", p.port) }
+            let port = u16::try_from(p.port).ok().filter(|p| *p != 0).ok_or_else(|| RouteError::Service {
+                name: name.to_string(),
+                reason: format!("bad port {}", p.port),
             })?;
             ports.push((p.name.clone(), port));
         }
@@ -208,7 +209,7 @@ impl Endpoint {
 }
 
 /// Everything the proxy currently routes on. Cheap to share: readers hold an `Arc`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default)]
 pub struct Routes {
     /// Version of the last applied response (0: none yet).
     pub version: u64,
@@ -218,7 +219,6 @@ pub struct Routes {
     pub services: BTreeMap<ServiceName, Service>,
     /// Endpoints by id.
     pub endpoints: BTreeMap<String, Arc<Endpoint>>,
-    #[serde(skip)]
     by_service: BTreeMap<ServiceName, Vec<Arc<Endpoint>>>,
 }
 
@@ -290,13 +290,8 @@ impl Routes {
                 }
             }
         }
-        let mut routes = Routes {
-            version: resp.version,
-            loaded: true,
-            services,
-            endpoints,
-            by_service: BTreeMap::new(),
-        };
+        let mut routes =
+            Routes { version: resp.version, loaded: true, services, endpoints, by_service: BTreeMap::new() };
         routes.reindex();
         Applied { routes, rejected }
     }
@@ -310,18 +305,14 @@ impl Routes {
 }
 
 /// Converts a trust bundle pushed by the control plane; it must be for our trust domain.
-pub fn bundle_from_proto(
-    pb: &pb::TrustBundle,
-    trust_domain: &str,
-) -> Result<trellis_proto::TrustBundle, RouteError> {
+pub fn bundle_from_proto(pb: &pb::TrustBundle, trust_domain: &str) -> Result<trellis_proto::TrustBundle, RouteError> {
     if !pb.trust_domain.is_empty() && pb.trust_domain != trust_domain {
         return Err(RouteError::Bundle(format!(
             "it is for trust domain '{}', this proxy is in '{trust_domain}'",
             pb.trust_domain
         )));
     }
-    trellis_proto::TrustBundle::from_pem(trust_domain, &pb.roots_pem)
-        .map_err(|e| RouteError::Bundle(e.to_string()))
+    trellis_proto::TrustBundle::from_pem(trust_domain, &pb.roots_pem).map_err(|e| RouteError::Bundle(e.to_string()))
 }
 
 #[cfg(test)]

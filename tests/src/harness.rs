@@ -18,7 +18,11 @@ pub fn bin_dir() -> PathBuf {
 /// Path of a workspace binary; panics with what to do when it was not built.
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.is_file(), "{} is missing: run the tests with `cargo test --workspace` (it builds every binary)", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace` (it builds every binary)",
+        p.display()
+    );
     p
 }
 
@@ -144,7 +148,13 @@ impl ControlPlane {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let mut proc = Proc::spawn(&format!("trellis-cp {cluster}"), &bin("trellis-cp"), &args, &dir.join(format!("{cluster}-cp.log")), &[]);
+        let mut proc = Proc::spawn(
+            &format!("trellis-cp {cluster}"),
+            &bin("trellis-cp"),
+            &args,
+            &dir.join(format!("{cluster}-cp.log")),
+            &[],
+        );
         let ready = wait_ready(&mut proc, &ready_file, Duration::from_secs(30));
         Self {
             proc,

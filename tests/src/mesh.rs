@@ -50,22 +50,30 @@ impl OneHop {
                 ready.display().to_string(),
             ];
             args.extend_from_slice(extra);
-            let mut p = Proc::spawn(name, &bin("trellis-proxy"), &args, &dir.join(format!("{name}.log")), &[
-                ("RUST_LOG", "warn"),
-            ]);
+            let mut p = Proc::spawn(
+                name,
+                &bin("trellis-proxy"),
+                &args,
+                &dir.join(format!("{name}.log")),
+                &[("RUST_LOG", "warn")],
+            );
             let v = wait_ready(&mut p, &ready, Duration::from_secs(30));
             Ok((p, v))
         };
-        let (server_proxy, _) = proxy("server-proxy", "server", &[
-            "--service".into(),
-            "bench.default".into(),
-            "--protocol".into(),
-            protocol.into(),
-            "--app".into(),
-            app.into(),
-            "--inbound".into(),
-            "127.0.1.2:0".into(),
-        ])?;
+        let (server_proxy, _) = proxy(
+            "server-proxy",
+            "server",
+            &[
+                "--service".into(),
+                "bench.default".into(),
+                "--protocol".into(),
+                protocol.into(),
+                "--app".into(),
+                app.into(),
+                "--inbound".into(),
+                "127.0.1.2:0".into(),
+            ],
+        )?;
         let (client_proxy, ready) =
             proxy("client-proxy", "client", &["--upstream".into(), "bench.default=127.0.1.3:0".into()])?;
         let outbound = ready["upstreams"]["bench.default"].as_str().unwrap_or_default().to_string();

@@ -27,12 +27,24 @@ fn demo_serves_every_request_over_mtls_while_the_control_plane_is_killed_and_res
     let out = trellis(
         &config,
         &[
-            "demo", "--clusters", "1", "--duration", "12", "--rate", "300", "-o", "json",
-            "--kill-controlplane-at", "3", "--restart-controlplane-at", "7",
+            "demo",
+            "--clusters",
+            "1",
+            "--duration",
+            "12",
+            "--rate",
+            "300",
+            "-o",
+            "json",
+            "--kill-controlplane-at",
+            "3",
+            "--restart-controlplane-at",
+            "7",
         ],
     );
     assert!(out.status.success(), "demo failed: {}\n{}", stdout(&out), stderr(&out));
-    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)));
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)));
     let requests = report["requests"].as_u64().unwrap();
     assert!(requests >= 2_500, "expected about 3,600 requests in 12 s at 300/s, got {requests}");
     assert_eq!(report["failed"], 0, "{report:#}");
@@ -62,15 +74,24 @@ fn registrations_survive_a_control_plane_restart_and_bad_tokens_are_refused_with
     let (cp_grpc, cp_bundle) = (cp.grpc.clone(), cp.trust_bundle.display().to_string());
     let start_proxy = |name: &str, token: Option<&str>| {
         let mut args: Vec<String> = vec![
-            "--control-plane".into(), cp_grpc.clone(),
-            "--trust-bundle".into(), cp_bundle.clone(),
-            "--service-account".into(), "web".into(),
-            "--cluster".into(), "a".into(),
-            "--instance".into(), name.into(),
-            "--service".into(), "web.default".into(),
-            "--app".into(), "127.0.1.2:9".into(),
-            "--inbound".into(), "127.0.1.2:0".into(),
-            "--ready-file".into(), dir.path().join(format!("{name}.ready")).display().to_string(),
+            "--control-plane".into(),
+            cp_grpc.clone(),
+            "--trust-bundle".into(),
+            cp_bundle.clone(),
+            "--service-account".into(),
+            "web".into(),
+            "--cluster".into(),
+            "a".into(),
+            "--instance".into(),
+            name.into(),
+            "--service".into(),
+            "web.default".into(),
+            "--app".into(),
+            "127.0.1.2:9".into(),
+            "--inbound".into(),
+            "127.0.1.2:0".into(),
+            "--ready-file".into(),
+            dir.path().join(format!("{name}.ready")).display().to_string(),
         ];
         if let Some(t) = token {
             args.push("--token".into());
@@ -118,7 +139,8 @@ fn registrations_survive_a_control_plane_restart_and_bad_tokens_are_refused_with
     ];
     for (name, tok, reason) in cases {
         let mut p = start_proxy(&format!("bad-{name}"), tok);
-        let status = p.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| panic!("proxy with {name} token kept running"));
+        let status =
+            p.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| panic!("proxy with {name} token kept running"));
         assert!(!status.success(), "proxy with {name} token exited successfully");
         let log = p.log();
         assert!(log.to_lowercase().contains(reason), "proxy with {name} token should say '{reason}', said:\n{log}");

@@ -207,7 +207,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Cmd::DemoApp { name, cluster, listen } => {
-            trellis_controlplane::cli::demo_app::run(name.clone(), cluster.clone(), *listen).await.map_err(|e| e.to_string())
+            trellis_controlplane::cli::demo_app::run(name.clone(), cluster.clone(), *listen)
+                .await
+                .map_err(|e| e.to_string())
         }
         Cmd::Completion { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "trellis", &mut std::io::stdout());
@@ -244,7 +246,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                             vec![cur.to_string(), c.name.clone(), c.server.clone(), c.trust_domain.clone()]
                         })
                         .collect();
-                    print!("{}", trellis_controlplane::cli::output::table(&["CURRENT", "NAME", "SERVER", "TRUST DOMAIN"], &rows));
+                    print!(
+                        "{}",
+                        trellis_controlplane::cli::output::table(&["CURRENT", "NAME", "SERVER", "TRUST DOMAIN"], &rows)
+                    );
                     Ok(())
                 }
                 ConfigCmd::CurrentContext => {
@@ -308,15 +313,21 @@ async fn run(cli: Cli) -> Result<(), String> {
                                 ]
                             })
                             .collect(),
-                        value: json!(r.endpoints.iter().map(|e| json!({
-                            "id": e.id, "service": e.service, "cluster": e.cluster, "zone": e.zone,
-                            "address": e.address, "healthy": e.healthy, "identity": e.identity,
-                            "weight": e.weight, "revision": e.revision,
-                        })).collect::<Vec<_>>()),
+                        value: json!(
+                            r.endpoints
+                                .iter()
+                                .map(|e| json!({
+                                    "id": e.id, "service": e.service, "cluster": e.cluster, "zone": e.zone,
+                                    "address": e.address, "healthy": e.healthy, "identity": e.identity,
+                                    "weight": e.weight, "revision": e.revision,
+                                }))
+                                .collect::<Vec<_>>()
+                        ),
                     }
                 }
                 Resource::Proxies => {
-                    let r = admin.list_proxies(pb::ListProxiesRequest {}).await.map_err(status(&ctx.server))?.into_inner();
+                    let r =
+                        admin.list_proxies(pb::ListProxiesRequest {}).await.map_err(status(&ctx.server))?.into_inner();
                     Listing {
                         columns: vec!["IDENTITY", "INSTANCE", "CONNECTED", "SENT", "ACKED", "STATE", "LAST NACK"],
                         rows: r
@@ -341,12 +352,17 @@ async fn run(cli: Cli) -> Result<(), String> {
                                 ]
                             })
                             .collect(),
-                        value: json!(r.proxies.iter().map(|p| json!({
-                            "identity": p.identity, "cluster": p.cluster, "instance": p.instance,
-                            "connected": p.connected, "sent_version": p.sent_version,
-                            "acked_version": p.acked_version, "last_nack": p.last_nack,
-                            "peer_address": p.peer_address,
-                        })).collect::<Vec<_>>()),
+                        value: json!(
+                            r.proxies
+                                .iter()
+                                .map(|p| json!({
+                                    "identity": p.identity, "cluster": p.cluster, "instance": p.instance,
+                                    "connected": p.connected, "sent_version": p.sent_version,
+                                    "acked_version": p.acked_version, "last_nack": p.last_nack,
+                                    "peer_address": p.peer_address,
+                                }))
+                                .collect::<Vec<_>>()
+                        ),
                     }
                 }
                 Resource::WorkloadTokens => token_listing(&mut admin, &ctx.server).await?,
@@ -365,13 +381,18 @@ async fn run(cli: Cli) -> Result<(), String> {
             });
             match output {
                 Format::Table => {
-                    println!("Control plane {} ({}), cluster {}, trust domain {}", s.node, ctx.server, s.cluster, s.trust_domain);
+                    println!(
+                        "Control plane {} ({}), cluster {}, trust domain {}",
+                        s.node, ctx.server, s.cluster, s.trust_domain
+                    );
                     println!("  store revision      {}", s.revision);
                     println!("  services/endpoints  {}/{}", s.services, s.endpoints);
                     println!("  proxies connected   {}", s.proxies_connected);
                     println!("  cluster CA expires  in {}", human_duration(s.ca_expires_in));
                     println!("  version             {}", s.version);
-                    println!("  Replication: one instance; losing it stops writes (proxies keep serving). Replicated groups arrive with the Raft store.");
+                    println!(
+                        "  Replication: one instance; losing it stops writes (proxies keep serving). Replicated groups arrive with the Raft store."
+                    );
                 }
                 other => print!("{}", Listing { columns: vec![], rows: vec![], value }.render(*other)),
             }
@@ -391,7 +412,14 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .collect::<Result<Vec<_>, _>>()?;
             let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
             let s = admin
-                .apply_service(pb::Service { name: n, namespace: ns, ports, protocol: protocol.clone(), exported: *exported, revision: 0 })
+                .apply_service(pb::Service {
+                    name: n,
+                    namespace: ns,
+                    ports,
+                    protocol: protocol.clone(),
+                    exported: *exported,
+                    revision: 0,
+                })
                 .await
                 .map_err(status(&ctx.server))?
                 .into_inner();
@@ -402,7 +430,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             let (_, ctx) = load_context(&cli)?;
             let (n, ns) = split_service(name);
             let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
-            admin.delete_service(pb::DeleteServiceRequest { name: n.clone(), namespace: ns.clone() }).await.map_err(status(&ctx.server))?;
+            admin
+                .delete_service(pb::DeleteServiceRequest { name: n.clone(), namespace: ns.clone() })
+                .await
+                .map_err(status(&ctx.server))?;
             println!("service/{n}.{ns} deleted");
             Ok(())
         }
@@ -469,8 +500,16 @@ async fn token_listing(
                 } else {
                     "valid"
                 };
-                let expires = if t.expires_at > now { format!("in {}", human_duration(t.expires_at - now)) } else { "-".into() };
-                vec![t.id.clone(), t.namespace.clone(), t.service_account.clone(), expires, state.into(), t.description.clone()]
+                let expires =
+                    if t.expires_at > now { format!("in {}", human_duration(t.expires_at - now)) } else { "-".into() };
+                vec![
+                    t.id.clone(),
+                    t.namespace.clone(),
+                    t.service_account.clone(),
+                    expires,
+                    state.into(),
+                    t.description.clone(),
+                ]
             })
             .collect(),
         value: json!(r.tokens.iter().map(|t| json!({

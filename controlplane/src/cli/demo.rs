@@ -144,18 +144,23 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
     let io = |e: std::io::Error| e.to_string();
 
     // Cluster "a" lives on the loopback block 127.0.1.0/24.
-    let cp_port = free_port("127.0.1.1").map_err(|e| {
-        format!("cannot bind 127.0.1.1 ({e}); the demo needs the 127.0.0.0/8 loopback range")
-    })?;
+    let cp_port = free_port("127.0.1.1")
+        .map_err(|e| format!("cannot bind 127.0.1.1 ({e}); the demo needs the 127.0.0.0/8 loopback range"))?;
     let cp_dir = workdir.join("cp-a");
     let cp_ready = workdir.join("cp-a.ready");
     let cp_args = vec![
-        "--data-dir".into(), cp_dir.display().to_string(),
-        "--listen".into(), format!("127.0.1.1:{cp_port}"),
-        "--cluster".into(), "a".into(),
-        "--region".into(), "local".into(),
-        "--node".into(), "cp-1".into(),
-        "--ready-file".into(), cp_ready.display().to_string(),
+        "--data-dir".into(),
+        cp_dir.display().to_string(),
+        "--listen".into(),
+        format!("127.0.1.1:{cp_port}"),
+        "--cluster".into(),
+        "a".into(),
+        "--region".into(),
+        "local".into(),
+        "--node".into(),
+        "cp-1".into(),
+        "--ready-file".into(),
+        cp_ready.display().to_string(),
     ];
     let mut cp = Proc::spawn("trellis-cp", &cp_bin, cp_args, &logs.join("cp-a.log")).map_err(io)?;
     let ready = wait_ready(&mut cp, &cp_ready, Duration::from_secs(30)).await?;
@@ -169,7 +174,8 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
     ctx.name = "trellis-demo".into();
     let cfg_path = default_path();
     let mut user_cfg = ConfigFile::load(&cfg_path).map_err(|e| e.to_string())?;
-    let guard = ContextGuard { path: cfg_path.clone(), previous: user_cfg.current_context.clone(), name: ctx.name.clone() };
+    let guard =
+        ContextGuard { path: cfg_path.clone(), previous: user_cfg.current_context.clone(), name: ctx.name.clone() };
     user_cfg.upsert(ctx.clone());
     user_cfg.current_context = Some(ctx.name.clone());
     user_cfg.save(&cfg_path).map_err(|e| e.to_string())?;
@@ -197,30 +203,55 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
         let app = Proc::spawn(
             &format!("{name} app"),
             &me,
-            vec!["demo-app".into(), "--name".into(), name.into(), "--cluster".into(), "a".into(), "--listen".into(), format!("{ip}:{app_port}")],
+            vec![
+                "demo-app".into(),
+                "--name".into(),
+                name.into(),
+                "--cluster".into(),
+                "a".into(),
+                "--listen".into(),
+                format!("{ip}:{app_port}"),
+            ],
             &logs.join(format!("{name}-app.log")),
         )
         .map_err(io)?;
         others.push(app);
         let ready_file = workdir.join(format!("{name}-proxy.ready"));
         let proxy_args = vec![
-            "--control-plane".into(), format!("127.0.1.1:{cp_port}"),
-            "--trust-bundle".into(), bundle.display().to_string(),
-            "--trust-domain".into(), td.clone(),
-            "--token-file".into(), token_file.display().to_string(),
-            "--namespace".into(), "default".into(),
-            "--service-account".into(), name.into(),
-            "--cluster".into(), "a".into(),
-            "--zone".into(), "a-1".into(),
-            "--instance".into(), format!("{name}-1"),
-            "--service".into(), format!("{name}.default"),
-            "--protocol".into(), "http".into(),
-            "--inbound".into(), format!("{ip}:0"),
-            "--app".into(), format!("{ip}:{app_port}"),
-            "--upstream".into(), format!("{peer}.default={ip}:0"),
-            "--ready-file".into(), ready_file.display().to_string(),
+            "--control-plane".into(),
+            format!("127.0.1.1:{cp_port}"),
+            "--trust-bundle".into(),
+            bundle.display().to_string(),
+            "--trust-domain".into(),
+            td.clone(),
+            "--token-file".into(),
+            token_file.display().to_string(),
+            "--namespace".into(),
+            "default".into(),
+            "--service-account".into(),
+            name.into(),
+            "--cluster".into(),
+            "a".into(),
+            "--zone".into(),
+            "a-1".into(),
+            "--instance".into(),
+            format!("{name}-1"),
+            "--service".into(),
+            format!("{name}.default"),
+            "--protocol".into(),
+            "http".into(),
+            "--inbound".into(),
+            format!("{ip}:0"),
+            "--app".into(),
+            format!("{ip}:{app_port}"),
+            "--upstream".into(),
+            format!("{peer}.default={ip}:0"),
+            "--ready-file".into(),
+            ready_file.display().to_string(),
         ];
-        let mut proxy = Proc::spawn(&format!("{name} proxy"), &proxy_bin, proxy_args, &logs.join(format!("{name}-proxy.log"))).map_err(io)?;
+        let mut proxy =
+            Proc::spawn(&format!("{name} proxy"), &proxy_bin, proxy_args, &logs.join(format!("{name}-proxy.log")))
+                .map_err(io)?;
         let ready = wait_ready(&mut proxy, &ready_file, Duration::from_secs(30)).await?;
         let up = ready["upstreams"][format!("{peer}.default")].as_str().unwrap_or_default().to_string();
         if up.parse::<SocketAddr>().is_err() {
@@ -283,7 +314,8 @@ fn record(route: &Route, result: Result<(Duration, serde_json::Value), String>) 
             if caller == route.expected_caller {
                 s.mtls_ok += 1;
             }
-            s.served_by = format!("{}@{}", body["service"].as_str().unwrap_or("?"), body["cluster"].as_str().unwrap_or("?"));
+            s.served_by =
+                format!("{}@{}", body["service"].as_str().unwrap_or("?"), body["cluster"].as_str().unwrap_or("?"));
             s.caller_seen = caller;
         }
         Err(e) => {

@@ -24,7 +24,8 @@ pub struct Proc {
 impl Proc {
     /// Starts `program args`, output appended to `log`.
     pub fn spawn(name: &str, program: &Path, args: Vec<String>, log: &Path) -> std::io::Result<Self> {
-        let mut p = Self { name: name.to_string(), program: program.to_path_buf(), args, log: log.to_path_buf(), child: None };
+        let mut p =
+            Self { name: name.to_string(), program: program.to_path_buf(), args, log: log.to_path_buf(), child: None };
         p.start()?;
         Ok(p)
     }
@@ -96,10 +97,20 @@ pub async fn wait_ready(proc: &mut Proc, file: &Path, deadline: Duration) -> Res
             return Ok(v);
         }
         if !proc.running() {
-            return Err(format!("{} exited during start-up; its log ({}):\n{}", proc.name, proc.log.display(), proc.log_tail(15)));
+            return Err(format!(
+                "{} exited during start-up; its log ({}):\n{}",
+                proc.name,
+                proc.log.display(),
+                proc.log_tail(15)
+            ));
         }
         if start.elapsed() > deadline {
-            return Err(format!("{} was not ready after {deadline:?}; its log ({}):\n{}", proc.name, proc.log.display(), proc.log_tail(15)));
+            return Err(format!(
+                "{} was not ready after {deadline:?}; its log ({}):\n{}",
+                proc.name,
+                proc.log.display(),
+                proc.log_tail(15)
+            ));
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

@@ -110,8 +110,9 @@ fn load(db: &Database, path: &Path) -> Result<State, StoreError> {
         Ok(meta) => match meta.get(SNAPSHOT_KEY).map_err(io)? {
             Some(v) => {
                 let payload = unseal(v.value(), "the snapshot", path)?;
-                serde_json::from_slice::<State>(payload)
-                    .map_err(|e| StoreError::Corrupt(format!("the snapshot in {} cannot be read: {e}", path.display())))?
+                serde_json::from_slice::<State>(payload).map_err(|e| {
+                    StoreError::Corrupt(format!("the snapshot in {} cannot be read: {e}", path.display()))
+                })?
             }
             None => State::default(),
         },
@@ -144,12 +145,7 @@ fn load(db: &Database, path: &Path) -> Result<State, StoreError> {
     Ok(state)
 }
 
-fn writer(
-    db: Database,
-    path: PathBuf,
-    mut rx: mpsc::UnboundedReceiver<Proposal>,
-    state_tx: watch::Sender<Arc<State>>,
-) {
+fn writer(db: Database, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Proposal>, state_tx: watch::Sender<Arc<State>>) {
     let mut since_snapshot = 0u64;
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];

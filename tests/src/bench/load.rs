@@ -174,7 +174,13 @@ pub async fn fixed_rate(
 }
 
 /// Closed loop: `conns` connections each sending back to back for `duration`; returns the count.
-pub async fn saturate(addr: &str, proto: Proto, duration: Duration, conns: usize, body: Bytes) -> anyhow::Result<Samples> {
+pub async fn saturate(
+    addr: &str,
+    proto: Proto,
+    duration: Duration,
+    conns: usize,
+    body: Bytes,
+) -> anyhow::Result<Samples> {
     let deadline = Instant::now() + duration;
     let shared_h2 = match proto {
         Proto::Http2 => Some(connect(addr, proto).await?),

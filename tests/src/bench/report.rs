@@ -28,12 +28,21 @@ impl Report {
         let mut out = String::new();
         for f in &self.figures {
             if let Some(r) = f.get("skipped") {
-                out.push_str(&format!("{:<16} skipped: {}\n", f["scenario"].as_str().unwrap_or(""), r.as_str().unwrap_or("")));
+                out.push_str(&format!(
+                    "{:<16} skipped: {}\n",
+                    f["scenario"].as_str().unwrap_or(""),
+                    r.as_str().unwrap_or("")
+                ));
                 continue;
             }
             let labels = f["labels"]
                 .as_object()
-                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().map(str::to_string).unwrap_or(v.to_string()))).collect::<Vec<_>>().join(" "))
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().map(str::to_string).unwrap_or(v.to_string())))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
                 .unwrap_or_default();
             out.push_str(&format!(
                 "{:<16} {:<28} {:<52} {:>12} {}\n",

@@ -4,24 +4,20 @@ pub mod proxy_latency;
 pub mod tcp_throughput;
 
 /// Every scenario name, in the order `all` runs them.
-pub const ALL: &[&str] = &[
-    "proxy-latency",
-    "tcp-throughput",
-    "cross-cluster",
-    "config-propagation",
-    "failover",
-    "join",
-    "raft",
-    "scale",
-];
+pub const ALL: &[&str] =
+    &["proxy-latency", "tcp-throughput", "cross-cluster", "config-propagation", "failover", "join", "raft", "scale"];
 
 /// Why a scenario cannot run in this build, if it cannot.
 pub fn not_built(name: &str) -> Option<&'static str> {
     match name {
         "cross-cluster" | "failover" => Some("east-west gateways and cross-cluster failover are not built yet"),
         "join" => Some("joining clusters with a token is not built yet"),
-        "raft" => Some("the Raft-replicated store is not built yet (the single-node redb store has no peer to compare)"),
-        "config-propagation" => Some("the lightweight subscriber harness over 3 clusters needs federation, not built yet"),
+        "raft" => {
+            Some("the Raft-replicated store is not built yet (the single-node redb store has no peer to compare)")
+        }
+        "config-propagation" => {
+            Some("the lightweight subscriber harness over 3 clusters needs federation, not built yet")
+        }
         "scale" => Some("100,000 endpoints across 50 clusters needs federation, not built yet"),
         _ => None,
     }

@@ -49,7 +49,10 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
         let ha = if haproxy::available() {
             let dir_path = dir.path().to_path_buf();
             let app2 = app.clone();
-            Some(tokio::task::spawn_blocking(move || haproxy::start(&dir_path, &app2, "http", proto == Proto::Http2)).await??)
+            Some(
+                tokio::task::spawn_blocking(move || haproxy::start(&dir_path, &app2, "http", proto == Proto::Http2))
+                    .await??,
+            )
         } else {
             report.skipped(SCENARIO, "haproxy path: `haproxy` is not installed (Debian package haproxy)");
             None
@@ -103,7 +106,13 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
                     l
                 };
                 for (q, name) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")] {
-                    report.figure(SCENARIO, &format!("latency_{name}"), labels(json!({})), p.samples.percentile_us(q), "us");
+                    report.figure(
+                        SCENARIO,
+                        &format!("latency_{name}"),
+                        labels(json!({})),
+                        p.samples.percentile_us(q),
+                        "us",
+                    );
                 }
                 report.figure(SCENARIO, "achieved_rps", labels(json!({})), p.samples.rps(), "req/s");
                 report.figure(SCENARIO, "errors", labels(json!({})), p.samples.errors as f64, "requests");
@@ -116,14 +125,32 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
                 let requests = p.samples.latencies_us.len() as f64;
                 for (i, (who, _)) in p.pids.iter().enumerate() {
                     let l = labels(json!({"process": who}));
-                    report.figure(SCENARIO, "cpu_seconds_per_1000_requests", l.clone(), p.cpu[i] / requests.max(1.0) * 1000.0, "s");
-                    report.figure(SCENARIO, "cpu_cores", l, p.cpu[i] / p.samples.elapsed.as_secs_f64().max(1e-9), "cores");
+                    report.figure(
+                        SCENARIO,
+                        "cpu_seconds_per_1000_requests",
+                        l.clone(),
+                        p.cpu[i] / requests.max(1.0) * 1000.0,
+                        "s",
+                    );
+                    report.figure(
+                        SCENARIO,
+                        "cpu_cores",
+                        l,
+                        p.cpu[i] / p.samples.elapsed.as_secs_f64().max(1e-9),
+                        "cores",
+                    );
                 }
             }
         }
         for p in &paths {
             for (who, pid) in &p.pids {
-                report.figure(SCENARIO, "peak_rss", json!({"protocol": proto.label(), "path": p.name, "process": who}), peak_rss_mib(*pid), "MiB");
+                report.figure(
+                    SCENARIO,
+                    "peak_rss",
+                    json!({"protocol": proto.label(), "path": p.name, "process": who}),
+                    peak_rss_mib(*pid),
+                    "MiB",
+                );
             }
         }
         if !opts.saturation.is_zero() {

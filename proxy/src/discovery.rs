@@ -1,0 +1,226 @@
+//! The discovery client: one bidirectional stream to the control plane, and the single writer of
+//! the proxy's [`Routes`].
+//!
+//! The proxy says `Hello` (who it is, the endpoint it serves, the version it holds), then applies
+//! every response and answers it with `Ack` or `Nack`. Routes are published through a
+//! `tokio::sync::watch`, so request paths read a snapshot without locks. When the stream breaks the
+//! last good routes stay in place (static stability) and the client reconnects with jittered
+//! exponential backoff. When the proxy drains it sends `Deregister` before closing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use trellis_proto::SpiffeId;
+use trellis_proto::pb::discovery_client::DiscoveryClient;
+use trellis_proto::pb::discovery_request::Kind;
+use trellis_proto::pb::{
+    Ack, Deregister, DiscoveryRequest, DiscoveryResponse, EndpointRegistration, Hello, Nack, Node,
+};
+use trellis_proto::verify::SharedBundle;
+
+use crate::backoff::Backoff;
+use crate::drain::Drain;
+use crate::metrics::Metrics;
+use crate::routes::{AppProtocol, Routes, ServiceName, bundle_from_proto};
+
+/// Reconnect backoff bounds.
+pub const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Reconnect backoff cap.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// How long a draining proxy waits for the control plane to close the stream after `Deregister`.
+pub const DEREGISTER_WAIT: Duration = Duration::from_secs(1);
+
+/// Who this proxy is, as told in `Hello`.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// The SPIFFE ID of its certificate.
+    pub identity: SpiffeId,
+    /// Cluster name.
+    pub cluster: String,
+    /// Zone name.
+    pub zone: String,
+    /// Instance name, unique in the cluster.
+    pub instance: String,
+    /// The endpoint it serves, if any.
+    pub serves: Option<Registration>,
+}
+
+/// The endpoint a proxy registers for its workload.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// The service.
+    pub service: ServiceName,
+    /// `host:port` other proxies dial.
+    pub address: String,
+    /// Application protocol.
+    pub protocol: AppProtocol,
+}
+
+impl NodeInfo {
+    fn hello(&self, known_version: u64) -> DiscoveryRequest {
+        let endpoints = self
+            .serves
+            .iter()
+            .map(|r| EndpointRegistration {
+                service: r.service.to_string(),
+                address: r.address.clone(),
+                protocol: r.protocol.as_str().to_string(),
+                weight: 1,
+                ready: true,
+            })
+            .collect();
+        DiscoveryRequest {
+            kind: Some(Kind::Hello(Hello {
+                node: Some(Node {
+                    identity: self.identity.to_string(),
+                    cluster: self.cluster.clone(),
+                    zone: self.zone.clone(),
+                    instance: self.instance.clone(),
+                }),
+                endpoints,
+                known_version,
+            })),
+        }
+    }
+}
+
+/// How a stream session ended.
+enum SessionEnd {
+    Drained,
+    Broken(String),
+}
+
+/// The discovery client task.
+pub struct DiscoveryTask {
+    client: DiscoveryClient<Channel>,
+    node: NodeInfo,
+    trust_domain: String,
+    bundle: SharedBundle,
+    metrics: Arc<Metrics>,
+    routes: watch::Sender<Arc<Routes>>,
+    acked: u64,
+    drain: Drain,
+}
+
+impl DiscoveryTask {
+    /// A task streaming from `channel`; returns it and the routes it will publish.
+    pub fn new(
+        channel: Channel,
+        node: NodeInfo,
+        bundle: SharedBundle,
+        metrics: Arc<Metrics>,
+        drain: Drain,
+    ) -> (Self, watch::Receiver<Arc<Routes>>) {
+        let (tx, rx) = watch::channel(Arc::new(Routes::default()));
+        let trust_domain = node.identity.trust_domain().to_string();
+        let task = Self {
+            client: DiscoveryClient::new(channel),
+            node,
+            trust_domain,
+            bundle,
+            metrics,
+            routes: tx,
+            acked: 0,
+            drain,
+        };
+        (task, rx)
+    }
+
+    /// Streams until the drain; reconnects on every failure.
+    pub async fn run(mut self) {
+        let mut backoff = Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
+        loop {
+            if self.drain.is_draining() {
+                return;
+            }
+            match self.session(&mut backoff).await {
+                SessionEnd::Drained => return,
+                SessionEnd::Broken(reason) => tracing::warn!(
+                    %reason,
+                    version = self.routes.borrow().version,
+                    "discovery stream lost; serving the last configuration and reconnecting"
+                ),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = self.drain.signaled() => return,
+            }
+        }
+    }
+
+    async fn session(&mut self, backoff: &mut Backoff) -> SessionEnd {
+        let (tx, rx) = mpsc::channel(16);
+        if tx.send(self.node.hello(self.acked)).await.is_err() {
+            return SessionEnd::Broken("request stream closed".into());
+        }
+        let drain = self.drain.clone();
+        let mut client = self.client.clone();
+        let opened = tokio::select! {
+            r = client.stream(ReceiverStream::new(rx)) => r,
+            _ = drain.signaled() => return SessionEnd::Drained,
+        };
+        let mut inbound = match opened {
+            Ok(r) => r.into_inner(),
+            Err(status) => return SessionEnd::Broken(status.to_string()),
+        };
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(resp)) => {
+                        backoff.reset();
+                        let reply = self.apply(&resp);
+                        if tx.send(reply).await.is_err() {
+                            return SessionEnd::Broken("request stream closed".into());
+                        }
+                    }
+                    Ok(None) => return SessionEnd::Broken("closed by the control plane".into()),
+                    Err(status) => return SessionEnd::Broken(status.to_string()),
+                },
+                _ = drain.signaled() => {
+                    let _ = tx.send(DiscoveryRequest { kind: Some(Kind::Deregister(Deregister {})) }).await;
+                    // Half-close, then give the control plane a moment to take the message and
+                    // end the stream, so the Deregister is not lost in a reset.
+                    drop(tx);
+                    let _ = tokio::time::timeout(DEREGISTER_WAIT, async {
+                        while let Ok(Some(_)) = inbound.message().await {}
+                    })
+                    .await;
+                    tracing::info!("deregistered from the control plane");
+                    return SessionEnd::Drained;
+                }
+            }
+        }
+    }
+
+    /// Applies one response and says what to answer.
+    fn apply(&mut self, resp: &DiscoveryResponse) -> DiscoveryRequest {
+        let mut rejected = Vec::new();
+        // The bundle first: new endpoints may already carry certificates of a new root.
+        if let Some(pb) = &resp.trust_bundle {
+            match bundle_from_proto(pb, &self.trust_domain) {
+                Ok(b) => self.bundle.store(b),
+                Err(e) => rejected.push(e.to_string()),
+            }
+        }
+        let current = self.routes.borrow().clone();
+        let applied = current.apply(resp);
+        rejected.extend(applied.rejected);
+        let endpoints = applied.routes.endpoints.len();
+        self.routes.send_replace(Arc::new(applied.routes));
+        self.metrics.config_version.set(i64::try_from(resp.version).unwrap_or(i64::MAX));
+        if rejected.is_empty() {
+            self.acked = resp.version;
+            self.metrics.config_acks.inc();
+            tracing::debug!(version = resp.version, full = resp.full, endpoints, "configuration applied");
+            DiscoveryRequest { kind: Some(Kind::Ack(Ack { version: resp.version })) }
+        } else {
+            self.metrics.config_nacks.inc();
+            let reason = rejected.join("; ");
+            tracing::warn!(version = resp.version, %reason, "configuration partly refused (NACK)");
+            DiscoveryRequest { kind: Some(Kind::Nack(Nack { version: resp.version, reason })) }
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Inbound traffic: the mTLS listener other proxies dial, in front of the local application.
+//!
+//! Client certificates are mandatory and verified against the trust bundle during the handshake;
+//! the verified SPIFFE ID is the caller. ALPN picks the mode: `trellis/h2` serves HTTP/2, checks
+//! each request with the [`Authorizer`], replaces any client-sent peer-identity header with the
+//! verified caller and forwards to the application through a pooled client; `trellis/tcp` checks
+//! the connection once and splices it to the application.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode, Uri, Version, header};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+use trellis_proto::tls::peer_id;
+use trellis_proto::{ALPN_MESH_HTTP, ALPN_MESH_TCP, SpiffeId};
+
+use crate::authz::{Authorizer, Decision, InboundKind, RequestMeta};
+use crate::body::{self, Body, text};
+use crate::drain::Drain;
+use crate::headers::{set_peer_identity, strip_hop_by_hop};
+use crate::metrics::{Direction, Metrics};
+use crate::routes::AppProtocol;
+
+/// How long a peer may take to complete its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to the local application may take.
+pub const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The local application behind this proxy.
+#[derive(Debug, Clone)]
+pub struct AppTarget {
+    /// `host:port` on localhost.
+    pub addr: String,
+    /// How it speaks.
+    pub protocol: AppProtocol,
+    /// `name.namespace` it serves (metric label).
+    pub service: String,
+}
+
+/// The inbound side.
+pub struct Inbound {
+    tls: TlsAcceptor,
+    app: Option<AppTarget>,
+    client: Client<HttpConnector, Body>,
+    authorizer: Arc<dyn Authorizer>,
+    metrics: Arc<Metrics>,
+    label: String,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound").field("app", &self.app).finish_non_exhaustive()
+    }
+}
+
+impl Inbound {
+    /// An inbound side terminating TLS with `tls` in front of `app` (none: a pure client).
+    pub fn new(
+        tls: Arc<rustls::ServerConfig>,
+        app: Option<AppTarget>,
+        authorizer: Arc<dyn Authorizer>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(APP_CONNECT_TIMEOUT));
+        let h2c = app.as_ref().is_some_and(|a| a.protocol == AppProtocol::Grpc);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .http2_only(h2c)
+            .build(connector);
+        let label = app.as_ref().map(|a| a.service.clone()).unwrap_or_else(|| "none".into());
+        Arc::new(Self { tls: TlsAcceptor::from(tls), app, client, authorizer, metrics, label })
+    }
+
+    /// Accepts peer connections until the drain starts.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: Drain) {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = drain.signaled() => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let span = tracing::debug_span!("inbound", peer = %peer);
+            drain.spawn(self.clone().connection(tcp, drain.clone()).instrument(span));
+        }
+        tracing::debug!("inbound listener closed");
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, drain: Drain) {
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                self.metrics.handshake_failed(Direction::inbound);
+                tracing::info!(error = %e, "inbound TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                self.metrics.handshake_failed(Direction::inbound);
+                tracing::info!("inbound TLS handshake timed out");
+                return;
+            }
+        };
+        // Counted once established: a peer that fails the handshake never was a connection.
+        let _open = self.metrics.connection(Direction::inbound);
+        let (_, conn) = tls.get_ref();
+        let Some(caller) = peer_id(conn.peer_certificates()) else {
+            // The verifier makes certificates mandatory; this is only a belt to those braces.
+            tracing::info!("inbound connection without a client identity");
+            return;
+        };
+        let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+        match alpn.as_deref() {
+            Some(p) if p == ALPN_MESH_HTTP => self.serve_h2(tls, caller, drain).await,
+            Some(p) if p == ALPN_MESH_TCP => self.splice(tls, caller).await,
+            other => tracing::info!(
+                alpn = ?other.map(String::from_utf8_lossy),
+                "inbound connection without a mesh ALPN; closing"
+            ),
+        }
+    }
+
+    async fn serve_h2(
+        self: Arc<Self>,
+        tls: tokio_rustls::server::TlsStream<TcpStream>,
+        caller: SpiffeId,
+        drain: Drain,
+    ) {
+        let caller = Arc::new(caller);
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let this = this.clone();
+            let caller = caller.clone();
+            async move { Ok::<_, Infallible>(this.request(&caller, req).await) }
+        });
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .serve_connection(TokioIo::new(tls), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
+                }
+            }
+            _ = drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    async fn request(&self, caller: &SpiffeId, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let resp = self.forward(caller, req).await;
+        self.metrics.request(Direction::inbound, &self.label, resp.status().as_str(), started.elapsed());
+        resp
+    }
+
+    async fn forward(&self, caller: &SpiffeId, req: Request<Incoming>) -> Response<Body> {
+        let meta = RequestMeta { kind: InboundKind::Http, method: Some(req.method()), path: Some(req.uri().path()) };
+        if let Decision::Deny(reason) = self.authorizer.check(caller, &meta) {
+            return text(StatusCode::FORBIDDEN, format!("trellis-proxy: denied: {reason}"));
+        }
+        let Some(app) = &self.app else {
+            return text(StatusCode::NOT_FOUND, "trellis-proxy: this workload serves no service");
+        };
+        let (mut parts, incoming) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        set_peer_identity(&mut parts.headers, &caller.to_string());
+        let authority = parts.uri.authority().cloned();
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        parts.uri = match format!("http://{}{pq}", app.addr).parse::<Uri>() {
+            Ok(u) => u,
+            Err(_) => return text(StatusCode::BAD_REQUEST, "trellis-proxy: unusable request path"),
+        };
+        if app.protocol == AppProtocol::Grpc {
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+        } else {
+            parts.version = Version::HTTP_11;
+            // The application sees the authority the caller used, not our loopback address.
+            if let Some(a) = authority
+                && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+            {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        let req = Request::from_parts(parts, body::boxed(incoming));
+        match self.client.request(req).await {
+            Ok(resp) => {
+                let (mut parts, incoming) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.version = Version::HTTP_2;
+                Response::from_parts(parts, body::boxed(incoming))
+            }
+            Err(e) => {
+                tracing::info!(app = %app.addr, error = %e, "application request failed");
+                text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("trellis-proxy: the application at {} is unreachable: {e}", app.addr),
+                )
+            }
+        }
+    }
+
+    async fn splice(&self, mut tls: tokio_rustls::server::TlsStream<TcpStream>, caller: SpiffeId) {
+        let started = Instant::now();
+        let meta = RequestMeta { kind: InboundKind::Tcp, method: None, path: None };
+        if let Decision::Deny(reason) = self.authorizer.check(&caller, &meta) {
+            tracing::info!(%caller, %reason, "TCP connection denied");
+            self.metrics.request(Direction::inbound, &self.label, "403", started.elapsed());
+            return;
+        }
+        let Some(app) = &self.app else { return };
+        let mut upstream = match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(app.addr.as_str())).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::info!(app = %app.addr, error = %e, "application unreachable");
+                self.metrics.request(Direction::inbound, &self.label, "502", started.elapsed());
+                return;
+            }
+            Err(_) => {
+                tracing::info!(app = %app.addr, "application connect timed out");
+                self.metrics.request(Direction::inbound, &self.label, "502", started.elapsed());
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        self.metrics.request(Direction::inbound, &self.label, "tcp", started.elapsed());
+        if let Err(e) = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await {
+            tracing::debug!(error = %e, "inbound TCP stream broke");
+        }
+    }
+}

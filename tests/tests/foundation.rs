@@ -146,4 +146,14 @@ fn registrations_survive_a_control_plane_restart_and_bad_tokens_are_refused_with
         assert!(log.to_lowercase().contains(reason), "proxy with {name} token should say '{reason}', said:\n{log}");
     }
     assert!(proxy.exited().is_none(), "the good proxy died:\n{}", proxy.log());
+
+    // SIGTERM drains: the proxy exits cleanly and deregisters, so its endpoint disappears rather
+    // than lingering as unhealthy.
+    let term = std::process::Command::new("kill").args(["-TERM", &proxy.pid().to_string()]).status().unwrap();
+    assert!(term.success());
+    let status = proxy.wait_exit(Duration::from_secs(15)).expect("proxy did not exit after SIGTERM");
+    assert!(status.success(), "drain should exit 0, got {status}:\n{}", proxy.log());
+    wait_for("the drained proxy's endpoint to be deregistered", Duration::from_secs(10), || {
+        (!endpoints(&config).iter().any(|e| e["id"] == "a/default/web/web-1")).then_some(())
+    });
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use trellis_federation::ca::{Ca, INTERMEDIATE_TTL, LEAF_TTL, ROOT_TTL};
 use trellis_proto::SpiffeId;
 
-use crate::harness::{Proc, free_port, wait_for};
+use crate::harness::{Proc, free_port};
 
 /// The path is built when `haproxy` is installed.
 pub fn available() -> bool {
@@ -49,7 +49,7 @@ pub fn start(dir: &Path, app: &str, mode: &str, app_h2: bool) -> anyhow::Result<
         _ => ("", ""),
     };
     let cfg = format!(
-        "global\n  maxconn 20000\n  tune.ssl.default-dh-param 2048\n\
+        "global\n  maxconn 4096\n  tune.ssl.default-dh-param 2048\n\
          defaults\n  mode {mode}\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n{reuse}\
          frontend entry\n  bind {entry}{entry_proto}\n  default_backend hop\n\
          backend hop\n  server b {hop} ssl verify required ca-file {d}/root.pem crt {d}/haproxy-client.pem{hop_alpn}\n\
@@ -60,13 +60,20 @@ pub fn start(dir: &Path, app: &str, mode: &str, app_h2: bool) -> anyhow::Result<
     );
     let cfg_path = dir.join("haproxy.cfg");
     std::fs::write(&cfg_path, cfg)?;
-    let proc = Proc::spawn(
+    let mut proc = Proc::spawn(
         "haproxy",
         Path::new("haproxy"),
         &["-db".into(), "-f".into(), cfg_path.display().to_string()],
         &dir.join("haproxy.log"),
         &[],
     );
-    wait_for("haproxy to listen", Duration::from_secs(10), || std::net::TcpStream::connect(&entry).ok().map(|_| ()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&entry).is_err() {
+        if let Some(status) = proc.exited() {
+            anyhow::bail!("haproxy exited ({status}) at start; its log:\n{}", proc.log());
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "haproxy not listening after 10 s; its log:\n{}", proc.log());
+        std::thread::sleep(Duration::from_millis(25));
+    }
     Ok(HaproxyPair { proc, entry })
 }

@@ -94,13 +94,37 @@ fn detect_http1(buf: &[u8]) -> Detection {
     if tail.len() >= 10 { Detection::Is(Protocol::Http1) } else { Detection::NeedMore }
 }
 
-/// Reads from `io` until [`detect`] decides, the peer stops sending (EOF), `MAX_SNIFF` bytes or
-/// `timeout`; undecided means TCP (server-speaks-first protocols land there after the timeout).
-pub async fn sniff<S>(mut io: S, timeout: Duration) -> io::Result<(Protocol, Prefixed<S>)>
+/// How long `sniff` waits for a client's first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstByte {
+    /// Give up after this long and call it TCP: the client may be waiting for a server-speaks-first
+    /// greeting (SMTP, MySQL, ...). For services whose protocol is not known.
+    Within(Duration),
+    /// Wait as long as the client stays connected: the service is declared HTTP or gRPC, whose
+    /// clients always speak first. A silent connection is an idle pooled connection, not TCP.
+    Patiently,
+}
+
+/// Reads from `io` until [`detect`] decides, the peer stops sending (EOF) or `MAX_SNIFF` bytes.
+/// The first byte is awaited as `first` says; once bytes flow, detection must finish within
+/// `timeout`. Undecided means TCP.
+pub async fn sniff<S>(mut io: S, first: FirstByte, timeout: Duration) -> io::Result<(Protocol, Prefixed<S>)>
 where
     S: AsyncRead + Unpin,
 {
     let mut buf = BytesMut::with_capacity(1024);
+    match first {
+        FirstByte::Within(wait) => match tokio::time::timeout(wait, io.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => return Ok((Protocol::Tcp, Prefixed::new(buf.freeze(), io))),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        },
+        FirstByte::Patiently => {
+            if io.read_buf(&mut buf).await? == 0 {
+                return Ok((Protocol::Tcp, Prefixed::new(buf.freeze(), io)));
+            }
+        }
+    }
     let deadline = tokio::time::Instant::now() + timeout;
     let protocol = loop {
         if let Detection::Is(p) = detect(&buf) {
@@ -134,6 +158,11 @@ impl<S> Prefixed<S> {
     /// The wrapped stream.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// The stream back, if nothing was read from it yet (so it can be sniffed again).
+    pub fn into_unread(self) -> Result<S, Self> {
+        if self.prefix.is_empty() { Ok(self.inner) } else { Err(self) }
     }
 }
 
@@ -218,10 +247,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_silent_client_of_a_declared_http_service_is_still_detected_as_http() {
+        // An idle pooled connection: nothing for longer than the detection timeout, then a request.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+            client
+        });
+        let (p, _) = sniff(server, FirstByte::Patiently, Duration::from_millis(50)).await.unwrap();
+        assert_eq!(p, Http1);
+        drop(writer.await.unwrap());
+        // The same silence with a bounded first-byte wait is treated as server-speaks-first TCP.
+        let (_client, server) = tokio::io::duplex(1024);
+        let (p, _) =
+            sniff(server, FirstByte::Within(Duration::from_millis(50)), Duration::from_millis(50)).await.unwrap();
+        assert_eq!(p, Tcp);
+    }
+
+    #[tokio::test]
     async fn sniff_replays_the_bytes_and_times_out_to_tcp() {
         let (mut client, server) = tokio::io::duplex(1024);
         tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
-        let (p, mut io) = sniff(server, Duration::from_secs(5)).await.unwrap();
+        let (p, mut io) =
+            sniff(server, FirstByte::Within(Duration::from_secs(5)), Duration::from_secs(5)).await.unwrap();
         assert_eq!(p, Http1);
         let mut got = vec![0u8; 27];
         io.read_exact(&mut got).await.unwrap();
@@ -230,7 +279,8 @@ mod tests {
         // A server-speaks-first protocol: the client sends nothing.
         let (_client, server) = tokio::io::duplex(1024);
         let started = std::time::Instant::now();
-        let (p, _) = sniff(server, Duration::from_millis(50)).await.unwrap();
+        let (p, _) =
+            sniff(server, FirstByte::Within(Duration::from_millis(50)), Duration::from_millis(50)).await.unwrap();
         assert_eq!(p, Tcp);
         assert!(started.elapsed() < Duration::from_secs(2));
     }

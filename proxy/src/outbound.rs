@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::balance::Balancer;
 use crate::body::{self, Body, text};
-use crate::detect::{Protocol, sniff};
+use crate::detect::{FirstByte, Protocol, sniff};
 use crate::drain::Drain;
 use crate::headers::strip_hop_by_hop;
 use crate::metrics::{Direction, Metrics, ServiceLabels};
@@ -153,22 +153,55 @@ impl Outbound {
 
     async fn connection(self: Arc<Self>, up: Arc<Upstream>, tcp: TcpStream, drain: Drain) {
         let _open = self.metrics.connection(Direction::outbound);
-        let known_tcp = self.routes.borrow().service(&up.service).is_some_and(|s| s.protocol == AppProtocol::Tcp);
-        // A service declared TCP skips detection, so server-speaks-first protocols work at once.
-        let (protocol, io) = if known_tcp {
-            (Protocol::Tcp, crate::detect::Prefixed::new(Bytes::new(), tcp))
-        } else {
-            match sniff(tcp, self.timeouts.sniff).await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(error = %e, "client connection failed during detection");
-                    return;
+        match self.declared(&up) {
+            // A service declared TCP skips detection, so server-speaks-first protocols work at once.
+            Some(AppProtocol::Tcp) => self.splice(&up, crate::detect::Prefixed::new(Bytes::new(), tcp)).await,
+            declared => {
+                // HTTP and gRPC clients speak first: a silent connection is an idle pooled one and
+                // must not become opaque TCP (which would bypass identity headers and policy).
+                let first =
+                    if declared.is_some() { FirstByte::Patiently } else { FirstByte::Within(self.timeouts.sniff) };
+                let Some((protocol, io)) = self.detect(&up, tcp, first).await else { return };
+                match protocol {
+                    Protocol::Http1 | Protocol::Http2 => self.serve_http(up, io, drain).await,
+                    Protocol::Tcp => self.splice(&up, io).await,
                 }
             }
+        }
+    }
+
+    fn declared(&self, up: &Upstream) -> Option<AppProtocol> {
+        self.routes.borrow().service(&up.service).map(|s| s.protocol)
+    }
+
+    /// Sniffs the protocol. A client that stayed silent while the service was still unknown is
+    /// judged again once discovery has declared the service: if it is HTTP or gRPC after all, the
+    /// connection is an idle HTTP one and is awaited patiently.
+    async fn detect(
+        &self,
+        up: &Upstream,
+        tcp: TcpStream,
+        first: FirstByte,
+    ) -> Option<(Protocol, crate::detect::Prefixed<TcpStream>)> {
+        let sniffed = match sniff(tcp, first, self.timeouts.sniff).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "client connection failed during detection");
+                return None;
+            }
         };
-        match protocol {
-            Protocol::Http1 | Protocol::Http2 => self.serve_http(up, io, drain).await,
-            Protocol::Tcp => self.splice(&up, io).await,
+        let (Protocol::Tcp, io) = sniffed else { return Some(sniffed) };
+        let declared_http = matches!(self.declared(up), Some(AppProtocol::Http | AppProtocol::Grpc));
+        match io.into_unread() {
+            Ok(tcp) if declared_http => match sniff(tcp, FirstByte::Patiently, self.timeouts.sniff).await {
+                Ok(x) => Some(x),
+                Err(e) => {
+                    tracing::debug!(error = %e, "client connection failed during detection");
+                    None
+                }
+            },
+            Ok(tcp) => Some((Protocol::Tcp, crate::detect::Prefixed::new(Bytes::new(), tcp))),
+            Err(io) => Some((Protocol::Tcp, io)),
         }
     }
 

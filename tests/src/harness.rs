@@ -128,14 +128,15 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Starts `trellis-cp` for `cluster` with its data in `dir`, listening on `ip:port`.
-    pub fn start(dir: &Path, cluster: &str, ip: &str, port: u16) -> Self {
+    /// Starts `trellis-cp` for `cluster` with its data in `dir`, listening on `ip` (the kernel picks
+    /// the port; a restart keeps it).
+    pub fn start(dir: &Path, cluster: &str, ip: &str) -> Self {
         let ready_file = dir.join(format!("{cluster}-cp.ready"));
         let args: Vec<String> = [
             "--data-dir",
             &dir.join(format!("{cluster}-cp")).display().to_string(),
             "--listen",
-            &format!("{ip}:{port}"),
+            &format!("{ip}:0"),
             "--cluster",
             cluster,
             "--node",
@@ -156,9 +157,14 @@ impl ControlPlane {
             &[],
         );
         let ready = wait_ready(&mut proc, &ready_file, Duration::from_secs(30));
+        let grpc = ready["grpc"].as_str().unwrap_or_default().to_string();
+        let mut args = args;
+        if let Some(i) = args.iter().position(|a| a == "--listen") {
+            args[i + 1] = grpc.clone();
+        }
         Self {
             proc,
-            grpc: ready["grpc"].as_str().unwrap_or_default().to_string(),
+            grpc,
             trust_bundle: PathBuf::from(ready["trust_bundle"].as_str().unwrap_or_default()),
             admin_context: PathBuf::from(ready["admin_context"].as_str().unwrap_or_default()),
             trust_domain: ready["trust_domain"].as_str().unwrap_or_default().to_string(),

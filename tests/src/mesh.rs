@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::harness::{ControlPlane, Proc, bin, free_port, trellis, wait_ready};
+use crate::harness::{ControlPlane, Proc, bin, trellis, wait_ready};
 
 /// A control plane and two proxies: client → (mTLS) → server → application.
 pub struct OneHop {
@@ -26,7 +26,7 @@ pub fn workload_token(config: &Path, service_account: &str) -> anyhow::Result<St
 impl OneHop {
     /// Starts the mesh in `dir` for an application at `app` speaking `protocol` (http, grpc, tcp).
     pub fn start(dir: &Path, app: &str, protocol: &str) -> anyhow::Result<Self> {
-        let cp = ControlPlane::start(dir, "a", "127.0.1.1", free_port("127.0.1.1"));
+        let cp = ControlPlane::start(dir, "a", "127.0.1.1");
         let config = dir.join("trellis-config");
         let o = trellis(&config, &["config", "import", cp.admin_context.to_str().unwrap_or_default()]);
         anyhow::ensure!(o.status.success(), "context import failed: {}", String::from_utf8_lossy(&o.stderr));

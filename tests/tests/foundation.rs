@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use trellis_tests::harness::{ControlPlane, Proc, bin, free_port, trellis, wait_for};
+use trellis_tests::harness::{ControlPlane, Proc, bin, trellis, wait_for};
 
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
@@ -62,7 +62,7 @@ fn demo_serves_every_request_over_mtls_while_the_control_plane_is_killed_and_res
 fn registrations_survive_a_control_plane_restart_and_bad_tokens_are_refused_with_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config");
-    let mut cp = ControlPlane::start(dir.path(), "a", "127.0.1.1", free_port("127.0.1.1"));
+    let mut cp = ControlPlane::start(dir.path(), "a", "127.0.1.1");
     let imported = trellis(&config, &["config", "import", cp.admin_context.to_str().unwrap()]);
     assert!(imported.status.success(), "{}", stderr(&imported));
 

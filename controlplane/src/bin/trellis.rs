@@ -81,6 +81,9 @@ enum Cmd {
         cluster: String,
         #[arg(long)]
         listen: std::net::SocketAddr,
+        /// Write the bound address as JSON here once listening.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
     },
     /// Print a shell completion script.
     Completion {
@@ -206,8 +209,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
-        Cmd::DemoApp { name, cluster, listen } => {
-            trellis_controlplane::cli::demo_app::run(name.clone(), cluster.clone(), *listen)
+        Cmd::DemoApp { name, cluster, listen, ready_file } => {
+            trellis_controlplane::cli::demo_app::run(name.clone(), cluster.clone(), *listen, ready_file.clone())
                 .await
                 .map_err(|e| e.to_string())
         }

@@ -21,7 +21,7 @@ use trellis_proto::pb;
 
 use super::client;
 use super::output::{Format, table};
-use super::procs::{Proc, free_port, sibling_binary, wait_ready};
+use super::procs::{Proc, sibling_binary, wait_ready};
 use crate::context::{ConfigFile, default_path, write_private};
 
 /// Options of `trellis demo`.
@@ -59,6 +59,8 @@ pub struct Report {
     pub failed: u64,
     /// True when every request crossed mTLS and the server saw the expected caller identity.
     pub mtls: bool,
+    /// Successful responses whose server saw another caller identity than the calling workload.
+    pub unexpected_caller: u64,
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,
@@ -81,6 +83,9 @@ pub struct RouteReport {
     pub p99_ms: f64,
     pub served_by: String,
     pub caller_seen: String,
+    /// Successful responses whose server saw another caller, and the first such response.
+    pub unexpected_caller: u64,
+    pub unexpected_example: Option<serde_json::Value>,
 }
 
 #[derive(Default)]
@@ -93,6 +98,7 @@ struct RouteStats {
     served_by: String,
     caller_seen: String,
     last_error: String,
+    unexpected_example: Option<serde_json::Value>,
 }
 
 struct Route {
@@ -143,16 +149,15 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
     std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
     let io = |e: std::io::Error| e.to_string();
 
-    // Cluster "a" lives on the loopback block 127.0.1.0/24.
-    let cp_port = free_port("127.0.1.1")
-        .map_err(|e| format!("cannot bind 127.0.1.1 ({e}); the demo needs the 127.0.0.0/8 loopback range"))?;
+    // Cluster "a" lives on the loopback block 127.0.1.0/24. Every listener binds port 0 and reports
+    // the port it got; a restarted control plane reuses its port so proxies find it again.
     let cp_dir = workdir.join("cp-a");
     let cp_ready = workdir.join("cp-a.ready");
     let cp_args = vec![
         "--data-dir".into(),
         cp_dir.display().to_string(),
         "--listen".into(),
-        format!("127.0.1.1:{cp_port}"),
+        "127.0.1.1:0".into(),
         "--cluster".into(),
         "a".into(),
         "--region".into(),
@@ -164,6 +169,10 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
     ];
     let mut cp = Proc::spawn("trellis-cp", &cp_bin, cp_args, &logs.join("cp-a.log")).map_err(io)?;
     let ready = wait_ready(&mut cp, &cp_ready, Duration::from_secs(30)).await?;
+    let cp_addr = ready["grpc"].as_str().unwrap_or_default().to_string();
+    if let Some(listen) = cp.args.iter().position(|a| a == "--listen") {
+        cp.args[listen + 1] = cp_addr.clone();
+    }
     let admin_ctx = PathBuf::from(ready["admin_context"].as_str().unwrap_or_default());
     let bundle = PathBuf::from(ready["trust_bundle"].as_str().unwrap_or_default());
     let td = ready["trust_domain"].as_str().unwrap_or(trellis_proto::DEFAULT_TRUST_DOMAIN).to_string();
@@ -199,8 +208,8 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
             .token;
         let token_file = workdir.join(format!("{name}.token"));
         write_private(&token_file, token.as_bytes()).map_err(io)?;
-        let app_port = free_port(ip).map_err(io)?;
-        let app = Proc::spawn(
+        let app_ready = workdir.join(format!("{name}-app.ready"));
+        let mut app = Proc::spawn(
             &format!("{name} app"),
             &me,
             vec![
@@ -210,16 +219,22 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
                 "--cluster".into(),
                 "a".into(),
                 "--listen".into(),
-                format!("{ip}:{app_port}"),
+                format!("{ip}:0"),
+                "--ready-file".into(),
+                app_ready.display().to_string(),
             ],
             &logs.join(format!("{name}-app.log")),
         )
         .map_err(io)?;
+        let app_addr = wait_ready(&mut app, &app_ready, Duration::from_secs(30)).await?["addr"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         others.push(app);
         let ready_file = workdir.join(format!("{name}-proxy.ready"));
         let proxy_args = vec![
             "--control-plane".into(),
-            format!("127.0.1.1:{cp_port}"),
+            cp_addr.clone(),
             "--trust-bundle".into(),
             bundle.display().to_string(),
             "--trust-domain".into(),
@@ -243,7 +258,7 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
             "--inbound".into(),
             format!("{ip}:0"),
             "--app".into(),
-            format!("{ip}:{app_port}"),
+            app_addr.clone(),
             "--upstream".into(),
             format!("{peer}.default={ip}:0"),
             "--ready-file".into(),
@@ -313,6 +328,8 @@ fn record(route: &Route, result: Result<(Duration, serde_json::Value), String>) 
             let caller = body["caller"].as_str().unwrap_or_default().to_string();
             if caller == route.expected_caller {
                 s.mtls_ok += 1;
+            } else if s.unexpected_example.is_none() {
+                s.unexpected_example = Some(body.clone());
             }
             s.served_by =
                 format!("{}@{}", body["service"].as_str().unwrap_or("?"), body["cluster"].as_str().unwrap_or("?"));
@@ -498,6 +515,8 @@ async fn drive(args: &DemoArgs, demo: &mut Demo, routes: &[Arc<Route>], live: bo
             p99_ms: percentile(&sorted, 0.99),
             served_by: s.served_by.clone(),
             caller_seen: s.caller_seen.clone(),
+            unexpected_caller: s.requests - s.failed - s.mtls_ok,
+            unexpected_example: s.unexpected_example.clone(),
         });
         if s.failed > 0 {
             tracing::warn!(route = %r.name, error = %s.last_error, "requests failed");
@@ -514,6 +533,7 @@ async fn drive(args: &DemoArgs, demo: &mut Demo, routes: &[Arc<Route>], live: bo
         requests,
         failed,
         mtls: requests > 0 && mtls_ok == requests,
+        unexpected_caller: requests - failed - mtls_ok,
         p50_ms: percentile(&all, 0.5),
         p90_ms: percentile(&all, 0.9),
         p99_ms: percentile(&all, 0.99),

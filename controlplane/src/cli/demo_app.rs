@@ -8,10 +8,20 @@ use hyper::body::Bytes;
 use hyper::{Request, Response};
 use tokio::net::TcpListener;
 
-/// Serves forever on `listen`.
-pub async fn run(name: String, cluster: String, listen: SocketAddr) -> std::io::Result<()> {
+/// Serves forever on `listen` (port 0 picks one); writes `{"addr": "ip:port"}` to `ready_file`
+/// once listening, so whoever started it never has to guess a free port.
+pub async fn run(
+    name: String,
+    cluster: String,
+    listen: SocketAddr,
+    ready_file: Option<std::path::PathBuf>,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, %name, %cluster, "demo app serving");
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, %name, %cluster, "demo app serving");
+    if let Some(path) = ready_file {
+        crate::context::write_private(&path, serde_json::json!({ "addr": addr.to_string() }).to_string().as_bytes())?;
+    }
     loop {
         let (tcp, _) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);

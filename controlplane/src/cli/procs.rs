@@ -130,9 +130,3 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf, String> {
         exe.display()
     ))
 }
-
-/// A free TCP port on `ip` (bound then released; the caller uses it at once).
-pub fn free_port(ip: &str) -> std::io::Result<u16> {
-    let l = std::net::TcpListener::bind((ip, 0))?;
-    Ok(l.local_addr()?.port())
-}

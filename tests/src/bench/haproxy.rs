@@ -72,7 +72,11 @@ pub fn start(dir: &Path, app: &str, mode: &str, app_h2: bool) -> anyhow::Result<
         if let Some(status) = proc.exited() {
             anyhow::bail!("haproxy exited ({status}) at start; its log:\n{}", proc.log());
         }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "haproxy not listening after 10 s; its log:\n{}", proc.log());
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "haproxy not listening after 10 s; its log:\n{}",
+            proc.log()
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
     Ok(HaproxyPair { proc, entry })

@@ -18,7 +18,7 @@ use trellis_proto::verify::{IdMatcher, SharedBundle, TrustBundle};
 use crate::admin::AdminService;
 use crate::bootstrap::{self, BootstrapError};
 use crate::certs::{CertificateService, FailureLimiter, Signer};
-use crate::config::{ConfigError, CpConfig};
+use crate::config::{ConfigError, CpConfig, StoreKind};
 use crate::discovery::{DiscoveryService, expire_orphans};
 use crate::metrics::{self, Metrics};
 use crate::proxies::ProxyTracker;
@@ -99,7 +99,7 @@ async fn wait_signal() {
 pub async fn build(cfg: CpConfig) -> Result<Handle, AppError> {
     cfg.validate()?;
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting trellis-cp");
-    let store: Arc<dyn Store> = Arc::new(LocalStore::open(&cfg.data_dir.join("store"))?);
+    let store = open_store(&cfg).await?;
     let created = bootstrap::ensure_federation(store.as_ref(), &cfg).await?;
     let state = store.current();
     let signer = Arc::new(Signer::new(&cfg.cluster));
@@ -198,6 +198,25 @@ pub async fn build(cfg: CpConfig) -> Result<Handle, AppError> {
         server,
         tasks,
     })
+}
+
+/// Opens the store the configuration names.
+async fn open_store(cfg: &CpConfig) -> Result<Arc<dyn Store>, AppError> {
+    match cfg.store {
+        StoreKind::Local => Ok(Arc::new(LocalStore::open(&cfg.data_dir.join("store"))?)),
+        #[cfg(feature = "etcd")]
+        StoreKind::Etcd => {
+            // The data directory still holds the trust bundle and the admin context; the local
+            // store creates it, etcd does not.
+            std::fs::create_dir_all(&cfg.data_dir)?;
+            Ok(Arc::new(crate::store::EtcdStore::connect(&cfg.etcd_endpoints, &cfg.etcd_prefix).await?))
+        }
+        // `validate` refuses this first; kept so that the message is the same whatever calls here.
+        #[cfg(not(feature = "etcd"))]
+        StoreKind::Etcd => {
+            Err(ConfigError::Invalid { flag: "store", reason: crate::config::NO_ETCD_FEATURE.into() }.into())
+        }
+    }
 }
 
 /// Keeps the trust bundle (TLS and file) and the revision gauge in step with the store.

@@ -42,7 +42,31 @@ pub struct CpConfig {
     /// Lifetime of the instance's own serving certificate, in seconds.
     #[arg(long, default_value_t = 86_400)]
     pub cert_ttl_secs: u64,
+    /// Where the state's log lives: `local` (redb under --data-dir) or `etcd` (needs a build with
+    /// `--features etcd`).
+    #[arg(long, env = "TRELLIS_STORE", value_enum, default_value_t = StoreKind::Local)]
+    pub store: StoreKind,
+    /// etcd endpoints for `--store etcd`, comma separated; plain http only on loopback for now.
+    #[arg(long, env = "TRELLIS_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of this federation's data in etcd (`--store etcd`).
+    #[arg(long, env = "TRELLIS_ETCD_PREFIX", default_value = "/trellis/")]
+    pub etcd_prefix: String,
 }
+
+/// Backend of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// A single-node redb file under the data directory.
+    Local,
+    /// A log in etcd, shared by every instance on the same prefix.
+    Etcd,
+}
+
+/// Why `--store etcd` cannot run in a build without the backend.
+pub const NO_ETCD_FEATURE: &str =
+    "this trellis-cp was built without the etcd feature; rebuild with `cargo build --features etcd`";
 
 /// Why a configuration cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +99,28 @@ impl CpConfig {
         if self.cert_ttl_secs < 120 {
             return Err(ConfigError::Invalid { flag: "cert-ttl-secs", reason: "must be at least 120".into() });
         }
+        if self.store == StoreKind::Etcd {
+            self.validate_etcd()?;
+        }
         Ok(())
+    }
+
+    #[cfg(feature = "etcd")]
+    fn validate_etcd(&self) -> Result<(), ConfigError> {
+        crate::store::EtcdStore::check_endpoints(&self.etcd_endpoints)
+            .map_err(|reason| ConfigError::Invalid { flag: "etcd-endpoints", reason })?;
+        if self.etcd_prefix.is_empty() {
+            return Err(ConfigError::Invalid {
+                flag: "etcd-prefix",
+                reason: "must not be empty, e.g. /trellis/".into(),
+            });
+        }
+        Ok(())
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn validate_etcd(&self) -> Result<(), ConfigError> {
+        Err(ConfigError::Invalid { flag: "store", reason: NO_ETCD_FEATURE.into() })
     }
 
     /// Grace period for proxies to reconnect after a restart.

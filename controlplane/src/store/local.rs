@@ -11,6 +11,7 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase, TableDefinition};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::codec::{self, seal};
 use super::{ProposeFuture, Store, StoreError};
 use crate::state::{Command, State};
 
@@ -42,29 +43,15 @@ impl Drop for LocalStore {
     }
 }
 
-fn seal(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 4);
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
+/// Checks a sealed value read from the file at `path`; `what` names it in the error.
 fn unseal<'a>(bytes: &'a [u8], what: &str, path: &Path) -> Result<&'a [u8], StoreError> {
-    let damaged = || {
+    codec::unseal(bytes).map_err(|_| {
         StoreError::Corrupt(format!(
             "{what} in {} fails its checksum; the file was damaged or truncated. Restore this \
              instance's data directory from a backup, or remove it and let the instance rejoin",
             path.display()
         ))
-    };
-    if bytes.len() < 4 {
-        return Err(damaged());
-    }
-    let (sum, payload) = bytes.split_at(4);
-    if sum != crc32fast::hash(payload).to_le_bytes() {
-        return Err(damaged());
-    }
-    Ok(payload)
+    })
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -221,6 +208,22 @@ impl Store for LocalStore {
     fn subscribe(&self) -> watch::Receiver<Arc<State>> {
         self.state.clone()
     }
+}
+
+/// Flips a byte of log entry `index` in the store in `dir` (closed), for corruption tests.
+#[cfg(test)]
+pub(super) fn damage_log_entry(dir: &Path, index: u64) {
+    use redb::ReadableTable;
+    let db = Database::create(dir.join("store.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut log = txn.open_table(LOG).unwrap();
+        let mut bytes = log.get(index).unwrap().unwrap().value().to_vec();
+        let last = bytes.len() - 2;
+        bytes[last] ^= 0x55;
+        log.insert(index, bytes.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
 }
 
 #[cfg(test)]

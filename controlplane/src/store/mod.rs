@@ -4,7 +4,13 @@
 //! ordering, not the state machine). Readers never lock: they hold `Arc<State>` snapshots
 //! published through a `watch` channel by the store's single writer.
 
+mod codec;
+#[cfg(any(test, feature = "testing"))]
+pub mod conformance;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod local;
+pub mod raft;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,6 +18,8 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdStore;
 pub use local::LocalStore;
 
 use crate::state::{ApplyError, Command, State};

@@ -34,6 +34,8 @@ pub enum BootstrapError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Context(#[from] crate::context::ContextError),
+    #[error("this cluster's CA is not available: {0}")]
+    ClusterCa(String),
     #[error(
         "this data directory belongs to cluster(s) {known}, not '{cluster}'; use the right --data-dir \
          or --cluster"
@@ -83,10 +85,7 @@ fn chain_pem(leaf: &trellis_federation::SignedLeaf) -> String {
 pub fn serving_identity(state: &State, signer: &Signer, cfg: &CpConfig) -> Result<Identity, BootstrapError> {
     let td = state.trust_domain().unwrap_or(&cfg.trust_domain);
     let id = SpiffeId::control_plane(td, &cfg.cluster, &cfg.node)?;
-    let ca = signer.ca(state).map_err(|s| BootstrapError::Write {
-        path: cfg.data_dir.clone(),
-        source: std::io::Error::other(s.message().to_string()),
-    })?;
+    let ca = signer.ca(state).map_err(|s| BootstrapError::ClusterCa(s.message().to_string()))?;
     let (leaf, key) = ca.issue_leaf(&id, Duration::from_secs(cfg.cert_ttl_secs))?;
     Ok(Identity::from_pem(&chain_pem(&leaf), &key)?)
 }
@@ -133,10 +132,7 @@ pub fn write_admin_context(
         }
         let td = state.trust_domain().unwrap_or(&cfg.trust_domain);
         let id = SpiffeId::admin(td, "admin")?;
-        let ca = signer.ca(state).map_err(|s| BootstrapError::Write {
-            path: path.clone(),
-            source: std::io::Error::other(s.message().to_string()),
-        })?;
+        let ca = signer.ca(state).map_err(|s| BootstrapError::ClusterCa(s.message().to_string()))?;
         let (leaf, key) = ca.issue_leaf(&id, ADMIN_TTL)?;
         file = ConfigFile {
             current_context: Some(name.clone()),

@@ -86,6 +86,23 @@ async fn connect(addr: &str, proto: Proto) -> anyhow::Result<Sender> {
     })
 }
 
+/// `conns` senders: one connection each for HTTP/1.1, or handles to one multiplexed HTTP/2
+/// connection (as gRPC clients use).
+async fn senders(addr: &str, proto: Proto, conns: usize) -> anyhow::Result<Vec<Sender>> {
+    let shared = match proto {
+        Proto::Http2 => Some(connect(addr, proto).await?),
+        Proto::Http1 => None,
+    };
+    let mut out = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        out.push(match &shared {
+            Some(Sender::H2(s)) => Sender::H2(s.clone()),
+            _ => connect(addr, proto).await?,
+        });
+    }
+    Ok(out)
+}
+
 async fn send(sender: &mut Sender, addr: &str, body: &Bytes) -> anyhow::Result<()> {
     let req = Request::post(format!("http://{addr}/bench"))
         .header("content-type", "application/octet-stream")
@@ -118,16 +135,8 @@ pub async fn fixed_rate(
 ) -> anyhow::Result<Samples> {
     let (tx, rx) = mpsc::unbounded_channel::<(Instant, Instant)>();
     let rx = Arc::new(Mutex::new(rx));
-    let shared_h2 = match proto {
-        Proto::Http2 => Some(connect(addr, proto).await?),
-        Proto::Http1 => None,
-    };
     let mut workers = Vec::new();
-    for _ in 0..conns {
-        let mut sender = match &shared_h2 {
-            Some(Sender::H2(s)) => Sender::H2(s.clone()),
-            _ => connect(addr, proto).await?,
-        };
+    for mut sender in senders(addr, proto, conns).await? {
         let rx = rx.clone();
         let addr = addr.to_string();
         let body = body.clone();
@@ -182,16 +191,8 @@ pub async fn saturate(
     body: Bytes,
 ) -> anyhow::Result<Samples> {
     let deadline = Instant::now() + duration;
-    let shared_h2 = match proto {
-        Proto::Http2 => Some(connect(addr, proto).await?),
-        Proto::Http1 => None,
-    };
     let mut workers = Vec::new();
-    for _ in 0..conns {
-        let mut sender = match &shared_h2 {
-            Some(Sender::H2(s)) => Sender::H2(s.clone()),
-            _ => connect(addr, proto).await?,
-        };
+    for mut sender in senders(addr, proto, conns).await? {
         let addr = addr.to_string();
         let body = body.clone();
         workers.push(tokio::spawn(async move {

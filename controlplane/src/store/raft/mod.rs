@@ -7,8 +7,10 @@
 //! production driver (a task per instance, gRPC transport, redb log) plugs the same core into
 //! real I/O.
 
+pub mod log;
 pub mod replica;
 #[cfg(test)]
 mod sim;
 
+pub use log::RedbLog;
 pub use replica::{Applied, DurableLog, Output, ProposeError, Replica};

@@ -1,0 +1,362 @@
+//! The durable Raft log on redb: entries, hard state and the latest snapshot in one file, each
+//! value sealed with a CRC32 so damage is reported instead of replayed.
+//!
+//! Reads that raft-rs makes on its hot path (`entries`, `term`, indexes) are served from an
+//! in-memory mirror (`MemStorage`), rebuilt from the file at open; every write reaches the file
+//! first (one redb transaction, fsync on commit) and the mirror second, so the mirror never holds
+//! anything that is not durable. Snapshots carry the serialized state machine and are written by
+//! [`RedbLog::compact`], which also drops the entries they cover.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::storage::MemStorage;
+use raft::{GetEntriesContext, RaftState, Storage};
+use redb::{Database, ReadableDatabase, TableDefinition};
+
+use super::replica::DurableLog;
+use crate::store::StoreError;
+use crate::store::codec::{seal, unseal};
+
+const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_entries");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+const HARD_STATE: &str = "hard_state";
+const CONF_STATE: &str = "conf_state";
+const SNAPSHOT: &str = "snapshot";
+
+/// A Raft log stored in redb.
+pub struct RedbLog {
+    db: Database,
+    path: PathBuf,
+    mirror: MemStorage,
+    /// The latest snapshot, with state machine data, served to lagging followers.
+    snapshot: Mutex<Option<Snapshot>>,
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+impl RedbLog {
+    /// Opens (or creates) the log in `dir`. A new log starts with `initial` as its configuration;
+    /// an existing one keeps its own.
+    pub fn open(dir: &Path, initial: &ConfState) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join("raft.redb");
+        let db = Database::create(&path).map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
+        let mirror = MemStorage::new();
+        let mut snapshot = None;
+        let fresh;
+        {
+            let txn = db.begin_read().map_err(io)?;
+            let read = |key: &str| -> Result<Option<Vec<u8>>, StoreError> {
+                match txn.open_table(META) {
+                    Ok(t) => match t.get(key).map_err(io)? {
+                        Some(v) => Ok(Some(unseal(v.value()).map_err(|_| damaged(&path, key))?.to_vec())),
+                        None => Ok(None),
+                    },
+                    Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+                    Err(e) => Err(io(e)),
+                }
+            };
+            let hs = read(HARD_STATE)?;
+            fresh = hs.is_none();
+            let mut w = mirror.wl();
+            if let Some(bytes) = read(SNAPSHOT)? {
+                let s = Snapshot::parse_from_bytes(&bytes).map_err(|_| damaged(&path, SNAPSHOT))?;
+                w.apply_snapshot(s.clone()).map_err(io)?;
+                snapshot = Some(s);
+            }
+            match read(CONF_STATE)? {
+                Some(bytes) => {
+                    w.set_conf_state(ConfState::parse_from_bytes(&bytes).map_err(|_| damaged(&path, CONF_STATE))?)
+                }
+                None => w.set_conf_state(initial.clone()),
+            }
+            if let Ok(t) = txn.open_table(ENTRIES) {
+                let mut entries = Vec::new();
+                for item in t.range(0..).map_err(io)? {
+                    let (k, v) = item.map_err(io)?;
+                    let key = format!("entry {}", k.value());
+                    let payload = unseal(v.value()).map_err(|_| damaged(&path, &key))?;
+                    entries.push(Entry::parse_from_bytes(payload).map_err(|_| damaged(&path, &key))?);
+                }
+                w.append(&entries).map_err(io)?;
+            }
+            if let Some(bytes) = hs {
+                w.set_hardstate(HardState::parse_from_bytes(&bytes).map_err(|_| damaged(&path, HARD_STATE))?);
+            }
+        }
+        let log = Self { db, path, mirror, snapshot: Mutex::new(snapshot) };
+        if fresh {
+            log.write(|meta, _| {
+                meta.insert(CONF_STATE, seal(&encode(initial)?).as_slice()).map_err(io)?;
+                Ok(())
+            })?;
+        }
+        Ok(log)
+    }
+
+    /// Records a snapshot of the state machine at `index` (applied, so committed) and drops the
+    /// entries it covers. `data` is the serialized state.
+    pub fn compact(&self, index: u64, data: Vec<u8>) -> Result<(), StoreError> {
+        let term = self.mirror.term(index).map_err(io)?;
+        let mut s = Snapshot::default();
+        s.set_data(data.into());
+        let meta = s.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(self.mirror.initial_state().map_err(io)?.conf_state);
+        let bytes = encode(&s)?;
+        self.write(|meta_t, entries| {
+            meta_t.insert(SNAPSHOT, seal(&bytes).as_slice()).map_err(io)?;
+            entries.retain(|k, _| k > index).map_err(io)?;
+            Ok(())
+        })?;
+        // MemStorage discards the entries before its argument.
+        self.mirror.wl().compact(index + 1).map_err(io)?;
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+        Ok(())
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn write(
+        &self,
+        f: impl FnOnce(&mut redb::Table<'_, &str, &[u8]>, &mut redb::Table<'_, u64, &[u8]>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(io)?;
+        {
+            let mut meta = txn.open_table(META).map_err(io)?;
+            let mut entries = txn.open_table(ENTRIES).map_err(io)?;
+            f(&mut meta, &mut entries)?;
+        }
+        // redb's default durability: commit returns after fsync.
+        txn.commit().map_err(io)
+    }
+}
+
+fn encode(m: &impl protobuf::Message) -> Result<Vec<u8>, StoreError> {
+    m.write_to_bytes().map_err(io)
+}
+
+fn damaged(path: &Path, what: &str) -> StoreError {
+    StoreError::Corrupt(format!(
+        "{what} in {} fails its checksum or cannot be decoded; the file was damaged. Remove this \
+         instance's data directory and let it catch up from the group (it receives a snapshot)",
+        path.display()
+    ))
+}
+
+impl DurableLog for RedbLog {
+    fn persist(
+        &self,
+        snapshot: Option<&Snapshot>,
+        entries: &[Entry],
+        hs: Option<&HardState>,
+    ) -> Result<(), StoreError> {
+        if snapshot.is_none() && entries.is_empty() && hs.is_none() {
+            return Ok(());
+        }
+        let snap_bytes = snapshot.map(encode).transpose()?;
+        let conf_bytes = snapshot.map(|s| encode(s.get_metadata().get_conf_state())).transpose()?;
+        let encoded =
+            entries.iter().map(|e| Ok((e.index, seal(&encode(e)?)))).collect::<Result<Vec<_>, StoreError>>()?;
+        let hs_bytes = hs.map(encode).transpose()?;
+        self.write(|meta, table| {
+            if let (Some(s), Some(bytes), Some(conf)) = (snapshot, &snap_bytes, &conf_bytes) {
+                let index = s.get_metadata().index;
+                meta.insert(SNAPSHOT, seal(bytes).as_slice()).map_err(io)?;
+                meta.insert(CONF_STATE, seal(conf).as_slice()).map_err(io)?;
+                table.retain(|k, _| k > index).map_err(io)?;
+            }
+            if let Some((first, _)) = encoded.first() {
+                // A new leader may overwrite a suffix: entries from `first` on are replaced.
+                let first = *first;
+                table.retain(|k, _| k < first).map_err(io)?;
+                for (index, bytes) in &encoded {
+                    table.insert(*index, bytes.as_slice()).map_err(io)?;
+                }
+            }
+            if let Some(bytes) = &hs_bytes {
+                meta.insert(HARD_STATE, seal(bytes).as_slice()).map_err(io)?;
+            }
+            Ok(())
+        })?;
+        self.mirror.persist(snapshot, entries, hs)?;
+        if let Some(s) = snapshot {
+            *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
+        }
+        Ok(())
+    }
+
+    fn set_commit(&self, commit: u64) -> Result<(), StoreError> {
+        let mut hs = self.mirror.initial_state().map_err(io)?.hard_state;
+        hs.commit = commit;
+        let bytes = encode(&hs)?;
+        self.write(|meta, _| {
+            meta.insert(HARD_STATE, seal(&bytes).as_slice()).map_err(io)?;
+            Ok(())
+        })?;
+        self.mirror.set_commit(commit)
+    }
+}
+
+impl Storage for RedbLog {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.mirror.initial_state()
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.mirror.entries(low, high, max_size, context)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.mirror.term(idx)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        self.mirror.first_index()
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.mirror.last_index()
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        match self.snapshot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(s) if s.get_metadata().index >= request_index => Ok(s.clone()),
+            // raft-rs asks again later; a snapshot is written by the next compaction.
+            _ => Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::ReadableTable;
+
+    fn entry(index: u64, term: u64, data: &str) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.data = data.as_bytes().to_vec().into();
+        e
+    }
+
+    fn voters() -> ConfState {
+        ConfState::from((vec![1, 2, 3], vec![]))
+    }
+
+    fn hs(term: u64, vote: u64, commit: u64) -> HardState {
+        let mut h = HardState::default();
+        h.term = term;
+        h.vote = vote;
+        h.commit = commit;
+        h
+    }
+
+    #[test]
+    fn entries_and_hard_state_survive_reopen_and_conflicts_truncate() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = RedbLog::open(dir.path(), &voters()).unwrap();
+            let es: Vec<Entry> = (1..=5).map(|i| entry(i, 1, "a")).collect();
+            log.persist(None, &es, Some(&hs(1, 2, 3))).unwrap();
+            // A new leader in term 2 overwrites from index 4.
+            log.persist(None, &[entry(4, 2, "b")], Some(&hs(2, 3, 3))).unwrap();
+            log.set_commit(4).unwrap();
+        }
+        let log = RedbLog::open(dir.path(), &ConfState::default()).unwrap();
+        assert_eq!(log.last_index().unwrap(), 4, "entry 5 of the old term must be gone");
+        assert_eq!(log.term(4).unwrap(), 2);
+        let st = log.initial_state().unwrap();
+        assert_eq!((st.hard_state.term, st.hard_state.vote, st.hard_state.commit), (2, 3, 4));
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3], "the first configuration is kept");
+        let es = log.entries(1, 5, None, GetEntriesContext::empty(false)).unwrap();
+        assert_eq!(es.iter().map(|e| e.term).collect::<Vec<_>>(), vec![1, 1, 1, 2]);
+    }
+
+    #[test]
+    fn compaction_keeps_a_snapshot_with_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = RedbLog::open(dir.path(), &voters()).unwrap();
+            let es: Vec<Entry> = (1..=10).map(|i| entry(i, 1, "x")).collect();
+            log.persist(None, &es, Some(&hs(1, 1, 10))).unwrap();
+            log.compact(8, b"state at 8".to_vec()).unwrap();
+            assert_eq!(log.first_index().unwrap(), 9);
+            assert_eq!(log.snapshot(8, 2).unwrap().get_data(), b"state at 8");
+            assert!(log.snapshot(9, 2).is_err(), "no snapshot covers index 9 yet");
+        }
+        let log = RedbLog::open(dir.path(), &voters()).unwrap();
+        assert_eq!(log.first_index().unwrap(), 9);
+        assert_eq!(log.last_index().unwrap(), 10);
+        let s = log.snapshot(8, 2).unwrap();
+        assert_eq!((s.get_metadata().index, s.get_data()), (8, b"state at 8".as_slice()));
+    }
+
+    #[test]
+    fn a_damaged_entry_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = RedbLog::open(dir.path(), &voters()).unwrap();
+            log.persist(None, &[entry(1, 1, "a"), entry(2, 1, "b")], Some(&hs(1, 1, 1))).unwrap();
+            let txn = log.db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(ENTRIES).unwrap();
+                let mut bytes = t.get(2).unwrap().unwrap().value().to_vec();
+                let last = bytes.len() - 1;
+                bytes[last] ^= 0xff;
+                t.insert(2, bytes.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let Err(e) = RedbLog::open(dir.path(), &voters()) else { panic!("a damaged log must not open") };
+        assert!(matches!(e, StoreError::Corrupt(ref m) if m.contains("entry 2")), "{e}");
+    }
+
+    #[test]
+    fn a_replica_restarts_from_the_redb_log() {
+        use crate::state::Command;
+        use crate::store::raft::Replica;
+        let dir = tempfile::tempdir().unwrap();
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let cfg = raft::Config { id: 1, election_tick: 10, heartbeat_tick: 3, ..Default::default() };
+        let single = ConfState::from((vec![1], vec![]));
+        {
+            let mut r = Replica::new(&cfg, RedbLog::open(dir.path(), &single).unwrap(), &logger).unwrap();
+            r.campaign().unwrap();
+            r.ready().unwrap();
+            assert!(r.is_leader());
+            for _ in 0..5 {
+                r.propose(&Command::Noop).unwrap();
+                let out = r.ready().unwrap();
+                assert!(out.messages.is_empty(), "a single voter sends nothing");
+            }
+            while r.state().revision < 6 {
+                r.ready().unwrap();
+            }
+        }
+        let mut r = Replica::new(&cfg, RedbLog::open(dir.path(), &single).unwrap(), &logger).unwrap();
+        r.campaign().unwrap();
+        let mut applied = 0;
+        for _ in 0..5 {
+            applied += r.ready().unwrap().applied.len();
+        }
+        assert!(r.state().revision >= 6, "committed entries are applied again after restart");
+        assert!(applied >= 6);
+    }
+}

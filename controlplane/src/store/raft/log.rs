@@ -249,11 +249,7 @@ mod tests {
     use redb::ReadableTable;
 
     fn entry(index: u64, term: u64, data: &str) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = data.as_bytes().to_vec().into();
-        e
+        Entry { index, term, data: data.as_bytes().to_vec().into(), ..Default::default() }
     }
 
     fn voters() -> ConfState {
@@ -261,11 +257,7 @@ mod tests {
     }
 
     fn hs(term: u64, vote: u64, commit: u64) -> HardState {
-        let mut h = HardState::default();
-        h.term = term;
-        h.vote = vote;
-        h.commit = commit;
-        h
+        HardState { term, vote, commit, ..Default::default() }
     }
 
     #[test]

@@ -186,12 +186,8 @@ impl pb::admin_server::Admin for AdminService {
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         require_admin(&req)?;
         let state = self.store.current();
-        let ca_expires_in = state
-            .clusters
-            .get(&self.cluster)
-            .and_then(|c| trellis_proto::tls::certs_from_pem(&c.intermediate_cert_pem).ok())
-            .and_then(|certs| trellis_proto::tls::validity(&certs[0]).ok())
-            .and_then(|(_, na)| na.duration_since(std::time::SystemTime::now()).ok())
+        let ca_expires_in = crate::certs::ca_not_after(&state, &self.cluster)
+            .and_then(|na| na.duration_since(std::time::SystemTime::now()).ok())
             .map(|d| d.as_secs())
             .unwrap_or(0);
         Ok(Response::new(pb::StatusResponse {

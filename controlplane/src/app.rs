@@ -166,13 +166,8 @@ pub async fn build(cfg: CpConfig) -> Result<Handle, AppError> {
         tokio::spawn(follow_state(store.clone(), bundle, metrics.clone(), cfg.data_dir.clone(), td)),
         tokio::spawn(renew_serving_identity(store.clone(), signer, identity, cfg.clone())),
     ];
-    if let Some(expiry) = state
-        .clusters
-        .get(&cfg.cluster)
-        .and_then(|c| trellis_proto::tls::certs_from_pem(&c.intermediate_cert_pem).ok())
-        .and_then(|c| trellis_proto::tls::validity(&c[0]).ok())
-    {
-        metrics.ca_expiry.set(expiry.1.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64);
+    if let Some(expiry) = crate::certs::ca_not_after(&state, &cfg.cluster) {
+        metrics.ca_expiry.set(expiry.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64);
     }
     metrics.ready.store(true, Ordering::Relaxed);
     if let Some(path) = &cfg.ready_file {

@@ -59,6 +59,13 @@ impl Signer {
     }
 }
 
+/// When `cluster`'s intermediate CA expires, if the cluster and a readable certificate exist.
+pub fn ca_not_after(state: &State, cluster: &str) -> Option<std::time::SystemTime> {
+    let c = state.clusters.get(cluster)?;
+    let certs = trellis_proto::tls::certs_from_pem(&c.intermediate_cert_pem).ok()?;
+    trellis_proto::tls::validity(certs.first()?).ok().map(|(_, not_after)| not_after)
+}
+
 /// Counts failed attempts per source address.
 #[derive(Default)]
 pub struct FailureLimiter(Mutex<HashMap<IpAddr, (u32, Instant)>>);

@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/trellis/v1/discovery.proto",
         "proto/trellis/v1/ca.proto",
         "proto/trellis/v1/admin.proto",
+        "proto/trellis/v1/raft.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -9,6 +9,8 @@ use trellis_federation::token::{TokenParts, WORKLOAD_PREFIX};
 use trellis_proto::identity::Principal;
 use trellis_proto::{grpc, pb};
 
+use crate::membership::{Group, JOIN_TOKEN_TTL, MAX_JOIN_TOKEN_TTL, new_join_token};
+use crate::store::raft::MemberChange;
 use crate::convert::{endpoint_to_pb, service_from_pb, service_to_pb};
 use crate::proxies::ProxyTracker;
 use crate::state::{Command, WorkloadToken, validate_service_key};
@@ -25,6 +27,14 @@ pub struct AdminService {
     pub proxies: Arc<ProxyTracker>,
     pub cluster: String,
     pub node: String,
+    /// The Raft group; `None` on the etcd store.
+    pub group: Option<Arc<Group>>,
+}
+
+fn no_group() -> Status {
+    Status::failed_precondition(
+        "this control plane runs on the etcd store; its members are etcd's (see `etcdctl member list`)",
+    )
 }
 
 fn require_admin<T>(req: &Request<T>) -> Result<String, Status> {
@@ -62,7 +72,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
         require_admin(&req)?;
         let ns = req.into_inner().namespace;
-        let state = self.store.current();
+        let state = self.store.read().await?;
         let services =
             state.services.values().filter(|s| ns.is_empty() || s.namespace == ns).map(service_to_pb).collect();
         Ok(Response::new(pb::ListServicesResponse { services }))
@@ -98,7 +108,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ListEndpointsResponse>, Status> {
         require_admin(&req)?;
         let service = req.into_inner().service;
-        let state = self.store.current();
+        let state = self.store.read().await?;
         let endpoints = state
             .endpoints
             .values()
@@ -143,7 +153,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::ListWorkloadTokensRequest>,
     ) -> Result<Response<pb::ListWorkloadTokensResponse>, Status> {
         require_admin(&req)?;
-        let state = self.store.current();
+        let state = self.store.read().await?;
         Ok(Response::new(pb::ListWorkloadTokensResponse {
             tokens: state.workload_tokens.values().map(token_info).collect(),
         }))
@@ -185,7 +195,7 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         require_admin(&req)?;
-        let state = self.store.current();
+        let state = self.store.read().await?;
         let ca_expires_in = crate::certs::ca_not_after(&state, &self.cluster)
             .and_then(|na| na.duration_since(std::time::SystemTime::now()).ok())
             .map(|d| d.as_secs())
@@ -201,5 +211,101 @@ impl pb::admin_server::Admin for AdminService {
             version: crate::VERSION.to_string(),
             ca_expires_in,
         }))
+    }
+
+    async fn list_control_planes(
+        &self,
+        req: Request<pb::ListControlPlanesRequest>,
+    ) -> Result<Response<pb::ListControlPlanesResponse>, Status> {
+        require_admin(&req)?;
+        let group = self.group.as_ref().ok_or_else(no_group)?;
+        Ok(Response::new(group.statuses().await))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let who = require_admin(&req)?;
+        self.group.as_ref().ok_or_else(no_group)?;
+        let r = req.into_inner();
+        let cluster = if r.cluster.is_empty() { self.cluster.clone() } else { r.cluster };
+        let ttl = match r.ttl_seconds {
+            0 => JOIN_TOKEN_TTL,
+            s => Duration::from_secs(s),
+        };
+        if ttl > MAX_JOIN_TOKEN_TTL || ttl < Duration::from_secs(60) {
+            return Err(Status::invalid_argument("--ttl must be between 1m and 7d"));
+        }
+        let state = self.store.read().await?;
+        let addresses: Vec<String> = state.members.values().map(|m| m.address.clone()).collect();
+        if addresses.is_empty() {
+            return Err(Status::unavailable("the group has not recorded its members' addresses yet; retry"));
+        }
+        let (stored, text) = new_join_token(&state, &cluster, addresses, ttl, &r.description)?;
+        let (id, expires_at) = (stored.id.clone(), stored.expires_at);
+        self.store.propose(Command::CreateJoinToken(stored)).await?;
+        tracing::info!(admin = %who, token = %id, %cluster, "control-plane join token created");
+        Ok(Response::new(pb::CreateJoinTokenResponse { token: text, id, expires_at }))
+    }
+
+    async fn remove_control_plane(
+        &self,
+        req: Request<pb::RemoveControlPlaneRequest>,
+    ) -> Result<Response<pb::RemoveControlPlaneResponse>, Status> {
+        let who = require_admin(&req)?;
+        let group = self.group.as_ref().ok_or_else(no_group)?;
+        let state = self.store.read().await?;
+        let member = group.find(&state, &req.get_ref().name)?;
+        let status = group.raft.status();
+        if status.leader == member.id {
+            // The leader hands over first, so the group does not lose its leader mid-change.
+            let to = status.voters.iter().copied().find(|v| *v != member.id).ok_or_else(|| {
+                Status::failed_precondition("the last voter cannot be removed")
+            })?;
+            transfer(group, to).await?;
+        }
+        group.raft.change_membership(MemberChange::Remove(member.id), None).await?;
+        tracing::info!(admin = %who, member = %member.name, cluster = %member.cluster, "control plane removed");
+        Ok(Response::new(pb::RemoveControlPlaneResponse {}))
+    }
+
+    async fn transfer_leadership(
+        &self,
+        req: Request<pb::TransferLeadershipRequest>,
+    ) -> Result<Response<pb::TransferLeadershipResponse>, Status> {
+        let who = require_admin(&req)?;
+        let group = self.group.as_ref().ok_or_else(no_group)?;
+        let status = group.raft.status();
+        let to = if req.get_ref().to.is_empty() {
+            status.voters.iter().copied().find(|v| *v != status.leader).ok_or_else(|| {
+                Status::failed_precondition("there is no other voter to hand leadership to")
+            })?
+        } else {
+            let state = self.store.current();
+            let m = group.find(&state, &req.get_ref().to)?;
+            if !status.voters.contains(&m.id) {
+                return Err(Status::failed_precondition(format!("{} is not a voter", m.name)));
+            }
+            m.id
+        };
+        let leader = transfer(group, to).await?;
+        tracing::info!(admin = %who, leader = format!("{leader:x}"), "leadership transferred");
+        Ok(Response::new(pb::TransferLeadershipResponse { leader }))
+    }
+}
+
+/// Asks for leadership to move to `to` and waits until it has (at most 5 s).
+async fn transfer(group: &Group, to: u64) -> Result<u64, Status> {
+    if group.raft.status().leader == to {
+        return Ok(to);
+    }
+    group.raft.transfer_leader(to);
+    let mut rx = group.raft.watch_status();
+    match tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.leader == to)).await {
+        Ok(Ok(_)) => Ok(to),
+        _ => Err(Status::unavailable(format!(
+            "leadership did not move to {to:x} within 5 s (is it caught up and reachable?); retry"
+        ))),
     }
 }

@@ -87,7 +87,42 @@ pub fn serving_identity(state: &State, signer: &Signer, cfg: &CpConfig) -> Resul
     let id = SpiffeId::control_plane(td, &cfg.cluster, &cfg.node)?;
     let ca = signer.ca(state).map_err(|s| BootstrapError::ClusterCa(s.message().to_string()))?;
     let (leaf, key) = ca.issue_leaf(&id, Duration::from_secs(cfg.cert_ttl_secs))?;
-    Ok(Identity::from_pem(&chain_pem(&leaf), &key)?)
+    // The roots ride along so that an instance joining with a token (which pins the root) can
+    // verify this one before it has a trust bundle; verifiers with a bundle ignore them.
+    let roots: String = state.roots.iter().map(|r| r.cert_pem.as_str()).collect();
+    Ok(Identity::from_pem(&(chain_pem(&leaf) + &roots), &key)?)
+}
+
+fn join_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("join")
+}
+
+/// Keeps what joining gave (certificate, key, trust bundle) so that a member restarted before its
+/// state caught up can still reach the group.
+pub fn save_join_identity(data_dir: &Path, chain: &str, key: &str, bundle: &str) -> Result<(), BootstrapError> {
+    let dir = join_dir(data_dir);
+    for (name, body) in [("cert.pem", chain), ("key.pem", key), ("trust-bundle.pem", bundle)] {
+        let path = dir.join(name);
+        write_private(&path, body.as_bytes())
+            .map_err(|source| BootstrapError::Write { path, source })?;
+    }
+    Ok(())
+}
+
+/// The identity saved at join, if any.
+pub fn load_join_identity(data_dir: &Path) -> Result<Option<Identity>, BootstrapError> {
+    let dir = join_dir(data_dir);
+    let (Ok(chain), Ok(key)) =
+        (std::fs::read_to_string(dir.join("cert.pem")), std::fs::read_to_string(dir.join("key.pem")))
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Identity::from_pem(&chain, &key)?))
+}
+
+/// The trust bundle saved at join, if any.
+pub fn load_join_bundle(data_dir: &Path) -> Result<Option<String>, BootstrapError> {
+    Ok(std::fs::read_to_string(join_dir(data_dir).join("trust-bundle.pem")).ok())
 }
 
 /// Path of the trust bundle file that local proxies read at start.

@@ -42,10 +42,21 @@ pub struct CpConfig {
     /// Lifetime of the instance's own serving certificate, in seconds.
     #[arg(long, default_value_t = 86_400)]
     pub cert_ttl_secs: u64,
-    /// Where the state's log lives: `local` (redb under --data-dir) or `etcd` (needs a build with
-    /// `--features etcd`).
-    #[arg(long, env = "TRELLIS_STORE", value_enum, default_value_t = StoreKind::Local)]
+    /// Where the state's log lives: `raft` (the control-plane group, its log in redb under
+    /// --data-dir) or `etcd` (an external etcd; needs a build with `--features etcd`).
+    #[arg(long, env = "TRELLIS_STORE", value_enum, default_value_t = StoreKind::Raft)]
     pub store: StoreKind,
+    /// Join an existing control-plane group with this token (from `trellis controlplane token
+    /// create`). Only needed on the first start: afterwards the data directory holds the membership.
+    #[arg(long, env = "TRELLIS_JOIN_TOKEN", hide_env_values = true, conflicts_with = "join_token_file")]
+    #[serde(skip)]
+    pub join_token: Option<String>,
+    /// Read the join token from this file.
+    #[arg(long)]
+    pub join_token_file: Option<PathBuf>,
+    /// Raft tick in milliseconds; the election timeout is 10 to 20 ticks.
+    #[arg(long, default_value_t = 100)]
+    pub raft_tick_ms: u64,
     /// etcd endpoints for `--store etcd`, comma separated; plain http only on loopback for now.
     #[arg(long, env = "TRELLIS_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
@@ -58,8 +69,9 @@ pub struct CpConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
-    /// A single-node redb file under the data directory.
-    Local,
+    /// The Raft group of control-plane instances (a group of one for a single instance).
+    #[value(alias = "local")]
+    Raft,
     /// A log in etcd, shared by every instance on the same prefix.
     Etcd,
 }
@@ -101,6 +113,15 @@ impl CpConfig {
         }
         if self.store == StoreKind::Etcd {
             self.validate_etcd()?;
+            if self.join_token.is_some() || self.join_token_file.is_some() {
+                return Err(ConfigError::Invalid {
+                    flag: "join-token",
+                    reason: "instances on the etcd store share etcd and need no join token".into(),
+                });
+            }
+        }
+        if !(10..=5_000).contains(&self.raft_tick_ms) {
+            return Err(ConfigError::Invalid { flag: "raft-tick-ms", reason: "must be between 10 and 5000".into() });
         }
         Ok(())
     }
@@ -121,6 +142,19 @@ impl CpConfig {
     #[cfg(not(feature = "etcd"))]
     fn validate_etcd(&self) -> Result<(), ConfigError> {
         Err(ConfigError::Invalid { flag: "store", reason: NO_ETCD_FEATURE.into() })
+    }
+
+    /// The join token, from the flag, the environment or the file.
+    pub fn join_token(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(t) = &self.join_token {
+            return Ok(Some(t.trim().to_string()));
+        }
+        match &self.join_token_file {
+            Some(path) => std::fs::read_to_string(path).map(|t| Some(t.trim().to_string())).map_err(|e| {
+                ConfigError::Invalid { flag: "join-token-file", reason: format!("cannot read {}: {e}", path.display()) }
+            }),
+            None => Ok(None),
+        }
     }
 
     /// Grace period for proxies to reconnect after a restart.

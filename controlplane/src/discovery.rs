@@ -31,6 +31,8 @@ pub struct DiscoveryService {
     pub store: Arc<dyn Store>,
     pub proxies: Arc<ProxyTracker>,
     pub cluster: String,
+    /// This instance's name, recorded on the endpoints registered through it.
+    pub node: String,
     pub metrics: Arc<Metrics>,
 }
 
@@ -116,6 +118,7 @@ pub fn registrations(hello: &pb::Hello, peer: &SpiffeId, cluster: &str) -> Resul
                     healthy: r.ready,
                     weight: r.weight.max(1),
                     revision: 0,
+                    registrar: String::new(),
                 },
                 protocol,
             ))
@@ -142,7 +145,10 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         let Some(Kind::Hello(hello)) = first.kind else {
             return Err(Status::invalid_argument("the first message of a discovery stream must be Hello"));
         };
-        let regs = registrations(&hello, &peer, &self.cluster)?;
+        let mut regs = registrations(&hello, &peer, &self.cluster)?;
+        for (e, _) in &mut regs {
+            e.registrar = self.registrar();
+        }
         for (endpoint, protocol) in &regs {
             self.store.propose(Command::UpsertEndpoint { endpoint: endpoint.clone(), protocol: *protocol }).await?;
         }
@@ -162,10 +168,11 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             let deregistered = this.serve(session, hello.known_version, &mut inbound, tx).await;
             let owned = this.proxies.close(session);
             for id in owned {
+                let registrar = Some(this.registrar());
                 let cmd = if deregistered {
-                    Command::DeleteEndpoint { id: id.clone() }
+                    Command::DeleteEndpoint { id: id.clone(), registrar }
                 } else {
-                    Command::SetEndpointHealth { id: id.clone(), healthy: false }
+                    Command::SetEndpointHealth { id: id.clone(), healthy: false, registrar }
                 };
                 if let Err(e) = this.store.propose(cmd).await {
                     tracing::warn!(endpoint = %id, error = %e, "could not update endpoint after disconnect");
@@ -180,6 +187,11 @@ impl pb::discovery_server::Discovery for DiscoveryService {
 }
 
 impl DiscoveryService {
+    /// This instance as endpoints record it.
+    fn registrar(&self) -> String {
+        format!("{}/{}", self.cluster, self.node)
+    }
+
     /// Runs one session until the proxy goes away; returns true if it deregistered.
     async fn serve(
         &self,
@@ -226,18 +238,28 @@ impl DiscoveryService {
 
 /// After a restart, marks unhealthy the endpoints of this cluster whose proxy did not come back
 /// within the grace period (a proxy that died while the control plane was down).
-pub async fn expire_orphans(store: Arc<dyn Store>, proxies: Arc<ProxyTracker>, cluster: String, grace: Duration) {
+pub async fn expire_orphans(
+    store: Arc<dyn Store>,
+    proxies: Arc<ProxyTracker>,
+    cluster: String,
+    node: String,
+    grace: Duration,
+) {
     tokio::time::sleep(grace).await;
     let state = store.current();
+    let registrar = format!("{cluster}/{node}");
+    // Only endpoints registered through this instance: a proxy of another instance of the same
+    // cluster is that instance's business.
     let orphans: BTreeSet<String> = state
         .endpoints
         .values()
-        .filter(|e| e.cluster == cluster && e.healthy && !proxies.is_owned(&e.id))
+        .filter(|e| e.cluster == cluster && e.healthy && e.registrar == registrar && !proxies.is_owned(&e.id))
         .map(|e| e.id.clone())
         .collect();
     for id in orphans {
         tracing::info!(endpoint = %id, "proxy did not reconnect after restart; marking unhealthy");
-        let _ = store.propose(Command::SetEndpointHealth { id, healthy: false }).await;
+        let cmd = Command::SetEndpointHealth { id, healthy: false, registrar: Some(registrar.clone()) };
+        let _ = store.propose(cmd).await;
     }
 }
 
@@ -305,8 +327,8 @@ mod tests {
         assert!(full.full);
         assert_eq!(full.endpoints.len(), 100);
         let v = s.revision;
-        s.apply(v + 1, &Command::SetEndpointHealth { id: "a/default/web/7".into(), healthy: false }).unwrap();
-        s.apply(v + 2, &Command::DeleteEndpoint { id: "a/default/web/8".into() }).unwrap();
+        s.apply(v + 1, &Command::SetEndpointHealth { id: "a/default/web/7".into(), healthy: false, registrar: None }).unwrap();
+        s.apply(v + 2, &Command::DeleteEndpoint { id: "a/default/web/8".into(), registrar: None }).unwrap();
         let delta = build_response(&s, v).unwrap();
         assert!(!delta.full);
         assert_eq!(delta.endpoints.len(), 1);

@@ -12,6 +12,7 @@ pub mod context;
 pub mod convert;
 pub mod discovery;
 pub mod linearizability;
+pub mod membership;
 pub mod metrics;
 pub mod proxies;
 pub mod state;

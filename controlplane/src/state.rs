@@ -5,9 +5,8 @@
 //! changes anything, and leaves the state untouched when it refuses a command. The store that
 //! orders commands (single node today, Raft next) calls it; nothing else mutates a `State`.
 
-use std::collections::VecDeque;
 
-use imbl::OrdMap;
+use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 use trellis_proto::identity::validate_name;
 
@@ -110,6 +109,10 @@ pub struct Endpoint {
     pub healthy: bool,
     pub weight: u32,
     pub revision: u64,
+    /// The control-plane instance (`cluster/node`) the proxy registered through; only it marks
+    /// the endpoint unhealthy when the proxy goes away.
+    #[serde(default)]
+    pub registrar: String,
 }
 
 /// A workload token as stored: the secret only as a hash.
@@ -119,6 +122,37 @@ pub struct WorkloadToken {
     pub secret_hash: String,
     pub namespace: String,
     pub service_account: String,
+    pub expires_at: u64,
+    pub created_at: u64,
+    pub description: String,
+    pub revoked: bool,
+}
+
+/// A member of the control-plane Raft group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Raft id, never reused.
+    pub id: u64,
+    /// Instance name (`--node`), unique within its cluster.
+    pub name: String,
+    pub cluster: String,
+    /// Where the other members reach its gRPC listener.
+    pub address: String,
+}
+
+/// What a join token admits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinKind {
+    /// Another control-plane instance of an existing cluster.
+    ControlPlane { cluster: String },
+}
+
+/// A join token as stored: the secret only as a hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    pub id: String,
+    pub secret_hash: String,
+    pub kind: JoinKind,
     pub expires_at: u64,
     pub created_at: u64,
     pub description: String,
@@ -143,15 +177,33 @@ pub enum Command {
         endpoint: Endpoint,
         protocol: Protocol,
     },
+    /// Sets an endpoint's health; with `registrar`, only while the endpoint is still registered
+    /// through that instance (a proxy that moved to another instance is left alone).
     SetEndpointHealth {
         id: String,
         healthy: bool,
+        #[serde(default)]
+        registrar: Option<String>,
     },
+    /// Deletes an endpoint; `registrar` as for `SetEndpointHealth`.
     DeleteEndpoint {
         id: String,
+        #[serde(default)]
+        registrar: Option<String>,
     },
     CreateWorkloadToken(WorkloadToken),
     RevokeWorkloadToken {
+        id: String,
+    },
+    /// Records (or updates the address of) a member of the control-plane group. Membership itself
+    /// changes through Raft configuration changes; this is the directory that names the ids.
+    SetMember(Member),
+    /// Forgets a member removed from the group.
+    RemoveMember {
+        id: u64,
+    },
+    CreateJoinToken(JoinToken),
+    RevokeJoinToken {
         id: String,
     },
     /// Does nothing; used to check that the log is writable.
@@ -188,9 +240,14 @@ pub struct State {
     pub services: OrdMap<String, Service>,
     pub endpoints: OrdMap<String, Endpoint>,
     pub workload_tokens: OrdMap<String, WorkloadToken>,
+    /// Members of the control-plane group, by Raft id.
+    #[serde(default)]
+    pub members: OrdMap<u64, Member>,
+    #[serde(default)]
+    pub join_tokens: OrdMap<String, JoinToken>,
     /// Recent changes (revision, key), oldest first; rebuilt empty after a restart.
     #[serde(skip)]
-    pub changes: VecDeque<(u64, ChangeKey)>,
+    pub changes: Vector<(u64, ChangeKey)>,
 }
 
 /// Validates `name.namespace`.
@@ -319,11 +376,11 @@ impl State {
                 self.record(ChangeKey::Endpoint(ep.id));
                 Ok(())
             }
-            Command::SetEndpointHealth { id, healthy } => {
+            Command::SetEndpointHealth { id, healthy, registrar } => {
                 let Some(ep) = self.endpoints.get_mut(id) else {
                     return Err(ApplyError::NotFound(format!("endpoint {id}")));
                 };
-                if ep.healthy == *healthy {
+                if ep.healthy == *healthy || registrar.as_ref().is_some_and(|r| *r != ep.registrar) {
                     return Ok(());
                 }
                 ep.healthy = *healthy;
@@ -331,10 +388,12 @@ impl State {
                 self.record(ChangeKey::Endpoint(id.clone()));
                 Ok(())
             }
-            Command::DeleteEndpoint { id } => {
-                if self.endpoints.remove(id).is_none() {
-                    return Err(ApplyError::NotFound(format!("endpoint {id}")));
-                }
+            Command::DeleteEndpoint { id, registrar } => {
+                match self.endpoints.get(id) {
+                    None => return Err(ApplyError::NotFound(format!("endpoint {id}"))),
+                    Some(ep) if registrar.as_ref().is_some_and(|r| *r != ep.registrar) => return Ok(()),
+                    Some(_) => self.endpoints.remove(id),
+                };
                 self.record(ChangeKey::Endpoint(id.clone()));
                 Ok(())
             }
@@ -354,7 +413,49 @@ impl State {
                 t.revoked = true;
                 Ok(())
             }
+            Command::SetMember(m) => {
+                if m.id == 0 {
+                    return Err(ApplyError::Invalid("member id 0 is reserved by raft".into()));
+                }
+                validate_name(&m.name).map_err(|e| ApplyError::Invalid(format!("member name: {e}")))?;
+                validate_name(&m.cluster).map_err(|e| ApplyError::Invalid(format!("member cluster: {e}")))?;
+                if let Some(other) =
+                    self.members.values().find(|o| o.id != m.id && o.name == m.name && o.cluster == m.cluster)
+                {
+                    return Err(ApplyError::Conflict(format!(
+                        "control plane {}/{} is already member {:x}; remove it first",
+                        m.cluster, m.name, other.id
+                    )));
+                }
+                self.members.insert(m.id, m.clone());
+                Ok(())
+            }
+            Command::RemoveMember { id } => {
+                if self.members.remove(id).is_none() {
+                    return Err(ApplyError::NotFound(format!("member {id:x}")));
+                }
+                Ok(())
+            }
+            Command::CreateJoinToken(t) => {
+                if self.join_tokens.contains_key(&t.id) {
+                    return Err(ApplyError::Conflict(format!("join token {} exists", t.id)));
+                }
+                self.join_tokens.insert(t.id.clone(), t.clone());
+                Ok(())
+            }
+            Command::RevokeJoinToken { id } => {
+                let Some(t) = self.join_tokens.get_mut(id) else {
+                    return Err(ApplyError::NotFound(format!("join token {id}")));
+                };
+                t.revoked = true;
+                Ok(())
+            }
         }
+    }
+
+    /// The member named `name` of `cluster`.
+    pub fn member_named(&self, cluster: &str, name: &str) -> Option<&Member> {
+        self.members.values().find(|m| m.cluster == cluster && m.name == name)
     }
 }
 
@@ -373,6 +474,7 @@ mod tests {
             healthy: true,
             weight: 1,
             revision: 0,
+            registrar: String::new(),
         }
     }
 
@@ -398,7 +500,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.changes_since(1).unwrap(), vec![]);
-        s.apply(3, &Command::SetEndpointHealth { id: "a/default/web/1".into(), healthy: false }).unwrap();
+        s.apply(3, &Command::SetEndpointHealth { id: "a/default/web/1".into(), healthy: false, registrar: None }).unwrap();
         assert_eq!(s.changes_since(2).unwrap(), vec![ChangeKey::Endpoint("a/default/web/1".into())]);
     }
 
@@ -413,7 +515,7 @@ mod tests {
                 protocol: Protocol::Http,
             },
             Command::DeleteService { key: "web.default".into() },
-            Command::SetEndpointHealth { id: "missing".into(), healthy: true },
+            Command::SetEndpointHealth { id: "missing".into(), healthy: true, registrar: None },
             Command::RevokeWorkloadToken { id: "missing".into() },
         ];
         for (i, c) in bad.iter().enumerate() {
@@ -438,7 +540,7 @@ mod tests {
     fn changelog_window_forces_full_resync() {
         let mut s = State::default();
         for i in 1..=(CHANGELOG_LEN as u64 + 10) {
-            s.apply(i, &Command::SetEndpointHealth { id: "none".into(), healthy: true }).ok();
+            s.apply(i, &Command::SetEndpointHealth { id: "none".into(), healthy: true, registrar: None }).ok();
             s.apply(
                 i,
                 &Command::UpsertEndpoint { endpoint: ep(&format!("e{i}"), "web.default"), protocol: Protocol::Http },

@@ -196,6 +196,12 @@ async fn etcd_damaged_entry_is_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_read_sees_acknowledged_writes() {
+    let Some(etcd) = Etcd::try_start().await else { return };
+    conformance::read_sees_acknowledged_writes(etcd.factory(10_000)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_two_instances_converge() {
     let etcd = Etcd::start().await;
     conformance::two_instances_converge(etcd.factory(10_000)).await;

@@ -338,3 +338,87 @@ pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
 pub fn mesh_server_name() -> ServerName<'static> {
     ServerName::try_from("trellis.mesh").expect("static name is valid")
 }
+
+/// SHA-256 of a certificate's DER, lowercase hex: the pin of a trust anchor in join tokens.
+pub fn cert_pin(cert: &CertificateDer<'_>) -> String {
+    ring::digest::digest(&ring::digest::SHA256, cert.as_ref()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Verifies a server that has no bundle on this side yet: the server presents its root along
+/// with its chain, the root must hash to `pin` (carried by a join token), and the chain must
+/// verify to that root with a SPIFFE ID that satisfies `expected`.
+#[derive(Debug)]
+pub struct PinnedServerVerifier {
+    pin: String,
+    trust_domain: String,
+    expected: IdMatcher,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let root = intermediates.iter().find(|c| cert_pin(c) == self.pin).ok_or_else(|| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(VerifyError::Bundle(
+                "the server did not present the trust anchor pinned by the join token; the token belongs \
+                 to another federation, or the address is not a Trellis control plane"
+                    .into(),
+            )))))
+        })?;
+        let bundle = crate::verify::TrustBundle::new(&self.trust_domain, vec![root.clone().into_owned()])
+            .map_err(to_rustls)?;
+        bundle.verify(&chain(end_entity, intermediates), Usage::Server, &self.expected, now).map_err(to_rustls)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client configuration without a client certificate that trusts only a server whose root
+/// hashes to `pin` (see [`PinnedServerVerifier`]).
+pub fn pinned_client_config(
+    pin: &str,
+    trust_domain: &str,
+    expected_server: IdMatcher,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let verifier = Arc::new(PinnedServerVerifier {
+        pin: pin.to_ascii_lowercase(),
+        trust_domain: trust_domain.to_string(),
+        expected: expected_server,
+        provider: provider(),
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}

@@ -110,6 +110,11 @@ impl TrustBundle {
         Ok(Self { trust_domain: trust_domain.to_string(), roots, anchors })
     }
 
+    /// A bundle that trusts nothing yet (until the real one is stored).
+    pub fn empty(trust_domain: &str) -> Self {
+        Self { trust_domain: trust_domain.to_string(), roots: Vec::new(), anchors: Vec::new() }
+    }
+
     /// Builds a bundle from PEM text (one or more certificates per string).
     pub fn from_pem(trust_domain: &str, pems: &[String]) -> Result<Self, VerifyError> {
         let mut roots = Vec::new();

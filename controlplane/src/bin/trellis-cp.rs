@@ -21,8 +21,11 @@ async fn main() -> std::process::ExitCode {
     telemetry::init(args.log_format, "info");
     match trellis_controlplane::app::build(args.config).await {
         Ok(handle) => {
-            handle.wait_termination().await;
-            std::process::ExitCode::SUCCESS
+            if handle.wait_termination().await {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("trellis-cp: {e}");

@@ -1,15 +1,14 @@
 //! The control plane's store: an ordered, durable log of [`Command`]s applied to a [`State`].
 //!
-//! One implementation orders commands (today a single-node redb log; the Raft group replaces the
-//! ordering, not the state machine). Readers never lock: they hold `Arc<State>` snapshots
-//! published through a `watch` channel by the store's single writer.
+//! The Raft group ([`RaftStore`], a group of one for a single instance) orders commands; the
+//! `etcd` feature offers the same trait on an external etcd. Readers never lock: they hold
+//! `Arc<State>` snapshots published through a `watch` channel by the store's single writer.
 
 mod codec;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 #[cfg(feature = "etcd")]
 mod etcd;
-mod local;
 pub mod raft;
 
 use std::future::Future;
@@ -20,7 +19,7 @@ use tokio::sync::watch;
 
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdStore;
-pub use local::LocalStore;
+pub use raft::RaftStore;
 
 use crate::state::{ApplyError, Command, State};
 
@@ -35,6 +34,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store is shutting down")]
     Closed,
+    #[error("the control plane cannot serve this now: {0}")]
+    Unavailable(String),
 }
 
 impl From<StoreError> for tonic::Status {
@@ -43,7 +44,7 @@ impl From<StoreError> for tonic::Status {
             StoreError::Rejected(ApplyError::Invalid(_)) => tonic::Status::invalid_argument(e.to_string()),
             StoreError::Rejected(ApplyError::NotFound(_)) => tonic::Status::not_found(e.to_string()),
             StoreError::Rejected(ApplyError::Conflict(_)) => tonic::Status::already_exists(e.to_string()),
-            StoreError::Io(_) | StoreError::Corrupt(_) | StoreError::Closed => {
+            StoreError::Io(_) | StoreError::Corrupt(_) | StoreError::Closed | StoreError::Unavailable(_) => {
                 tonic::Status::unavailable(e.to_string())
             }
         }
@@ -52,6 +53,9 @@ impl From<StoreError> for tonic::Status {
 
 /// A boxed future returned by [`Store::propose`].
 pub type ProposeFuture<'a> = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send + 'a>>;
+
+/// A boxed future returned by [`Store::read`].
+pub type ReadFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<State>, StoreError>> + Send + 'a>>;
 
 /// The seam between the control plane and how its state is ordered and persisted.
 pub trait Store: Send + Sync + 'static {
@@ -62,8 +66,14 @@ pub trait Store: Send + Sync + 'static {
     /// A receiver of state snapshots; the current one is `borrow()`.
     fn subscribe(&self) -> watch::Receiver<Arc<State>>;
 
-    /// The current state.
+    /// The current state of this replica (may trail the group by a moment).
     fn current(&self) -> Arc<State> {
         self.subscribe().borrow().clone()
+    }
+
+    /// A state that reflects every write acknowledged before the call (linearizable read).
+    fn read(&self) -> ReadFuture<'_> {
+        let state = self.current();
+        Box::pin(async move { Ok(state) })
     }
 }

@@ -25,6 +25,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 const HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
 const SNAPSHOT: &str = "snapshot";
+const NODE_ID: &str = "node_id";
 
 /// A Raft log stored in redb.
 pub struct RedbLog {
@@ -33,6 +34,8 @@ pub struct RedbLog {
     mirror: MemStorage,
     /// The latest snapshot, with state machine data, served to lagging followers.
     snapshot: Mutex<Option<Snapshot>>,
+    /// This member's Raft id, recorded when the log was created.
+    node_id: Option<u64>,
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -48,6 +51,7 @@ impl RedbLog {
         let db = Database::create(&path).map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
         let mirror = MemStorage::new();
         let mut snapshot = None;
+        let node_id;
         let fresh;
         {
             let txn = db.begin_read().map_err(io)?;
@@ -64,11 +68,16 @@ impl RedbLog {
             let hs = read(HARD_STATE)?;
             fresh = hs.is_none();
             let mut w = mirror.wl();
+            let mut after = 0;
             if let Some(bytes) = read(SNAPSHOT)? {
                 let s = Snapshot::parse_from_bytes(&bytes).map_err(|_| damaged(&path, SNAPSHOT))?;
                 w.apply_snapshot(s.clone()).map_err(io)?;
+                after = s.get_metadata().index;
                 snapshot = Some(s);
             }
+            node_id = read(NODE_ID)?
+                .map(|b| <[u8; 8]>::try_from(b.as_slice()).map(u64::from_be_bytes).map_err(|_| damaged(&path, NODE_ID)))
+                .transpose()?;
             match read(CONF_STATE)? {
                 Some(bytes) => {
                     w.set_conf_state(ConfState::parse_from_bytes(&bytes).map_err(|_| damaged(&path, CONF_STATE))?)
@@ -77,7 +86,9 @@ impl RedbLog {
             }
             if let Ok(t) = txn.open_table(ENTRIES) {
                 let mut entries = Vec::new();
-                for item in t.range(0..).map_err(io)? {
+                // Entries the snapshot covers stay in the file as a tail for slow followers; the
+                // mirror starts after the snapshot.
+                for item in t.range(after + 1..).map_err(io)? {
                     let (k, v) = item.map_err(io)?;
                     let key = format!("entry {}", k.value());
                     let payload = unseal(v.value()).map_err(|_| damaged(&path, &key))?;
@@ -89,7 +100,7 @@ impl RedbLog {
                 w.set_hardstate(HardState::parse_from_bytes(&bytes).map_err(|_| damaged(&path, HARD_STATE))?);
             }
         }
-        let log = Self { db, path, mirror, snapshot: Mutex::new(snapshot) };
+        let log = Self { db, path, mirror, snapshot: Mutex::new(snapshot), node_id };
         if fresh {
             log.write(|meta, _| {
                 meta.insert(CONF_STATE, seal(&encode(initial)?).as_slice()).map_err(io)?;
@@ -99,24 +110,47 @@ impl RedbLog {
         Ok(log)
     }
 
-    /// Records a snapshot of the state machine at `index` (applied, so committed) and drops the
-    /// entries it covers. `data` is the serialized state.
-    pub fn compact(&self, index: u64, data: Vec<u8>) -> Result<(), StoreError> {
+    /// The Raft id recorded in this log, if any.
+    pub fn node_id(&self) -> Option<u64> {
+        self.node_id
+    }
+
+    /// Records this member's Raft id (once, when the log is created).
+    pub fn set_node_id(&mut self, id: u64) -> Result<(), StoreError> {
+        self.write(|meta, _| {
+            meta.insert(NODE_ID, seal(&id.to_be_bytes()).as_slice()).map_err(io)?;
+            Ok(())
+        })?;
+        self.node_id = Some(id);
+        Ok(())
+    }
+
+    /// Records a snapshot of the state machine at `index` (applied, so committed) with the
+    /// configuration `conf` in force there, and drops the entries it covers except the last
+    /// `keep`, which let a follower slightly behind catch up without a snapshot. `data` is the
+    /// serialized state.
+    pub fn compact(&self, index: u64, data: Vec<u8>, conf: ConfState, keep: u64) -> Result<(), StoreError> {
         let term = self.mirror.term(index).map_err(io)?;
         let mut s = Snapshot::default();
         s.set_data(data.into());
         let meta = s.mut_metadata();
         meta.index = index;
         meta.term = term;
-        meta.set_conf_state(self.mirror.initial_state().map_err(io)?.conf_state);
+        meta.set_conf_state(conf.clone());
         let bytes = encode(&s)?;
+        let conf_bytes = encode(&conf)?;
+        let drop_through = index.saturating_sub(keep);
         self.write(|meta_t, entries| {
             meta_t.insert(SNAPSHOT, seal(&bytes).as_slice()).map_err(io)?;
-            entries.retain(|k, _| k > index).map_err(io)?;
+            meta_t.insert(CONF_STATE, seal(&conf_bytes).as_slice()).map_err(io)?;
+            entries.retain(|k, _| k > drop_through).map_err(io)?;
             Ok(())
         })?;
         // MemStorage discards the entries before its argument.
-        self.mirror.wl().compact(index + 1).map_err(io)?;
+        let first = self.mirror.first_index().map_err(io)?;
+        if drop_through + 1 > first {
+            self.mirror.wl().compact(drop_through + 1).map_err(io)?;
+        }
         *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
         Ok(())
     }
@@ -243,6 +277,22 @@ impl Storage for RedbLog {
     }
 }
 
+/// Flips a byte of entry `index` in the log under `dir`, as disk damage would (tests only).
+#[cfg(any(test, feature = "testing"))]
+pub fn damage_entry(dir: &Path, index: u64) {
+    use redb::ReadableTable as _;
+    let db = Database::create(dir.join("raft.redb")).expect("open the log to damage it");
+    let txn = db.begin_write().expect("write transaction");
+    {
+        let mut t = txn.open_table(ENTRIES).expect("entries table");
+        let mut bytes = t.get(index).expect("read").expect("the entry exists").value().to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        t.insert(index, bytes.as_slice()).expect("write");
+    }
+    txn.commit().expect("commit");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,7 +338,7 @@ mod tests {
             let log = RedbLog::open(dir.path(), &voters()).unwrap();
             let es: Vec<Entry> = (1..=10).map(|i| entry(i, 1, "x")).collect();
             log.persist(None, &es, Some(&hs(1, 1, 10))).unwrap();
-            log.compact(8, b"state at 8".to_vec()).unwrap();
+            log.compact(8, b"state at 8".to_vec(), voters(), 0).unwrap();
             assert_eq!(log.first_index().unwrap(), 9);
             assert_eq!(log.snapshot(8, 2).unwrap().get_data(), b"state at 8");
             assert!(log.snapshot(9, 2).is_err(), "no snapshot covers index 9 yet");

@@ -2,10 +2,14 @@
 
 use std::collections::HashMap;
 
-use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, HardState, Message, Snapshot};
-use raft::{RawNode, StateRole, Storage};
+use raft::prelude::{
+    ConfChange, ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType,
+    HardState, Message, Snapshot,
+};
+use raft::{RawNode, ReadState, SnapshotStatus, StateRole, Storage};
+use serde::{Deserialize, Serialize};
 
-use crate::state::{ApplyError, Command, State};
+use crate::state::{ApplyError, Command, Member, State};
 use crate::store::StoreError;
 
 /// Persistence of the Raft log, hard state and snapshots. `persist` must be durable (fsync)
@@ -45,10 +49,29 @@ impl DurableLog for raft::storage::MemStorage {
 /// Why a proposal was not accepted by this replica.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProposeError {
-    #[error("this instance is not the leader (leader: {leader:?}); forward the write")]
-    NotLeader { leader: Option<u64> },
+    #[error("the group has no leader at the moment (an election is under way or a quorum is lost); retry shortly")]
+    NoLeader,
     #[error("the proposal was dropped by raft: {0}")]
     Dropped(String),
+    #[error("{0}")]
+    Membership(String),
+}
+
+/// The context of a configuration change entry: who proposed it and the directory entries of
+/// the members it adds, so every replica learns their names and addresses at the same index.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConfContext {
+    pub proposal: u64,
+    #[serde(default)]
+    pub members: Vec<Member>,
+}
+
+/// One change of membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberChange {
+    AddLearner(u64),
+    Promote(u64),
+    Remove(u64),
 }
 
 /// A committed entry applied to the state machine.
@@ -73,6 +96,12 @@ pub struct Output {
     pub messages: Vec<Message>,
     /// Entries applied in this round, in order.
     pub applied: Vec<Applied>,
+    /// Confirmed read indexes (ReadIndex), with the context they were requested with.
+    pub read_states: Vec<ReadState>,
+    /// A configuration change removed this replica from the group.
+    pub removed: bool,
+    /// The membership changed in this round.
+    pub conf_changed: bool,
 }
 
 /// Encodes a command as entry data.
@@ -95,6 +124,12 @@ impl<S: DurableLog> Replica<S> {
     pub fn new(config: &raft::Config, storage: S, logger: &slog::Logger) -> Result<Self, raft::Error> {
         let node = RawNode::new(config, storage, logger)?;
         Ok(Self { node, state: State::default(), next_proposal: 0, pending: HashMap::new() })
+    }
+
+    /// Replaces the state machine with the one a snapshot recorded (at restart: raft-rs resumes
+    /// after the snapshot's index).
+    pub fn restore_state(&mut self, state: State) {
+        self.state = state;
     }
 
     /// The node id.
@@ -142,17 +177,132 @@ impl<S: DurableLog> Replica<S> {
         self.node.step(m)
     }
 
-    /// Proposes a command; returns its proposal id, reported back in [`Applied::proposal`].
-    pub fn propose(&mut self, cmd: &Command) -> Result<u64, ProposeError> {
-        if !self.is_leader() {
-            return Err(ProposeError::NotLeader { leader: self.leader() });
-        }
+    fn next_id(&mut self) -> u64 {
         self.next_proposal += 1;
-        // Ids are unique across the group: the node id in the high bits.
-        let id = (self.id() << 48) | self.next_proposal;
-        self.node.propose(id.to_be_bytes().to_vec(), encode(cmd)).map_err(|e| ProposeError::Dropped(e.to_string()))?;
+        // Unique across the group: a hash of the node id in the high bits (ids are random u64s).
+        ((self.id().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) << 40) | (self.next_proposal & ((1 << 40) - 1))
+    }
+
+    fn dropped(e: raft::Error) -> ProposeError {
+        match e {
+            raft::Error::ProposalDropped => ProposeError::NoLeader,
+            e => ProposeError::Dropped(e.to_string()),
+        }
+    }
+
+    /// Proposes a command; returns its proposal id, reported back in [`Applied::proposal`]. A
+    /// follower forwards the proposal to the leader; with no known leader it is refused.
+    pub fn propose(&mut self, cmd: &Command) -> Result<u64, ProposeError> {
+        if self.leader().is_none() {
+            return Err(ProposeError::NoLeader);
+        }
+        let id = self.next_id();
+        self.node.propose(id.to_be_bytes().to_vec(), encode(cmd)).map_err(Self::dropped)?;
         self.pending.insert(id, ());
         Ok(id)
+    }
+
+    /// Proposes one membership change through joint consensus (entered and left automatically).
+    /// `member` is the directory entry of a member being added.
+    pub fn propose_member_change(&mut self, change: MemberChange, member: Option<Member>) -> Result<u64, ProposeError> {
+        if self.leader().is_none() {
+            return Err(ProposeError::NoLeader);
+        }
+        // A follower forwards the change; the leader checks again (and turns a change it cannot
+        // take into an empty entry, which leaves the proposer to time out).
+        let conf = self.conf_state();
+        if self.is_leader() && (self.node.raft.has_pending_conf() || !conf.voters_outgoing.is_empty()) {
+            return Err(ProposeError::Membership(
+                "another membership change is still in progress; retry in a few seconds".into(),
+            ));
+        }
+        let voter = |id: u64| conf.voters.contains(&id);
+        let learner = |id: u64| conf.learners.contains(&id);
+        let (kind, node) = match change {
+            MemberChange::AddLearner(id) => {
+                if voter(id) || learner(id) {
+                    return Err(ProposeError::Membership(format!("member {id:x} is already in the group")));
+                }
+                (ConfChangeType::AddLearnerNode, id)
+            }
+            MemberChange::Promote(id) => {
+                if !learner(id) {
+                    return Err(ProposeError::Membership(format!("member {id:x} is not a learner")));
+                }
+                (ConfChangeType::AddNode, id)
+            }
+            MemberChange::Remove(id) => {
+                if !voter(id) && !learner(id) {
+                    return Err(ProposeError::Membership(format!("member {id:x} is not in the group")));
+                }
+                if voter(id) && conf.voters.len() == 1 {
+                    return Err(ProposeError::Membership("the last voter cannot be removed".into()));
+                }
+                (ConfChangeType::RemoveNode, id)
+            }
+        };
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(kind);
+        single.node_id = node;
+        let mut cc = ConfChangeV2::default();
+        cc.set_transition(ConfChangeTransition::Implicit);
+        cc.set_changes(vec![single].into());
+        let id = self.next_id();
+        let ctx = ConfContext { proposal: id, members: member.into_iter().collect() };
+        let ctx = serde_json::to_vec(&ctx).unwrap_or_default();
+        self.node.propose_conf_change(ctx, cc).map_err(Self::dropped)?;
+        self.pending.insert(id, ());
+        Ok(id)
+    }
+
+    /// Asks for a read index; the answer comes back in [`Output::read_states`] with `ctx`.
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.node.read_index(ctx);
+    }
+
+    /// Hands leadership to `to`.
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.node.transfer_leader(to);
+    }
+
+    /// A peer could not be reached.
+    pub fn report_unreachable(&mut self, id: u64) {
+        self.node.report_unreachable(id);
+    }
+
+    /// How sending a snapshot to `id` ended.
+    pub fn report_snapshot(&mut self, id: u64, status: SnapshotStatus) {
+        self.node.report_snapshot(id, status);
+    }
+
+    /// Forgets a proposal whose caller gave up waiting.
+    pub fn forget(&mut self, proposal: u64) {
+        self.pending.remove(&proposal);
+    }
+
+    /// The raft node, for status.
+    pub fn raw(&self) -> &RawNode<S> {
+        &self.node
+    }
+
+    /// The current configuration.
+    pub fn conf_state(&self) -> ConfState {
+        self.node.raft.prs().conf().to_conf_state()
+    }
+
+    /// Index of the last applied entry.
+    pub fn applied(&self) -> u64 {
+        self.node.raft.raft_log.applied
+    }
+
+    /// Role name for status.
+    pub fn role(&self) -> &'static str {
+        match self.node.raft.state {
+            StateRole::Leader => "leader",
+            StateRole::Follower => "follower",
+            StateRole::Candidate => "candidate",
+            StateRole::PreCandidate => "pre-candidate",
+        }
     }
 
     /// Processes one `Ready`, in raft-rs's documented order, with one deliberate strengthening:
@@ -171,6 +321,7 @@ impl<S: DurableLog> Replica<S> {
             self.restore(s)?;
         }
         // 2. Only now may messages leave.
+        out.read_states.extend(rd.take_read_states());
         out.messages.extend(rd.take_messages());
         out.messages.extend(rd.take_persisted_messages());
         // 3. Apply what is committed.
@@ -198,6 +349,33 @@ impl<S: DurableLog> Replica<S> {
         Ok(())
     }
 
+    /// Applies a configuration change to raft and the member directory to the state.
+    fn apply_conf_change(
+        &mut self,
+        index: u64,
+        cc: ConfChangeV2,
+        context: &[u8],
+        out: &mut Output,
+    ) -> Result<Result<(), ApplyError>, StoreError> {
+        self.node.apply_conf_change(&cc).map_err(|e| StoreError::Io(format!("conf change {index}: {e}")))?;
+        out.conf_changed = true;
+        let mut result = self.state.apply(index, &Command::Noop);
+        let ctx: ConfContext = serde_json::from_slice(context).unwrap_or_default();
+        for m in ctx.members {
+            result = result.and(self.state.apply(index, &Command::SetMember(m)));
+        }
+        for c in cc.get_changes() {
+            if c.get_change_type() == ConfChangeType::RemoveNode {
+                if c.node_id == self.id() {
+                    out.removed = true;
+                }
+                // A member may have no directory entry (e.g. removed before it was recorded).
+                let _ = self.state.apply(index, &Command::RemoveMember { id: c.node_id });
+            }
+        }
+        Ok(result)
+    }
+
     fn apply(&mut self, entries: Vec<Entry>, out: &mut Output) -> Result<(), StoreError> {
         for entry in entries {
             let index = entry.index;
@@ -213,16 +391,25 @@ impl<S: DurableLog> Replica<S> {
                     let mut cc = ConfChange::default();
                     protobuf::Message::merge_from_bytes(&mut cc, &entry.data)
                         .map_err(|e| StoreError::Corrupt(format!("conf change {index}: {e}")))?;
-                    self.node.apply_conf_change(&cc).map_err(|e| StoreError::Io(e.to_string()))?;
-                    self.state.apply(index, &Command::Noop)
+                    {
+                        let mut single = ConfChangeSingle::default();
+                        single.set_change_type(cc.get_change_type());
+                        single.node_id = cc.node_id;
+                        let mut v2 = ConfChangeV2::default();
+                        v2.set_changes(vec![single].into());
+                        self.apply_conf_change(index, v2, &entry.context, out)?
+                    }
                 }
                 EntryType::EntryConfChangeV2 => {
                     let mut cc = ConfChangeV2::default();
                     protobuf::Message::merge_from_bytes(&mut cc, &entry.data)
                         .map_err(|e| StoreError::Corrupt(format!("conf change {index}: {e}")))?;
-                    self.node.apply_conf_change(&cc).map_err(|e| StoreError::Io(e.to_string()))?;
-                    self.state.apply(index, &Command::Noop)
+                    self.apply_conf_change(index, cc, &entry.context, out)?
                 }
+            };
+            let proposal = match entry.get_entry_type() {
+                EntryType::EntryNormal => proposal,
+                _ => serde_json::from_slice::<ConfContext>(&entry.context).ok().map(|c| c.proposal),
             };
             let proposal = proposal.filter(|p| self.pending.remove(p).is_some());
             let digest = crc32fast::hash(&entry.data);

@@ -236,6 +236,7 @@ impl Sim {
                         healthy: true,
                         weight: 1,
                         revision: 0,
+                        registrar: String::new(),
                     },
                     protocol: Protocol::Http,
                 };

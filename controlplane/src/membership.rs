@@ -1,0 +1,427 @@
+//! Joining the control-plane group with one token.
+//!
+//! A join token is printed once by `trellis controlplane token create`. Besides its secret it
+//! carries what a new instance needs to find and trust the group: the members' addresses, the
+//! trust domain and the SHA-256 pin of the root CA. The new instance dials a member, accepts it
+//! only if it presents the pinned root and a control-plane identity, and sends the token with a
+//! CSR. The member checks the token, signs the CSR for the new instance's control-plane identity,
+//! adds it to the group as a learner (the leader promotes it to voter once it has caught up) and
+//! answers with its Raft id, certificate, trust bundle and the member directory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status};
+use trellis_federation::token::TokenParts;
+use trellis_proto::verify::IdMatcher;
+use trellis_proto::{SpiffeId, grpc, pb};
+
+use crate::certs::{FailureLimiter, Signer};
+use crate::state::{JoinKind, JoinToken, Member, State};
+use crate::store::raft::{MemberChange, RaftHandle, new_member_id_for};
+use crate::store::Store;
+use crate::unix_now;
+
+/// Kind prefix of the secret inside a join token.
+pub const JOIN_PREFIX: &str = "tjt1";
+/// Prefix of the printable join token.
+const TOKEN_PREFIX: &str = "trellis-join-v1.";
+/// Default and maximum lifetime of a join token.
+pub const JOIN_TOKEN_TTL: Duration = Duration::from_secs(3600);
+pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// What a printable join token holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinTicket {
+    /// The secret, `tjt1.<id>.<secret>`.
+    pub token: String,
+    pub trust_domain: String,
+    /// SHA-256 of the root CA certificate (DER), hex.
+    pub pin: String,
+    /// The cluster the new instance joins.
+    pub cluster: String,
+    /// Addresses of members to dial.
+    pub addresses: Vec<String>,
+}
+
+impl JoinTicket {
+    /// The printable form.
+    pub fn encode(&self) -> String {
+        format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(serde_json::to_vec(self).unwrap_or_default()))
+    }
+
+    /// Parses the printable form.
+    pub fn decode(text: &str) -> Result<Self, String> {
+        let bad = "the join token is malformed: use the whole text printed by `trellis controlplane token create`";
+        let body = text.trim().strip_prefix(TOKEN_PREFIX).ok_or(bad)?;
+        let json = URL_SAFE_NO_PAD.decode(body).map_err(|_| bad)?;
+        let t: Self = serde_json::from_slice(&json).map_err(|_| bad)?;
+        TokenParts::parse(&t.token, JOIN_PREFIX).map_err(|_| bad)?;
+        if t.addresses.is_empty() || t.pin.len() != 64 {
+            return Err(bad.into());
+        }
+        Ok(t)
+    }
+}
+
+/// Creates a join token for a control-plane instance of `cluster`; returns the stored token and
+/// the printable ticket.
+pub fn new_join_token(
+    state: &State,
+    cluster: &str,
+    addresses: Vec<String>,
+    ttl: Duration,
+    description: &str,
+) -> Result<(JoinToken, String), Status> {
+    if !state.clusters.contains_key(cluster) {
+        return Err(Status::not_found(format!("cluster '{cluster}' is not part of the federation")));
+    }
+    let td = state.trust_domain().ok_or_else(|| Status::unavailable("the federation is not bootstrapped yet"))?;
+    let root = state.roots.first().ok_or_else(|| Status::unavailable("no root CA"))?;
+    let der = trellis_proto::tls::certs_from_pem(&root.cert_pem)
+        .map_err(|e| Status::internal(format!("root CA: {e}")))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Status::internal("root CA has no certificate"))?;
+    let (parts, secret) = TokenParts::generate(JOIN_PREFIX).map_err(|e| Status::internal(e.to_string()))?;
+    let now = unix_now();
+    let stored = JoinToken {
+        id: parts.id.clone(),
+        secret_hash: parts.secret_hash(),
+        kind: JoinKind::ControlPlane { cluster: cluster.to_string() },
+        expires_at: now + ttl.as_secs(),
+        created_at: now,
+        description: description.to_string(),
+        revoked: false,
+    };
+    let ticket = JoinTicket {
+        token: secret,
+        trust_domain: td.to_string(),
+        pin: trellis_proto::tls::cert_pin(&der),
+        cluster: cluster.to_string(),
+        addresses,
+    };
+    Ok((stored, ticket.encode()))
+}
+
+/// Checks a join token's secret for a control-plane instance of `cluster`.
+pub fn check_join_token(state: &State, token: &str, cluster: &str, now: u64) -> Result<(), Status> {
+    let create = "create a new one with `trellis controlplane token create`";
+    let parts = TokenParts::parse(token, JOIN_PREFIX)
+        .map_err(|e| Status::unauthenticated(format!("join token refused: {e}; {create}")))?;
+    let stored = state
+        .join_tokens
+        .get(&parts.id)
+        .ok_or_else(|| Status::unauthenticated(format!("join token {} is unknown; {create}", parts.id)))?;
+    if !parts.matches(&stored.secret_hash) {
+        return Err(Status::unauthenticated(format!("join token {} has a wrong secret; {create}", parts.id)));
+    }
+    if stored.revoked {
+        return Err(Status::unauthenticated(format!("join token {} was revoked; {create}", parts.id)));
+    }
+    if stored.expires_at <= now {
+        return Err(Status::unauthenticated(format!(
+            "join token {} expired {} s ago; {create}",
+            parts.id,
+            now - stored.expires_at
+        )));
+    }
+    match &stored.kind {
+        JoinKind::ControlPlane { cluster: c } if c == cluster => Ok(()),
+        JoinKind::ControlPlane { cluster: c } => Err(Status::permission_denied(format!(
+            "join token {} admits a control plane of cluster '{c}', not '{cluster}'; start with --cluster {c}",
+            parts.id
+        ))),
+    }
+}
+
+/// The Membership gRPC service.
+pub struct MembershipService {
+    pub store: Arc<dyn Store>,
+    pub raft: RaftHandle,
+    pub limiter: FailureLimiter,
+}
+
+fn member_to_pb(m: &Member) -> pb::GroupMember {
+    pb::GroupMember { id: m.id, name: m.name.clone(), cluster: m.cluster.clone(), address: m.address.clone() }
+}
+
+#[tonic::async_trait]
+impl pb::membership_server::Membership for MembershipService {
+    async fn join_control_plane(
+        &self,
+        req: Request<pb::JoinControlPlaneRequest>,
+    ) -> Result<Response<pb::JoinControlPlaneResponse>, Status> {
+        let ip = grpc::peer_addr(&req).map(|a| a.ip());
+        self.limiter.check(ip)?;
+        let r = req.into_inner();
+        let result = self.join(&r).await;
+        if let Err(s) = &result {
+            if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) {
+                self.limiter.failed(ip);
+            }
+            tracing::info!(cluster = %r.cluster, node = %r.node, reason = %s.message(), "join refused");
+        }
+        result.map(Response::new)
+    }
+}
+
+impl MembershipService {
+    async fn join(&self, r: &pb::JoinControlPlaneRequest) -> Result<pb::JoinControlPlaneResponse, Status> {
+        // A token created a moment ago on another member must be visible here: read linearizably.
+        let state = self.store.read().await?;
+        check_join_token(&state, &r.token, &r.cluster, unix_now())?;
+        let td = state.trust_domain().ok_or_else(|| Status::unavailable("the federation is not bootstrapped yet"))?;
+        let id = SpiffeId::control_plane(td, &r.cluster, &r.node)
+            .map_err(|e| Status::invalid_argument(format!("cluster/node name: {e}")))?;
+        if r.address.parse::<std::net::SocketAddr>().is_err()
+            && r.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none()
+        {
+            return Err(Status::invalid_argument(format!(
+                "address '{}' is not host:port; set --advertise on the new instance",
+                r.address
+            )));
+        }
+        let member_id = match state.member_named(&r.cluster, &r.node) {
+            // A retry of a join whose answer was lost: the learner is still waiting.
+            Some(m) if self.is_learner(m.id) => m.id,
+            Some(m) => {
+                return Err(Status::already_exists(format!(
+                    "control plane {}/{} is already a voting member ({:x}); a restarted instance keeps its data \
+                     directory and needs no token. To replace it, remove it first: `trellis controlplane remove {}/{}`",
+                    r.cluster, r.node, m.id, r.cluster, r.node
+                )));
+            }
+            None => new_member_id_for(&state),
+        };
+        let ca = Signer::new(&r.cluster).ca(&state)?;
+        let leaf = ca
+            .sign_csr(&r.csr_pem, &id, trellis_federation::ca::LEAF_TTL)
+            .map_err(|e| Status::invalid_argument(format!("certificate request: {e}")))?;
+        if !self.is_learner(member_id) {
+            let member =
+                Member { id: member_id, name: r.node.clone(), cluster: r.cluster.clone(), address: r.address.clone() };
+            self.raft.change_membership(MemberChange::AddLearner(member_id), Some(member)).await?;
+        }
+        tracing::info!(cluster = %r.cluster, node = %r.node, id = format!("{member_id:x}"), "control plane joined as learner");
+        let state = self.store.current();
+        Ok(pb::JoinControlPlaneResponse {
+            id: member_id,
+            cert_chain_pem: std::iter::once(leaf.cert_pem).chain(leaf.chain_pem).collect(),
+            trust_bundle_pem: state.roots.iter().map(|r| r.cert_pem.as_str()).collect(),
+            trust_domain: td.to_string(),
+            members: state.members.values().map(member_to_pb).collect(),
+        })
+    }
+
+    fn is_learner(&self, id: u64) -> bool {
+        self.raft.status().learners.contains(&id)
+    }
+}
+
+/// What a new instance received when it joined.
+pub struct Joined {
+    pub id: u64,
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub trust_bundle_pem: String,
+    pub trust_domain: String,
+    pub members: Vec<Member>,
+}
+
+/// Joins the group with `ticket` as `cluster/node`, reachable at `address`. Tries each address
+/// in the ticket until one answers.
+pub async fn join(ticket: &JoinTicket, cluster: &str, node: &str, address: &str) -> Result<Joined, String> {
+    if ticket.cluster != cluster {
+        return Err(format!(
+            "this join token is for cluster '{}', but this instance is configured for '{cluster}'; start it with \
+             --cluster {}",
+            ticket.cluster, ticket.cluster
+        ));
+    }
+    let id = SpiffeId::control_plane(&ticket.trust_domain, cluster, node).map_err(|e| e.to_string())?;
+    let (csr_pem, key_pem) = trellis_federation::ca::new_csr(&id).map_err(|e| e.to_string())?;
+    let tls = trellis_proto::tls::pinned_client_config(&ticket.pin, &ticket.trust_domain, IdMatcher::AnyControlPlane, &[
+        b"h2",
+    ])
+    .map_err(|e| e.to_string())?;
+    let req = pb::JoinControlPlaneRequest {
+        token: ticket.token.clone(),
+        csr_pem,
+        cluster: cluster.to_string(),
+        node: node.to_string(),
+        address: address.to_string(),
+    };
+    let mut errors = Vec::new();
+    for addr in &ticket.addresses {
+        let channel = match grpc::channel(addr, tls.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                errors.push(format!("{addr}: {e}"));
+                continue;
+            }
+        };
+        let mut client = pb::membership_client::MembershipClient::new(channel);
+        match client.join_control_plane(req.clone()).await {
+            Ok(resp) => {
+                let r = resp.into_inner();
+                return Ok(Joined {
+                    id: r.id,
+                    chain_pem: r.cert_chain_pem,
+                    key_pem,
+                    trust_bundle_pem: r.trust_bundle_pem,
+                    trust_domain: r.trust_domain,
+                    members: r
+                        .members
+                        .into_iter()
+                        .map(|m| Member { id: m.id, name: m.name, cluster: m.cluster, address: m.address })
+                        .collect(),
+                });
+            }
+            // Refusals are final: another member would say the same.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unauthenticated
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::AlreadyExists
+                ) =>
+            {
+                return Err(s.message().to_string());
+            }
+            Err(s) => errors.push(format!("{addr}: {}", s.message())),
+        }
+    }
+    Err(format!("no member of the group answered: {}", errors.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_round_trip_and_garbage_is_refused() {
+        let (_, token) = TokenParts::generate(JOIN_PREFIX).unwrap();
+        let t = JoinTicket {
+            token,
+            trust_domain: "mesh.local".into(),
+            pin: "ab".repeat(32),
+            cluster: "east".into(),
+            addresses: vec!["127.0.0.1:7443".into()],
+        };
+        let text = t.encode();
+        let back = JoinTicket::decode(&text).unwrap();
+        assert_eq!((back.cluster.as_str(), back.addresses.len()), ("east", 1));
+        for bad in ["", "trellis-join-v1.", "trellis-join-v1.!!!", &text[..text.len() - 8], "twt1.abc.def"] {
+            let e = JoinTicket::decode(bad).unwrap_err();
+            assert!(e.contains("malformed"), "{bad}: {e}");
+        }
+    }
+}
+
+/// The control-plane group as the admin API sees it.
+pub struct Group {
+    pub raft: RaftHandle,
+    pub peers: Arc<crate::store::raft::transport::Peers>,
+    /// Client TLS with this instance's identity, expecting control-plane servers.
+    pub tls: Arc<rustls::ClientConfig>,
+    pub state: tokio::sync::watch::Receiver<Arc<State>>,
+}
+
+impl Group {
+    /// Finds a member by `node` or `cluster/node`.
+    pub fn find(&self, state: &State, name: &str) -> Result<Member, Status> {
+        let found: Vec<&Member> = match name.split_once('/') {
+            Some((c, n)) => state.members.values().filter(|m| m.cluster == c && m.name == n).collect(),
+            None => state.members.values().filter(|m| m.name == name).collect(),
+        };
+        match found.as_slice() {
+            [m] => Ok((*m).clone()),
+            [] => Err(Status::not_found(format!("no control plane named '{name}'; see `trellis get controlplanes`"))),
+            _ => Err(Status::invalid_argument(format!("'{name}' names several control planes; write cluster/node"))),
+        }
+    }
+
+    /// Every member's status: this one's directly, the others' over the peer service.
+    pub async fn statuses(&self) -> pb::ListControlPlanesResponse {
+        let state = self.state.borrow().clone();
+        let me = self.raft.status();
+        let mut ids: Vec<u64> = me.voters.iter().chain(me.learners.iter()).copied().collect();
+        ids.extend(state.members.keys().copied());
+        ids.sort_unstable();
+        ids.dedup();
+        let asks = ids.iter().map(|id| {
+            let id = *id;
+            let member = self.peers.get(id);
+            let tls = self.tls.clone();
+            let local = id == me.id;
+            let state = state.clone();
+            let me = me.clone();
+            let peers = self.peers.clone();
+            async move {
+                if local {
+                    return (id, member, Ok(crate::store::raft::transport::member_status(&me, &state, &peers)));
+                }
+                let Some(m) = member.clone() else { return (id, member, Err("address unknown".to_string())) };
+                let ask = async {
+                    let channel = grpc::channel(&m.address, tls).map_err(|e| e.to_string())?;
+                    let mut client = pb::peer_client::PeerClient::new(channel);
+                    client
+                        .member_status(pb::MemberStatusRequest {})
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|s| s.message().to_string())
+                };
+                let r = tokio::time::timeout(Duration::from_secs(2), ask)
+                    .await
+                    .unwrap_or_else(|_| Err("no answer within 2 s".into()));
+                (id, member, r)
+            }
+        });
+        let answers = futures::future::join_all(asks).await;
+        let leader = answers.iter().filter_map(|(_, _, r)| r.as_ref().ok()).find(|s| s.role == "leader").cloned();
+        let mut out = pb::ListControlPlanesResponse {
+            leader: leader.as_ref().map(|l| l.id).unwrap_or(0),
+            term: leader.as_ref().map(|l| l.term).unwrap_or(me.term),
+            members: Vec::new(),
+        };
+        for (id, member, r) in answers {
+            let membership = if me.voters.contains(&id) {
+                "voter"
+            } else if me.learners.contains(&id) {
+                "learner"
+            } else {
+                "none"
+            };
+            let mut s = pb::ControlPlaneStatus {
+                id,
+                name: member.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+                cluster: member.as_ref().map(|m| m.cluster.clone()).unwrap_or_default(),
+                address: member.as_ref().map(|m| m.address.clone()).unwrap_or_default(),
+                membership: membership.into(),
+                leader: out.leader == id,
+                ..Default::default()
+            };
+            match r {
+                Ok(st) => {
+                    s.role = st.role;
+                    s.term = st.term;
+                    s.commit = st.commit;
+                    s.applied = st.applied;
+                    s.state_hash = st.state_hash;
+                    if let Some(l) = &leader {
+                        let matched = l.matched.get(&id).copied().unwrap_or(st.last_index);
+                        s.lag = l.last_index.saturating_sub(matched);
+                    }
+                }
+                Err(e) => s.error = e,
+            }
+            out.members.push(s);
+        }
+        out
+    }
+}

@@ -9,12 +9,12 @@ use trellis_federation::token::{TokenParts, WORKLOAD_PREFIX};
 use trellis_proto::identity::Principal;
 use trellis_proto::{grpc, pb};
 
-use crate::membership::{Group, JOIN_TOKEN_TTL, MAX_JOIN_TOKEN_TTL, new_join_token};
-use crate::store::raft::MemberChange;
 use crate::convert::{endpoint_to_pb, service_from_pb, service_to_pb};
+use crate::membership::{Group, JOIN_TOKEN_TTL, MAX_JOIN_TOKEN_TTL, new_join_token};
 use crate::proxies::ProxyTracker;
 use crate::state::{Command, WorkloadToken, validate_service_key};
 use crate::store::Store;
+use crate::store::raft::MemberChange;
 use crate::unix_now;
 
 /// Default and maximum lifetime of a workload token.
@@ -260,9 +260,12 @@ impl pb::admin_server::Admin for AdminService {
         let status = group.raft.status();
         if status.leader == member.id {
             // The leader hands over first, so the group does not lose its leader mid-change.
-            let to = status.voters.iter().copied().find(|v| *v != member.id).ok_or_else(|| {
-                Status::failed_precondition("the last voter cannot be removed")
-            })?;
+            let to = status
+                .voters
+                .iter()
+                .copied()
+                .find(|v| *v != member.id)
+                .ok_or_else(|| Status::failed_precondition("the last voter cannot be removed"))?;
             transfer(group, to).await?;
         }
         group.raft.change_membership(MemberChange::Remove(member.id), None).await?;
@@ -278,9 +281,12 @@ impl pb::admin_server::Admin for AdminService {
         let group = self.group.as_ref().ok_or_else(no_group)?;
         let status = group.raft.status();
         let to = if req.get_ref().to.is_empty() {
-            status.voters.iter().copied().find(|v| *v != status.leader).ok_or_else(|| {
-                Status::failed_precondition("there is no other voter to hand leadership to")
-            })?
+            status
+                .voters
+                .iter()
+                .copied()
+                .find(|v| *v != status.leader)
+                .ok_or_else(|| Status::failed_precondition("there is no other voter to hand leadership to"))?
         } else {
             let state = self.store.current();
             let m = group.find(&state, &req.get_ref().to)?;

@@ -20,9 +20,9 @@ use crate::bootstrap::{self, BootstrapError};
 use crate::certs::{CertificateService, FailureLimiter, Signer};
 use crate::config::{ConfigError, CpConfig, StoreKind};
 use crate::discovery::{DiscoveryService, expire_orphans};
+use crate::membership::{Group, JoinTicket, MembershipService};
 use crate::metrics::{self, Metrics};
 use crate::proxies::ProxyTracker;
-use crate::membership::{Group, JoinTicket, MembershipService};
 use crate::state::{Command, Member};
 use crate::store::raft::transport::{GrpcTransport, PeerService, Peers};
 use crate::store::raft::{RaftOptions, RaftStore, Start};
@@ -79,7 +79,9 @@ impl Handle {
                     let s = rx.wait_for(|s| s.fatal.is_some() || s.removed).await.map(|s| s.clone());
                     match s {
                         Ok(s) if s.removed => {
-                            tracing::warn!("removed from the control-plane group; stopping (its data directory can be deleted)");
+                            tracing::warn!(
+                                "removed from the control-plane group; stopping (its data directory can be deleted)"
+                            );
                             true
                         }
                         Ok(s) => {
@@ -108,12 +110,17 @@ impl Handle {
             let s = raft.status().borrow().clone();
             if s.role == "leader" && s.fatal.is_none() {
                 let last = s.last_index;
-                let best = s.voters.iter().filter(|v| **v != s.id).max_by_key(|v| s.matched.get(v).copied().unwrap_or(0));
+                let best =
+                    s.voters.iter().filter(|v| **v != s.id).max_by_key(|v| s.matched.get(v).copied().unwrap_or(0));
                 if let Some(&to) = best.filter(|v| s.matched.get(v).copied().unwrap_or(0) + 16 >= last) {
                     raft.handle().transfer_leader(to);
                     let mut rx = raft.status();
                     let moved = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|s| s.leader != s.id)).await;
-                    tracing::info!(to = format!("{to:x}"), moved = moved.is_ok(), "leadership handed over before stopping");
+                    tracing::info!(
+                        to = format!("{to:x}"),
+                        moved = moved.is_ok(),
+                        "leadership handed over before stopping"
+                    );
                 }
             }
         }
@@ -286,7 +293,8 @@ pub async fn build(cfg: CpConfig) -> Result<Handle, AppError> {
     ];
     if let Some(raft) = &opened.raft {
         tasks.push(tokio::spawn(opened.peers.clone().follow(store.subscribe())));
-        let me = Member { id: raft.id(), name: cfg.node.clone(), cluster: cfg.cluster.clone(), address: advertise.clone() };
+        let me =
+            Member { id: raft.id(), name: cfg.node.clone(), cluster: cfg.cluster.clone(), address: advertise.clone() };
         tasks.push(tokio::spawn(keep_member_record(store.clone(), me)));
     }
     if let Some(expiry) = crate::certs::ca_not_after(&state, &cfg.cluster) {
@@ -359,7 +367,12 @@ async fn open_store(
                 let joined = crate::membership::join(&ticket, &cfg.cluster, &cfg.node, advertise)
                     .await
                     .map_err(AppError::Join)?;
-                bootstrap::save_join_identity(&cfg.data_dir, &joined.chain_pem, &joined.key_pem, &joined.trust_bundle_pem)?;
+                bootstrap::save_join_identity(
+                    &cfg.data_dir,
+                    &joined.chain_pem,
+                    &joined.key_pem,
+                    &joined.trust_bundle_pem,
+                )?;
                 identity.replace(trellis_proto::tls::Identity::from_pem(&joined.chain_pem, &joined.key_pem)?);
                 bundle.store(TrustBundle::from_pem(&joined.trust_domain, &[joined.trust_bundle_pem.clone()])?);
                 peers.extend(joined.members);

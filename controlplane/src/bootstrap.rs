@@ -103,8 +103,7 @@ pub fn save_join_identity(data_dir: &Path, chain: &str, key: &str, bundle: &str)
     let dir = join_dir(data_dir);
     for (name, body) in [("cert.pem", chain), ("key.pem", key), ("trust-bundle.pem", bundle)] {
         let path = dir.join(name);
-        write_private(&path, body.as_bytes())
-            .map_err(|source| BootstrapError::Write { path, source })?;
+        write_private(&path, body.as_bytes()).map_err(|source| BootstrapError::Write { path, source })?;
     }
     Ok(())
 }

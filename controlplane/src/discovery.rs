@@ -327,7 +327,8 @@ mod tests {
         assert!(full.full);
         assert_eq!(full.endpoints.len(), 100);
         let v = s.revision;
-        s.apply(v + 1, &Command::SetEndpointHealth { id: "a/default/web/7".into(), healthy: false, registrar: None }).unwrap();
+        s.apply(v + 1, &Command::SetEndpointHealth { id: "a/default/web/7".into(), healthy: false, registrar: None })
+            .unwrap();
         s.apply(v + 2, &Command::DeleteEndpoint { id: "a/default/web/8".into(), registrar: None }).unwrap();
         let delta = build_response(&s, v).unwrap();
         assert!(!delta.full);

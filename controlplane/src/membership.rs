@@ -21,8 +21,8 @@ use trellis_proto::{SpiffeId, grpc, pb};
 
 use crate::certs::{FailureLimiter, Signer};
 use crate::state::{JoinKind, JoinToken, Member, State};
-use crate::store::raft::{MemberChange, RaftHandle, new_member_id_for};
 use crate::store::Store;
+use crate::store::raft::{MemberChange, RaftHandle, new_member_id_for};
 use crate::unix_now;
 
 /// Kind prefix of the secret inside a join token.
@@ -244,9 +244,12 @@ pub async fn join(ticket: &JoinTicket, cluster: &str, node: &str, address: &str)
     }
     let id = SpiffeId::control_plane(&ticket.trust_domain, cluster, node).map_err(|e| e.to_string())?;
     let (csr_pem, key_pem) = trellis_federation::ca::new_csr(&id).map_err(|e| e.to_string())?;
-    let tls = trellis_proto::tls::pinned_client_config(&ticket.pin, &ticket.trust_domain, IdMatcher::AnyControlPlane, &[
-        b"h2",
-    ])
+    let tls = trellis_proto::tls::pinned_client_config(
+        &ticket.pin,
+        &ticket.trust_domain,
+        IdMatcher::AnyControlPlane,
+        &[b"h2"],
+    )
     .map_err(|e| e.to_string())?;
     let req = pb::JoinControlPlaneRequest {
         token: ticket.token.clone(),
@@ -255,6 +258,29 @@ pub async fn join(ticket: &JoinTicket, cluster: &str, node: &str, address: &str)
         node: node.to_string(),
         address: address.to_string(),
     };
+    // A member busy with another membership change, or a group between leaders, answers
+    // Unavailable: try the addresses again for a while.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match join_once(ticket, &tls, &req, &key_pem).await {
+            Ok(j) => return Ok(j),
+            Err((msg, false)) => return Err(msg),
+            Err((msg, true)) if tokio::time::Instant::now() >= deadline => return Err(msg),
+            Err((msg, true)) => {
+                tracing::info!(reason = %msg, "the group cannot admit this instance yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// One round over the ticket's addresses; the error says whether a retry may help.
+async fn join_once(
+    ticket: &JoinTicket,
+    tls: &Arc<rustls::ClientConfig>,
+    req: &pb::JoinControlPlaneRequest,
+    key_pem: &str,
+) -> Result<Joined, (String, bool)> {
     let mut errors = Vec::new();
     for addr in &ticket.addresses {
         let channel = match grpc::channel(addr, tls.clone()) {
@@ -265,13 +291,16 @@ pub async fn join(ticket: &JoinTicket, cluster: &str, node: &str, address: &str)
             }
         };
         let mut client = pb::membership_client::MembershipClient::new(channel);
-        match client.join_control_plane(req.clone()).await {
+        let answer = tokio::time::timeout(Duration::from_secs(15), client.join_control_plane(req.clone()))
+            .await
+            .unwrap_or_else(|_| Err(Status::unavailable("no answer within 15 s")));
+        match answer {
             Ok(resp) => {
                 let r = resp.into_inner();
                 return Ok(Joined {
                     id: r.id,
                     chain_pem: r.cert_chain_pem,
-                    key_pem,
+                    key_pem: key_pem.to_string(),
                     trust_bundle_pem: r.trust_bundle_pem,
                     trust_domain: r.trust_domain,
                     members: r
@@ -291,12 +320,12 @@ pub async fn join(ticket: &JoinTicket, cluster: &str, node: &str, address: &str)
                         | tonic::Code::AlreadyExists
                 ) =>
             {
-                return Err(s.message().to_string());
+                return Err((s.message().to_string(), false));
             }
             Err(s) => errors.push(format!("{addr}: {}", s.message())),
         }
     }
-    Err(format!("no member of the group answered: {}", errors.join("; ")))
+    Err((format!("no member of the group admitted this instance: {}", errors.join("; ")), true))
 }
 
 #[cfg(test)]

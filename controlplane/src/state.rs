@@ -5,7 +5,6 @@
 //! changes anything, and leaves the state untouched when it refuses a command. The store that
 //! orders commands (single node today, Raft next) calls it; nothing else mutates a `State`.
 
-
 use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
 use trellis_proto::identity::validate_name;
@@ -500,7 +499,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.changes_since(1).unwrap(), vec![]);
-        s.apply(3, &Command::SetEndpointHealth { id: "a/default/web/1".into(), healthy: false, registrar: None }).unwrap();
+        s.apply(3, &Command::SetEndpointHealth { id: "a/default/web/1".into(), healthy: false, registrar: None })
+            .unwrap();
         assert_eq!(s.changes_since(2).unwrap(), vec![ChangeKey::Endpoint("a/default/web/1".into())]);
     }
 

@@ -371,8 +371,8 @@ impl ServerCertVerifier for PinnedServerVerifier {
                     .into(),
             )))))
         })?;
-        let bundle = crate::verify::TrustBundle::new(&self.trust_domain, vec![root.clone().into_owned()])
-            .map_err(to_rustls)?;
+        let bundle =
+            crate::verify::TrustBundle::new(&self.trust_domain, vec![root.clone().into_owned()]).map_err(to_rustls)?;
         bundle.verify(&chain(end_entity, intermediates), Usage::Server, &self.expected, now).map_err(to_rustls)?;
         Ok(ServerCertVerified::assertion())
     }

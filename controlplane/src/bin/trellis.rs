@@ -28,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// List resources: services, endpoints, proxies, workload-tokens.
+    /// List resources: services, endpoints, proxies, workload-tokens, controlplanes.
     Get {
         #[arg(value_enum)]
         resource: Resource,
@@ -60,6 +60,12 @@ enum Cmd {
     /// Delete a service and its endpoints.
     #[command(name = "delete-service")]
     DeleteService { name: String },
+    /// The control-plane group: join tokens, removal, leadership.
+    #[command(name = "controlplane", alias = "cp")]
+    ControlPlane {
+        #[command(subcommand)]
+        command: ControlPlaneCmd,
+    },
     /// Workload tokens (universal mode: how a workload proves its identity for a certificate).
     Token {
         #[command(subcommand)]
@@ -102,6 +108,39 @@ enum Resource {
     Proxies,
     #[value(name = "workload-tokens", alias = "workload-token")]
     WorkloadTokens,
+    #[value(name = "controlplanes", alias = "controlplane", alias = "cp")]
+    ControlPlanes,
+}
+
+#[derive(Subcommand)]
+enum ControlPlaneCmd {
+    /// Create a token with which one more control-plane instance joins the group
+    /// (`trellis-cp --join-token-file FILE`); prints it once.
+    #[command(name = "token")]
+    Token {
+        #[command(subcommand)]
+        command: ControlPlaneTokenCmd,
+    },
+    /// Remove a member (`node` or `cluster/node`) from the group.
+    Remove { name: String },
+    /// Hand leadership to a voter (`node` or `cluster/node`; any caught-up voter if omitted).
+    #[command(name = "transfer-leader")]
+    TransferLeader { to: Option<String> },
+}
+
+#[derive(Subcommand)]
+enum ControlPlaneTokenCmd {
+    /// Create a join token.
+    Create {
+        /// The new instance's cluster (default: the answering instance's).
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Lifetime, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -369,6 +408,53 @@ async fn run(cli: Cli) -> Result<(), String> {
                     }
                 }
                 Resource::WorkloadTokens => token_listing(&mut admin, &ctx.server).await?,
+                Resource::ControlPlanes => {
+                    let r = admin
+                        .list_control_planes(pb::ListControlPlanesRequest {})
+                        .await
+                        .map_err(status(&ctx.server))?
+                        .into_inner();
+                    Listing {
+                        columns: vec![
+                            "NAME", "CLUSTER", "ID", "ADDRESS", "MEMBER", "ROLE", "TERM", "COMMIT", "APPLIED", "LAG",
+                            "STATE",
+                        ],
+                        rows: r
+                            .members
+                            .iter()
+                            .map(|m| {
+                                let role = if m.error.is_empty() { m.role.clone() } else { "unreachable".into() };
+                                vec![
+                                    m.name.clone(),
+                                    m.cluster.clone(),
+                                    format!("{:x}", m.id),
+                                    m.address.clone(),
+                                    m.membership.clone(),
+                                    role,
+                                    m.term.to_string(),
+                                    m.commit.to_string(),
+                                    m.applied.to_string(),
+                                    m.lag.to_string(),
+                                    if m.error.is_empty() {
+                                        m.state_hash.chars().take(12).collect()
+                                    } else {
+                                        m.error.clone()
+                                    },
+                                ]
+                            })
+                            .collect(),
+                        value: json!({
+                            "leader": format!("{:x}", r.leader),
+                            "term": r.term,
+                            "members": r.members.iter().map(|m| json!({
+                                "id": format!("{:x}", m.id), "name": m.name, "cluster": m.cluster,
+                                "address": m.address, "membership": m.membership, "leader": m.leader,
+                                "role": m.role, "term": m.term, "commit": m.commit, "applied": m.applied,
+                                "lag": m.lag, "state_hash": m.state_hash, "error": m.error,
+                            })).collect::<Vec<_>>(),
+                        }),
+                    }
+                }
             };
             print!("{}", listing.render(*output));
             Ok(())
@@ -439,6 +525,49 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(status(&ctx.server))?;
             println!("service/{n}.{ns} deleted");
             Ok(())
+        }
+        Cmd::ControlPlane { command } => {
+            let (_, ctx) = load_context(&cli)?;
+            let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+            match command {
+                ControlPlaneCmd::Token { command: ControlPlaneTokenCmd::Create { cluster, ttl, description } } => {
+                    let ttl_seconds = parse_ttl(ttl)?;
+                    let r = admin
+                        .create_join_token(pb::CreateJoinTokenRequest {
+                            cluster: cluster.clone().unwrap_or_default(),
+                            ttl_seconds,
+                            description: description.clone(),
+                        })
+                        .await
+                        .map_err(status(&ctx.server))?
+                        .into_inner();
+                    eprintln!(
+                        "Join token {} for one more control-plane instance, valid {}. It is shown only now; start the \
+                         new instance with `trellis-cp --join-token-file FILE` (or TRELLIS_JOIN_TOKEN):",
+                        r.id,
+                        human_duration(ttl_seconds)
+                    );
+                    println!("{}", r.token);
+                    Ok(())
+                }
+                ControlPlaneCmd::Remove { name } => {
+                    admin
+                        .remove_control_plane(pb::RemoveControlPlaneRequest { name: name.clone() })
+                        .await
+                        .map_err(status(&ctx.server))?;
+                    println!("controlplane/{name} removed from the group");
+                    Ok(())
+                }
+                ControlPlaneCmd::TransferLeader { to } => {
+                    let r = admin
+                        .transfer_leadership(pb::TransferLeadershipRequest { to: to.clone().unwrap_or_default() })
+                        .await
+                        .map_err(status(&ctx.server))?
+                        .into_inner();
+                    println!("leader is now {:x}", r.leader);
+                    Ok(())
+                }
+            }
         }
         Cmd::Token { command: TokenCmd::Workload { command } } => {
             let (_, ctx) = load_context(&cli)?;

@@ -19,19 +19,21 @@ pub enum CliError {
     Unreachable { server: String, reason: String },
     #[error("the control plane refused: {0}")]
     Refused(String),
+    #[error("the control plane cannot do this now: {0}")]
+    Unavailable(String),
 }
 
 /// Maps a gRPC status to an actionable CLI error.
 pub fn from_status(server: &str, s: tonic::Status) -> CliError {
     match s.code() {
         tonic::Code::Unavailable | tonic::Code::Unknown
-            if s.message().contains("transport") || s.message().contains("connect") =>
+            if ["transport", "connect", "refused", "dns"]
+                .iter()
+                .any(|w| s.message().to_ascii_lowercase().contains(w)) =>
         {
             CliError::Unreachable { server: server.to_string(), reason: s.message().to_string() }
         }
-        tonic::Code::Unavailable => {
-            CliError::Unreachable { server: server.to_string(), reason: s.message().to_string() }
-        }
+        tonic::Code::Unavailable => CliError::Unavailable(s.message().to_string()),
         _ => CliError::Refused(s.message().to_string()),
     }
 }

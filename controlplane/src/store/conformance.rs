@@ -228,7 +228,8 @@ async fn mixed_history(store: &impl Store, entries: u32) {
         }
         i += 500;
     }
-    propose_ok(store, Command::SetEndpointHealth { id: "a/reopen/web/1".into(), healthy: false, registrar: None }).await;
+    propose_ok(store, Command::SetEndpointHealth { id: "a/reopen/web/1".into(), healthy: false, registrar: None })
+        .await;
     propose_ok(store, Command::DeleteEndpoint { id: "a/reopen/web/2".into(), registrar: None }).await;
     propose_ok(store, Command::RevokeWorkloadToken { id: "tok-r".into() }).await;
     assert!(store.propose(Command::DeleteEndpoint { id: "missing".into(), registrar: None }).await.is_err());

@@ -36,6 +36,8 @@ pub struct RedbLog {
     snapshot: Mutex<Option<Snapshot>>,
     /// This member's Raft id, recorded when the log was created.
     node_id: Option<u64>,
+    /// A follower needs a snapshot newer than the stored one.
+    snapshot_wanted: std::sync::atomic::AtomicBool,
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -48,7 +50,17 @@ impl RedbLog {
     pub fn open(dir: &Path, initial: &ConfState) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("raft.redb");
-        let db = Database::create(&path).map_err(|e| io(format!("cannot open {}: {e}", path.display())))?;
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => io(format!(
+                "{} is in use by another trellis-cp; stop it first or give this one its own --data-dir",
+                path.display()
+            )),
+            redb::DatabaseError::Storage(redb::StorageError::Corrupted(m)) => StoreError::Corrupt(format!(
+                "{}: {m}; the file was damaged. Remove this instance's data directory and let it rejoin the group",
+                path.display()
+            )),
+            other => io(format!("cannot open {}: {other}", path.display())),
+        })?;
         let mirror = MemStorage::new();
         let mut snapshot = None;
         let node_id;
@@ -100,7 +112,8 @@ impl RedbLog {
                 w.set_hardstate(HardState::parse_from_bytes(&bytes).map_err(|_| damaged(&path, HARD_STATE))?);
             }
         }
-        let log = Self { db, path, mirror, snapshot: Mutex::new(snapshot), node_id };
+        let log =
+            Self { db, path, mirror, snapshot: Mutex::new(snapshot), node_id, snapshot_wanted: Default::default() };
         if fresh {
             log.write(|meta, _| {
                 meta.insert(CONF_STATE, seal(&encode(initial)?).as_slice()).map_err(io)?;
@@ -108,6 +121,24 @@ impl RedbLog {
             })?;
         }
         Ok(log)
+    }
+
+    /// Starts a new group whose only voter is `id`: the log begins with a snapshot at index 1
+    /// holding that configuration (and an empty state). Members that join later start from
+    /// this snapshot or a later one, so they learn the first configuration like any other.
+    pub fn bootstrap(&self, id: u64) -> Result<(), StoreError> {
+        let mut s = Snapshot::default();
+        let meta = s.mut_metadata();
+        meta.index = 1;
+        meta.term = 1;
+        meta.set_conf_state(ConfState::from((vec![id], vec![])));
+        let hs = HardState { term: 1, vote: 0, commit: 1, ..Default::default() };
+        self.persist(Some(&s), &[], Some(&hs))
+    }
+
+    /// Whether a follower asked for a snapshot newer than the stored one (and clears the request).
+    pub fn take_snapshot_request(&self) -> bool {
+        self.snapshot_wanted.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The Raft id recorded in this log, if any.
@@ -268,11 +299,19 @@ impl Storage for RedbLog {
         self.mirror.last_index()
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let includes = |s: &Snapshot| {
+            let c = s.get_metadata().get_conf_state();
+            to == 0 || [&c.voters, &c.learners, &c.voters_outgoing, &c.learners_next].iter().any(|l| l.contains(&to))
+        };
         match self.snapshot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(s) if s.get_metadata().index >= request_index => Ok(s.clone()),
-            // raft-rs asks again later; a snapshot is written by the next compaction.
-            _ => Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable)),
+            Some(s) if s.get_metadata().index >= request_index && includes(s) => Ok(s.clone()),
+            // A member the snapshot does not know (it joined after) would refuse it: the driver
+            // writes a fresh one, and raft-rs asks again.
+            _ => {
+                self.snapshot_wanted.store(true, std::sync::atomic::Ordering::Relaxed);
+                Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable))
+            }
         }
     }
 }

@@ -110,6 +110,7 @@ enum Event {
     Campaign,
     Unreachable(u64),
     Snapshot(u64, SnapshotStatus),
+    Removed,
     Stop,
 }
 
@@ -145,6 +146,11 @@ impl RaftHandle {
     /// Delivers a message from a peer; drops it when the queue is full.
     pub fn step(&self, m: Message) -> Result<(), Busy> {
         self.tx.try_send(Event::Message(Box::new(m))).map_err(|_| Busy)
+    }
+
+    /// A member of the group said this one is no longer part of it.
+    pub fn removed(&self) {
+        let _ = self.tx.try_send(Event::Removed);
     }
 
     /// A peer could not be reached.
@@ -264,15 +270,15 @@ impl RaftStore {
                 dir.display()
             )));
         }
-        let (id, initial) = match start {
-            Start::Bootstrap => {
-                let id = new_member_id();
-                (Some(id), ConfState::from((vec![id], vec![])))
-            }
-            Start::Join { id } => (Some(id), ConfState::default()),
-            Start::Restart => (None, ConfState::default()),
+        let id = match start {
+            Start::Bootstrap => Some(new_member_id()),
+            Start::Join { id } => Some(id),
+            Start::Restart => None,
         };
-        let mut log = RedbLog::open(dir, &initial)?;
+        let mut log = RedbLog::open(dir, &ConfState::default())?;
+        if let (Start::Bootstrap, Some(id)) = (&start, id) {
+            log.bootstrap(id)?;
+        }
         let id = match (id, log.node_id()) {
             (Some(id), None) => {
                 log.set_node_id(id)?;
@@ -388,7 +394,9 @@ fn replica_snapshot_state(replica: &Replica<RedbLog>) -> Result<Option<State>, S
         return Ok(None);
     }
     serde_json::from_slice(s.get_data()).map(Some).map_err(|e| {
-        StoreError::Corrupt(format!("the snapshot in the control-plane log cannot be read: {e}; remove the data directory and rejoin"))
+        StoreError::Corrupt(format!(
+            "the snapshot in the control-plane log cannot be read: {e}; remove the data directory and rejoin"
+        ))
     })
 }
 
@@ -523,6 +531,13 @@ impl Driver {
             }
             Event::Unreachable(id) => self.replica.report_unreachable(id),
             Event::Snapshot(id, status) => self.replica.report_snapshot(id, status),
+            Event::Removed => {
+                // Sent by the leader only (see the transport); a leader never acts on it.
+                if !self.replica.is_leader() && !self.removed {
+                    tracing::warn!("a member reports that this instance was removed from the group");
+                    self.removed = true;
+                }
+            }
             Event::Stop => return false,
         }
         true
@@ -606,7 +621,8 @@ impl Driver {
         let applied = self.replica.applied();
         let store = self.replica.raw().store();
         let snap = store.snapshot(0, 0).map(|s| s.get_metadata().index).unwrap_or(0);
-        if applied < snap + self.options.compact_every {
+        let wanted = store.take_snapshot_request() && applied > snap;
+        if applied < snap + self.options.compact_every && !wanted {
             return Ok(());
         }
         let data = serde_json::to_vec(self.replica.state())
@@ -646,13 +662,17 @@ impl Driver {
 
     fn promote_caught_up_learners(&mut self) {
         let raw = self.replica.raw();
-        let last = raw.raft.raft_log.last_index();
-        let learner = self
-            .replica
-            .conf_state()
-            .learners
-            .into_iter()
-            .find(|id| raw.raft.prs().get(*id).is_some_and(|p| p.recent_active && p.matched + 64 >= last));
+        let commit = raw.raft.raft_log.committed;
+        // Caught up: replicating normally (not probing, not taking a snapshot), recently heard
+        // from, and within a few entries of the commit index.
+        let learner = self.replica.conf_state().learners.into_iter().find(|id| {
+            raw.raft.prs().get(*id).is_some_and(|p| {
+                p.recent_active
+                    && p.state == raft::ProgressState::Replicate
+                    && p.matched > 0
+                    && p.matched + 16 >= commit
+            })
+        });
         if let Some(id) = learner {
             match self.replica.propose_member_change(MemberChange::Promote(id), None) {
                 Ok(_) => tracing::info!(member = format!("{id:x}"), "learner caught up; promoting it to voter"),

@@ -290,6 +290,12 @@ impl<S: DurableLog> Replica<S> {
         self.node.raft.prs().conf().to_conf_state()
     }
 
+    /// Whether `id` is in the current configuration (voter or learner, either side of a joint one).
+    pub fn in_conf(&self, id: u64) -> bool {
+        let c = self.conf_state();
+        [&c.voters, &c.learners, &c.voters_outgoing, &c.learners_next].iter().any(|l| l.contains(&id))
+    }
+
     /// Index of the last applied entry.
     pub fn applied(&self) -> u64 {
         self.node.raft.raft_log.applied
@@ -383,6 +389,12 @@ impl<S: DurableLog> Replica<S> {
             let result = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => self.state.apply(index, &Command::Noop),
                 EntryType::EntryNormal => match serde_json::from_slice::<Command>(&entry.data) {
+                    // The directory names members of the configuration only: a removed member
+                    // that still runs cannot write itself back.
+                    Ok(Command::SetMember(m)) if !self.in_conf(m.id) => {
+                        self.state.revision = index;
+                        Err(ApplyError::Invalid(format!("{:x} is not a member of the group", m.id)))
+                    }
                     Ok(cmd) => self.state.apply(index, &cmd),
                     // Only our own proposers write entries; an unreadable one is a bug or damage.
                     Err(e) => return Err(StoreError::Corrupt(format!("committed entry {index} cannot be read: {e}"))),

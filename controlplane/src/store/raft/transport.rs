@@ -34,6 +34,8 @@ const BATCH: usize = 256;
 const CHUNK: usize = 1 << 20;
 /// Largest snapshot accepted.
 const MAX_SNAPSHOT: usize = 1 << 30;
+/// How a member tells a sender that it is no longer part of the group.
+const REMOVED: &str = "this member was removed from the control-plane group";
 /// Largest gRPC message on the peer service.
 pub const MAX_MESSAGE: usize = 16 << 20;
 
@@ -56,11 +58,15 @@ impl Peers {
         self.0.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
 
-    /// Keeps the directory in step with the replicated state.
+    /// Keeps the directory in step with the replicated state (once it names any member, it is
+    /// the whole directory: removed members drop out).
     pub async fn follow(self: Arc<Self>, mut state: watch::Receiver<Arc<State>>) {
         loop {
-            let members: Vec<Member> = state.borrow_and_update().members.values().cloned().collect();
-            self.extend(members);
+            let members: HashMap<u64, Member> =
+                state.borrow_and_update().members.iter().map(|(id, m)| (*id, m.clone())).collect();
+            if !members.is_empty() {
+                *self.0.write().unwrap_or_else(|p| p.into_inner()) = members;
+            }
             if state.changed().await.is_err() {
                 return;
             }
@@ -163,6 +169,11 @@ async fn peer_loop(
                     r = &mut call => {
                         let why = match r {
                             Ok(Ok(_)) => "stream closed by the peer".to_string(),
+                            Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied && s.message().starts_with(REMOVED) => {
+                                tracing::warn!(peer = %member.name, "{}", s.message());
+                                handle.removed();
+                                return;
+                            }
                             Ok(Err(s)) => s.message().to_string(),
                             Err(e) => e.to_string(),
                         };
@@ -241,16 +252,25 @@ impl PeerService {
                 self.handle.id()
             )));
         }
+        if m.get_msg_type() == MessageType::MsgTransferLeader {
+            // Forwarded by a follower on behalf of the transferee, whose id it carries.
+            return Ok(());
+        }
         match self.peers.get(m.from) {
             Some(member) if member.cluster == caller.0 && member.name == caller.1 => Ok(()),
             Some(member) => Err(Status::permission_denied(format!(
                 "{}/{} may not send as member {:x} ({}/{})",
                 caller.0, caller.1, m.from, member.cluster, member.name
             ))),
-            None => Err(Status::failed_precondition(format!(
-                "member {:x} is not in this member's directory yet",
-                m.from
-            ))),
+            None => {
+                let st = self.status.borrow();
+                let in_conf = st.voters.contains(&m.from) || st.learners.contains(&m.from);
+                // Only the leader says so: its configuration is the newest there is.
+                if !in_conf && st.role == "leader" {
+                    return Err(Status::permission_denied(format!("{REMOVED} ({:x})", m.from)));
+                }
+                Err(Status::failed_precondition(format!("member {:x} is not in this member's directory yet", m.from)))
+            }
         }
     }
 }

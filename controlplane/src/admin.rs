@@ -195,7 +195,9 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         require_admin(&req)?;
-        let state = self.store.read().await?;
+        // Local: status must answer even when the group has no leader.
+        let state = self.store.current();
+        let raft = self.group.as_ref().map(|g| g.raft.status());
         let ca_expires_in = crate::certs::ca_not_after(&state, &self.cluster)
             .and_then(|na| na.duration_since(std::time::SystemTime::now()).ok())
             .map(|d| d.as_secs())
@@ -210,6 +212,9 @@ impl pb::admin_server::Admin for AdminService {
             proxies_connected: self.proxies.connected() as u32,
             version: crate::VERSION.to_string(),
             ca_expires_in,
+            raft_role: raft.as_ref().map(|s| s.role.to_string()).unwrap_or_default(),
+            raft_term: raft.as_ref().map(|s| s.term).unwrap_or(0),
+            raft_leader: raft.as_ref().map(|s| s.leader).unwrap_or(0),
         }))
     }
 

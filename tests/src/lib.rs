@@ -4,5 +4,6 @@
 //! every process it started when the test ends, also on panic.
 
 pub mod bench;
+pub mod group;
 pub mod harness;
 pub mod mesh;

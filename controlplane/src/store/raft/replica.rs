@@ -123,7 +123,7 @@ impl<S: DurableLog> Replica<S> {
     /// committed entries (raft-rs re-delivers them from `config.applied`).
     pub fn new(config: &raft::Config, storage: S, logger: &slog::Logger) -> Result<Self, raft::Error> {
         let node = RawNode::new(config, storage, logger)?;
-        Ok(Self { node, state: State::default(), next_proposal: 0, pending: HashMap::new() })
+        Ok(Self { node, state: State::default(), next_proposal: fastrand::u64(..), pending: HashMap::new() })
     }
 
     /// Replaces the state machine with the one a snapshot recorded (at restart: raft-rs resumes
@@ -177,10 +177,17 @@ impl<S: DurableLog> Replica<S> {
         self.node.step(m)
     }
 
+    /// Sets where this incarnation's proposal ids start (tests use it for determinism).
+    pub fn set_proposal_base(&mut self, base: u64) {
+        self.next_proposal = base;
+    }
+
     fn next_id(&mut self) -> u64 {
-        self.next_proposal += 1;
-        // Unique across the group: a hash of the node id in the high bits (ids are random u64s).
-        ((self.id().wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) << 40) | (self.next_proposal & ((1 << 40) - 1))
+        // Ids must differ across members and across restarts of one member: an entry proposed
+        // (and forwarded) before a crash may be applied after it, and must not answer a new
+        // proposal. Each incarnation starts at a random 64-bit base.
+        self.next_proposal = self.next_proposal.wrapping_add(1);
+        self.next_proposal
     }
 
     fn dropped(e: raft::Error) -> ProposeError {

@@ -3,7 +3,9 @@
 //! replicas between "persisted" and "sent". Checked after every step: at most one leader per
 //! term; every replica applies the same entry at the same index, in order, with nothing skipped;
 //! nothing acknowledged is lost. At the end the network heals and every replica must converge to
-//! the same state. A failing seed replays exactly (`TRELLIS_SIM_SEED=<seed>`).
+//! the same state. Clients also write and read registers through any replica (writes forwarded
+//! to the leader, reads by ReadIndex); the recorded history must be linearizable
+//! ([`crate::linearizability`]). A failing seed replays exactly (`TRELLIS_SIM_SEED=<seed>`).
 
 use std::collections::BTreeMap;
 
@@ -11,7 +13,11 @@ use raft::prelude::{ConfState, Message};
 use raft::storage::MemStorage;
 
 use super::replica::Replica;
-use crate::state::{Command, Endpoint, Protocol};
+use crate::linearizability::{self, History, Input, OpId, Outcome, Output};
+use crate::state::{Command, Endpoint, Protocol, Service, ServicePort};
+
+/// Registers the clients write and read.
+const REGISTERS: u64 = 3;
 
 const ELECTION_TICK: usize = 10;
 
@@ -37,6 +43,8 @@ pub struct Summary {
     pub leaders: u64,
     pub crashes: u64,
     pub trace: u64,
+    /// Register calls answered (checked for linearizability).
+    pub calls: u64,
 }
 
 struct Sim {
@@ -53,6 +61,15 @@ struct Sim {
     /// Endpoint ids whose proposal was applied on its proposer (acknowledged to a client).
     acknowledged: Vec<String>,
     pending: BTreeMap<u64, String>,
+    /// Register writes waiting to be applied on their proposer: proposal id → (node, call).
+    writes: BTreeMap<u64, (usize, OpId)>,
+    /// Register reads waiting for their read index: context → (node, key, call).
+    reads: BTreeMap<u64, (usize, u64, OpId)>,
+    /// Reads whose index is confirmed, waiting for their replica to apply it.
+    confirmed: Vec<(usize, u64, u64, OpId)>,
+    history: History,
+    /// Orders invocations and returns (one tick per event).
+    clock: u64,
     crashes: u64,
     trace: u64,
     logger: slog::Logger,
@@ -86,7 +103,8 @@ impl Sim {
         let nodes = (1..=n)
             .map(|id| {
                 let storage = MemStorage::new_with_conf_state(ConfState::from((voters.clone(), vec![])));
-                let replica = Replica::new(&config(id), storage.clone(), &logger).expect("replica starts");
+                let mut replica = Replica::new(&config(id), storage.clone(), &logger).expect("replica starts");
+                replica.set_proposal_base(id << 56);
                 Node { replica: Some(replica), storage, last_applied: 0 }
             })
             .collect();
@@ -101,6 +119,11 @@ impl Sim {
             committed: BTreeMap::new(),
             acknowledged: Vec::new(),
             pending: BTreeMap::new(),
+            writes: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            confirmed: Vec::new(),
+            history: History::new(),
+            clock: 0,
             crashes: 0,
             trace: seed,
             logger,
@@ -154,10 +177,28 @@ impl Sim {
             {
                 self.acknowledged.push(ep);
             }
+            if let Some(p) = a.proposal
+                && let Some((_, op)) = self.writes.remove(&p)
+                && a.result.is_ok()
+            {
+                self.clock += 1;
+                self.history.ret(op, Output::WriteOk, self.clock);
+            }
             self.trace = mix(self.trace, a.index ^ (u64::from(a.digest) << 20));
         }
+        for rs in &out.read_states {
+            let ctx = <[u8; 8]>::try_from(rs.request_ctx.as_slice()).map(u64::from_be_bytes).unwrap_or(0);
+            if let Some((node, key, op)) = self.reads.remove(&ctx) {
+                self.confirmed.push((node, rs.index, key, op));
+            }
+        }
+        self.answer_reads(i);
         if crash_after_persist {
             self.nodes[i].replica = None;
+            // Calls in flight on a crashed replica never return.
+            self.writes.retain(|_, (n, _)| *n != i);
+            self.reads.retain(|_, (n, _, _)| *n != i);
+            self.confirmed.retain(|(n, ..)| *n != i);
             self.crashes += 1;
             self.trace = mix(self.trace, 0xdead ^ id);
             return Ok(());
@@ -166,6 +207,66 @@ impl Sim {
         msgs.sort_by_key(|m| (m.to, m.get_msg_type() as u64, m.index));
         self.send(msgs, chaos);
         Ok(())
+    }
+
+    /// Answers the confirmed reads of node `i` whose index it has applied.
+    fn answer_reads(&mut self, i: usize) {
+        let Some(r) = self.nodes[i].replica.as_ref() else { return };
+        let applied = r.state().revision;
+        let mut still = Vec::new();
+        for (node, index, key, op) in std::mem::take(&mut self.confirmed) {
+            if node == i && index <= applied {
+                let seen = r
+                    .state()
+                    .services
+                    .get(&format!("r{key}.default"))
+                    .and_then(|s| s.ports.first())
+                    .map(|p| u64::from(p.port));
+                self.clock += 1;
+                self.history.ret(op, Output::Read(seen), self.clock);
+            } else {
+                still.push((node, index, key, op));
+            }
+        }
+        self.confirmed = still;
+    }
+
+    /// A client call on a random live replica: a register write or a linearizable read.
+    fn client_call(&mut self) {
+        let n = self.nodes.len();
+        let i = self.rng.usize(0..n);
+        if self.nodes[i].replica.is_none() {
+            return;
+        }
+        let key = self.rng.u64(0..REGISTERS);
+        self.clock += 1;
+        if self.rng.bool() {
+            // Values are unique: the step number fits a port for the simulated lengths.
+            let value = (self.now % 60_000) as u16 + 1;
+            let svc = Service {
+                name: format!("r{key}"),
+                namespace: "default".into(),
+                ports: vec![ServicePort { name: "v".into(), port: value }],
+                protocol: Protocol::Http,
+                exported: false,
+                revision: 0,
+            };
+            let op =
+                self.history.invoke(i as u64, Input::Write { key: key.to_string(), value: value.into() }, self.clock);
+            if let Some(r) = self.nodes[i].replica.as_mut()
+                && let Ok(p) = r.propose(&Command::UpsertService(svc))
+            {
+                self.writes.insert(p, (i, op));
+            }
+        } else {
+            let op = self.history.invoke(i as u64, Input::Read { key: key.to_string() }, self.clock);
+            self.seq += 1;
+            let ctx = self.seq;
+            if let Some(r) = self.nodes[i].replica.as_mut() {
+                r.read_index(ctx.to_be_bytes().to_vec());
+                self.reads.insert(ctx, (i, key, op));
+            }
+        }
     }
 
     fn check_leaders(&mut self) -> Result<(), String> {
@@ -247,6 +348,9 @@ impl Sim {
                 }
             }
         }
+        if chaos && self.rng.u32(0..100) < 30 {
+            self.client_call();
+        }
         // Ticks with seeded jitter, always: it stands in for raft's randomized election timeout
         // (pinned for determinism), without which replicas time out in lockstep and split votes
         // for ever.
@@ -289,8 +393,9 @@ impl Sim {
 
     fn restart(&mut self, i: usize) -> Result<(), String> {
         let id = i as u64 + 1;
-        let replica = Replica::new(&config(id), self.nodes[i].storage.clone(), &self.logger)
+        let mut replica = Replica::new(&config(id), self.nodes[i].storage.clone(), &self.logger)
             .map_err(|e| format!("node {id} cannot restart from its durable state: {e}"))?;
+        replica.set_proposal_base(self.rng.u64(..));
         self.nodes[i].replica = Some(replica);
         self.nodes[i].last_applied = 0;
         self.trace = mix(self.trace, 0x5ee ^ id);
@@ -356,12 +461,18 @@ impl Sim {
                 return Err(format!("acknowledged write {ep} was lost"));
             }
         }
+        match linearizability::check(self.history.operations(), None) {
+            Outcome::Ok => {}
+            other => return Err(format!("the register history is not linearizable: {other:?}")),
+        }
+        let calls = self.history.operations().iter().filter(|o| o.ret.is_some()).count() as u64;
         Ok(Summary {
             acknowledged: self.acknowledged.len() as u64,
             committed: self.committed.len() as u64,
             leaders: self.leader_of_term.len() as u64,
             crashes: self.crashes,
             trace: self.trace,
+            calls,
         })
     }
 }
@@ -391,12 +502,15 @@ fn raft_group_is_safe_under_seeded_faults() {
         totals.committed += s.committed;
         totals.leaders += s.leaders;
         totals.crashes += s.crashes;
+        totals.calls += s.calls;
     }
     eprintln!(
-        "simulated {} seeds: {} entries committed, {} writes acknowledged, {} leader terms, {} crashes, 0 violations",
+        "simulated {} seeds: {} entries committed, {} writes acknowledged, {} register calls linearizable, {} leader \
+         terms, {} crashes, 0 violations",
         seeds.len(),
         totals.committed,
         totals.acknowledged,
+        totals.calls,
         totals.leaders,
         totals.crashes
     );
@@ -404,6 +518,7 @@ fn raft_group_is_safe_under_seeded_faults() {
     assert!(totals.crashes > seeds.len() as u64 / 2, "too few crashes: {}", totals.crashes);
     assert!(totals.leaders > seeds.len() as u64, "too few elections: {}", totals.leaders);
     assert!(totals.acknowledged > seeds.len() as u64 * 10, "too few writes: {}", totals.acknowledged);
+    assert!(totals.calls > seeds.len() as u64 * 10, "too few register calls answered: {}", totals.calls);
 }
 
 #[test]

@@ -328,30 +328,6 @@ async fn join_once(
     Err((format!("no member of the group admitted this instance: {}", errors.join("; ")), true))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tickets_round_trip_and_garbage_is_refused() {
-        let (_, token) = TokenParts::generate(JOIN_PREFIX).unwrap();
-        let t = JoinTicket {
-            token,
-            trust_domain: "mesh.local".into(),
-            pin: "ab".repeat(32),
-            cluster: "east".into(),
-            addresses: vec!["127.0.0.1:7443".into()],
-        };
-        let text = t.encode();
-        let back = JoinTicket::decode(&text).unwrap();
-        assert_eq!((back.cluster.as_str(), back.addresses.len()), ("east", 1));
-        for bad in ["", "trellis-join-v1.", "trellis-join-v1.!!!", &text[..text.len() - 8], "twt1.abc.def"] {
-            let e = JoinTicket::decode(bad).unwrap_err();
-            assert!(e.contains("malformed"), "{bad}: {e}");
-        }
-    }
-}
-
 /// The control-plane group as the admin API sees it.
 pub struct Group {
     pub raft: RaftHandle,
@@ -452,5 +428,29 @@ impl Group {
             out.members.push(s);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_round_trip_and_garbage_is_refused() {
+        let (_, token) = TokenParts::generate(JOIN_PREFIX).unwrap();
+        let t = JoinTicket {
+            token,
+            trust_domain: "mesh.local".into(),
+            pin: "ab".repeat(32),
+            cluster: "east".into(),
+            addresses: vec!["127.0.0.1:7443".into()],
+        };
+        let text = t.encode();
+        let back = JoinTicket::decode(&text).unwrap();
+        assert_eq!((back.cluster.as_str(), back.addresses.len()), ("east", 1));
+        for bad in ["", "trellis-join-v1.", "trellis-join-v1.!!!", &text[..text.len() - 8], "twt1.abc.def"] {
+            let e = JoinTicket::decode(bad).unwrap_err();
+            assert!(e.contains("malformed"), "{bad}: {e}");
+        }
     }
 }

@@ -43,7 +43,7 @@ fn service(name: &str, port: u32) -> pb::Service {
     pb::Service {
         name: name.to_string(),
         namespace: "default".into(),
-        ports: vec![pb::ServicePort { name: "v".into(), port, ..Default::default() }],
+        ports: vec![pb::ServicePort { name: "v".into(), port }],
         protocol: "http".into(),
         exported: false,
         revision: 0,

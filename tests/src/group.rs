@@ -208,10 +208,18 @@ impl Group {
 
     /// Waits until `n` voters are in the group with a leader.
     pub fn wait_voters(&self, n: usize, deadline: Duration) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        // From a blocking thread of a runtime, use that runtime; else a small one of our own.
+        let own;
+        let handle = match tokio::runtime::Handle::try_current() {
+            Ok(h) => h,
+            Err(_) => {
+                own = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                own.handle().clone()
+            }
+        };
         let start = Instant::now();
         loop {
-            if let Some(s) = rt.block_on(self.status()) {
+            if let Some(s) = handle.block_on(self.status()) {
                 let voters = s.members.iter().filter(|m| m.membership == "voter" && m.error.is_empty()).count();
                 if voters == n && s.leader != 0 {
                     return;

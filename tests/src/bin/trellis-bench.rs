@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use trellis_tests::bench::load::Proto;
 use trellis_tests::bench::report::Report;
-use trellis_tests::bench::scenarios::{self, proxy_latency, tcp_throughput};
+use trellis_tests::bench::scenarios::{self, proxy_latency, raft, tcp_throughput};
 
 #[derive(Parser)]
 #[command(name = "trellis-bench", about = "Trellis benchmark scenarios (build the workspace in release mode first)")]
@@ -33,6 +33,9 @@ struct Args {
     /// Seconds of the one-core saturation run (0 skips it).
     #[arg(long, default_value_t = 5)]
     saturation: u64,
+    /// Concurrent writers for the raft scenario's throughput figure.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
     /// MiB per stream for tcp-throughput.
     #[arg(long, default_value_t = 256)]
     stream_mib: u64,
@@ -70,6 +73,14 @@ async fn main() -> anyhow::Result<()> {
                 proxy_latency::run(&opts, &mut report).await?;
             }
             "tcp-throughput" => tcp_throughput::run(args.stream_mib, args.rounds, &mut report).await?,
+            "raft" => {
+                let opts = raft::Opts {
+                    duration: Duration::from_secs(args.duration),
+                    rounds: args.rounds,
+                    clients: args.clients,
+                };
+                raft::run(&opts, &mut report).await?;
+            }
             other => report.skipped(other, "unknown scenario"),
         }
     }

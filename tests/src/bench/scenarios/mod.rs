@@ -1,6 +1,7 @@
 //! The scenarios. Those whose parts are not built yet say so and skip.
 
 pub mod proxy_latency;
+pub mod raft;
 pub mod tcp_throughput;
 
 /// Every scenario name, in the order `all` runs them.
@@ -12,9 +13,6 @@ pub fn not_built(name: &str) -> Option<&'static str> {
     match name {
         "cross-cluster" | "failover" => Some("east-west gateways and cross-cluster failover are not built yet"),
         "join" => Some("joining clusters with a token is not built yet"),
-        "raft" => {
-            Some("the Raft-replicated store is not built yet (the single-node redb store has no peer to compare)")
-        }
         "config-propagation" => {
             Some("the lightweight subscriber harness over 3 clusters needs federation, not built yet")
         }

@@ -374,7 +374,10 @@ async fn open_store(
                     &joined.trust_bundle_pem,
                 )?;
                 identity.replace(trellis_proto::tls::Identity::from_pem(&joined.chain_pem, &joined.key_pem)?);
-                bundle.store(TrustBundle::from_pem(&joined.trust_domain, std::slice::from_ref(&joined.trust_bundle_pem))?);
+                bundle.store(TrustBundle::from_pem(
+                    &joined.trust_domain,
+                    std::slice::from_ref(&joined.trust_bundle_pem),
+                )?);
                 peers.extend(joined.members);
                 joined_td = Some(joined.trust_domain);
                 Start::Join { id: joined.id }

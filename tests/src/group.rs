@@ -208,18 +208,19 @@ impl Group {
 
     /// Waits until `n` voters are in the group with a leader.
     pub fn wait_voters(&self, n: usize, deadline: Duration) {
-        // From a blocking thread of a runtime, use that runtime; else a small one of our own.
-        let own;
-        let handle = match tokio::runtime::Handle::try_current() {
-            Ok(h) => h,
-            Err(_) => {
-                own = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-                own.handle().clone()
-            }
+        // From a blocking thread of a runtime, use that runtime; else a small one of our own
+        // (whose drivers only `Runtime::block_on` runs).
+        let own = match tokio::runtime::Handle::try_current() {
+            Ok(h) => Err(h),
+            Err(_) => Ok(tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")),
         };
         let start = Instant::now();
         loop {
-            if let Some(s) = handle.block_on(self.status()) {
+            let status = match &own {
+                Ok(rt) => rt.block_on(self.status()),
+                Err(h) => h.block_on(self.status()),
+            };
+            if let Some(s) = status {
                 let voters = s.members.iter().filter(|m| m.membership == "voter" && m.error.is_empty()).count();
                 if voters == n && s.leader != 0 {
                     return;

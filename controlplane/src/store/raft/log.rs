@@ -136,6 +136,11 @@ impl RedbLog {
         self.persist(Some(&s), &[], Some(&hs))
     }
 
+    /// Index of the stored snapshot (0 when there is none), without copying it.
+    pub fn snapshot_index(&self) -> u64 {
+        self.snapshot.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.get_metadata().index).unwrap_or(0)
+    }
+
     /// Whether a follower asked for a snapshot newer than the stored one (and clears the request).
     pub fn take_snapshot_request(&self) -> bool {
         self.snapshot_wanted.swap(false, std::sync::atomic::Ordering::Relaxed)
@@ -195,13 +200,25 @@ impl RedbLog {
         &self,
         f: impl FnOnce(&mut redb::Table<'_, &str, &[u8]>, &mut redb::Table<'_, u64, &[u8]>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(io)?;
+        self.write_with(true, f)
+    }
+
+    /// One transaction; `durable` makes commit return after fsync. A non-durable commit is
+    /// atomic and becomes durable with the next durable one.
+    fn write_with(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&mut redb::Table<'_, &str, &[u8]>, &mut redb::Table<'_, u64, &[u8]>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(io)?;
+        if !durable {
+            txn.set_durability(redb::Durability::None).map_err(io)?;
+        }
         {
             let mut meta = txn.open_table(META).map_err(io)?;
             let mut entries = txn.open_table(ENTRIES).map_err(io)?;
             f(&mut meta, &mut entries)?;
         }
-        // redb's default durability: commit returns after fsync.
         txn.commit().map_err(io)
     }
 }
@@ -232,8 +249,29 @@ impl DurableLog for RedbLog {
         let conf_bytes = snapshot.map(|s| encode(s.get_metadata().get_conf_state())).transpose()?;
         let encoded =
             entries.iter().map(|e| Ok((e.index, seal(&encode(e)?)))).collect::<Result<Vec<_>, StoreError>>()?;
-        let hs_bytes = hs.map(encode).transpose()?;
-        self.write(|meta, table| {
+        // Only the commit index may be lost in a crash (it is learned again from the leader, and
+        // the state machine is rebuilt from the log): a Ready that changes nothing else stays in
+        // memory until the next write that must be durable.
+        let current = self.mirror.initial_state().map_err(io)?.hard_state;
+        let durable = snapshot.is_some()
+            || !entries.is_empty()
+            || hs.is_some_and(|h| h.term != current.term || h.vote != current.vote);
+        if !durable {
+            return self.mirror.persist(None, &[], hs);
+        }
+        // The hard state written is this Ready's, or the current one (with the latest commit
+        // index). A leader may know an index committed by its followers before its own copy is
+        // durable: the file never records a commit index beyond the entries it holds, or a
+        // restart would refuse the log.
+        let mut to_write = hs.cloned().unwrap_or(current);
+        let last = entries
+            .last()
+            .map(|e| e.index)
+            .or_else(|| snapshot.map(|s| s.get_metadata().index))
+            .unwrap_or(self.mirror.last_index().map_err(io)?);
+        to_write.commit = to_write.commit.min(last);
+        let hs_bytes = Some(encode(&to_write)?);
+        self.write_with(true, |meta, table| {
             if let (Some(s), Some(bytes), Some(conf)) = (snapshot, &snap_bytes, &conf_bytes) {
                 let index = s.get_metadata().index;
                 meta.insert(SNAPSHOT, seal(bytes).as_slice()).map_err(io)?;
@@ -261,13 +299,9 @@ impl DurableLog for RedbLog {
     }
 
     fn set_commit(&self, commit: u64) -> Result<(), StoreError> {
-        let mut hs = self.mirror.initial_state().map_err(io)?.hard_state;
-        hs.commit = commit;
-        let bytes = encode(&hs)?;
-        self.write(|meta, _| {
-            meta.insert(HARD_STATE, seal(&bytes).as_slice()).map_err(io)?;
-            Ok(())
-        })?;
+        // The commit index is not written here: it goes to the file with the next hard state that
+        // must be durable anyway. A restart with an older commit index is safe: the state machine
+        // is rebuilt from the log and the leader says again what is committed.
         self.mirror.set_commit(commit)
     }
 }
@@ -358,16 +392,25 @@ mod tests {
             log.persist(None, &es, Some(&hs(1, 2, 3))).unwrap();
             // A new leader in term 2 overwrites from index 4.
             log.persist(None, &[entry(4, 2, "b")], Some(&hs(2, 3, 3))).unwrap();
+            // A commit index alone is not written; it goes with the next durable write.
             log.set_commit(4).unwrap();
         }
         let log = RedbLog::open(dir.path(), &ConfState::default()).unwrap();
         assert_eq!(log.last_index().unwrap(), 4, "entry 5 of the old term must be gone");
         assert_eq!(log.term(4).unwrap(), 2);
         let st = log.initial_state().unwrap();
-        assert_eq!((st.hard_state.term, st.hard_state.vote, st.hard_state.commit), (2, 3, 4));
+        assert_eq!((st.hard_state.term, st.hard_state.vote, st.hard_state.commit), (2, 3, 3));
+        log.set_commit(4).unwrap();
+        // A leader may know a commit index beyond its own durable entries: the file is clamped.
+        log.set_commit(9).unwrap();
+        log.persist(None, &[entry(5, 2, "c")], None).unwrap();
+        drop(log);
+        let log = RedbLog::open(dir.path(), &ConfState::default()).unwrap();
+        let st = log.initial_state().unwrap();
+        assert_eq!((st.hard_state.term, st.hard_state.commit, log.last_index().unwrap()), (2, 5, 5));
         assert_eq!(st.conf_state.voters, vec![1, 2, 3], "the first configuration is kept");
-        let es = log.entries(1, 5, None, GetEntriesContext::empty(false)).unwrap();
-        assert_eq!(es.iter().map(|e| e.term).collect::<Vec<_>>(), vec![1, 1, 1, 2]);
+        let es = log.entries(1, 6, None, GetEntriesContext::empty(false)).unwrap();
+        assert_eq!(es.iter().map(|e| e.term).collect::<Vec<_>>(), vec![1, 1, 1, 2, 2]);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The production driver: one thread per instance owns the [`Replica`] over its [`RedbLog`],
-//! ticks it, feeds it messages and requests from bounded queues, runs the ready loop (fsync
-//! before send, see [`Replica::ready`]) and answers proposers once their entry is applied.
+//! ticks it, feeds it messages and requests from bounded queues, runs the ready loop (in raft-rs's
+//! documented order, see [`Replica::ready_with`]) and answers proposers once their entry is applied.
 //!
 //! Writes from any member are forwarded to the leader by Raft itself; the proposer learns the
 //! outcome when it applies the entry (the proposal id travels in the entry's context). Reads for
@@ -292,7 +292,7 @@ impl RaftStore {
                 )));
             }
         };
-        let applied = log.snapshot(0, 0).map(|s| s.get_metadata().index).unwrap_or(0);
+        let applied = log.snapshot_index();
         let config = raft::Config {
             id,
             election_tick: options.election_ticks,
@@ -545,7 +545,8 @@ impl Driver {
 
     /// One ready round: persist, send, apply, answer, publish.
     fn round(&mut self) -> Result<(), StoreError> {
-        let out = self.replica.ready()?;
+        let transport = &mut self.transport;
+        let out = self.replica.ready_with(|m| transport.send(m))?;
         if !out.messages.is_empty() {
             self.transport.send(out.messages);
         }
@@ -608,7 +609,7 @@ impl Driver {
             commit: self.replica.commit_index(),
             applied: self.replica.state().revision,
             last_index: raw.raft.raft_log.last_index(),
-            snapshot_index: raw.store().snapshot(0, 0).map(|s| s.get_metadata().index).unwrap_or(0),
+            snapshot_index: raw.store().snapshot_index(),
             voters: conf.voters,
             learners: conf.learners,
             matched,
@@ -620,7 +621,7 @@ impl Driver {
     fn maybe_compact(&mut self) -> Result<(), StoreError> {
         let applied = self.replica.applied();
         let store = self.replica.raw().store();
-        let snap = store.snapshot(0, 0).map(|s| s.get_metadata().index).unwrap_or(0);
+        let snap = store.snapshot_index();
         let wanted = store.take_snapshot_request() && applied > snap;
         if applied < snap + self.options.compact_every && !wanted {
             return Ok(());

@@ -318,24 +318,39 @@ impl<S: DurableLog> Replica<S> {
         }
     }
 
-    /// Processes one `Ready`, in raft-rs's documented order, with one deliberate strengthening:
-    /// every message (not only the persisted ones) leaves after the snapshot, entries and hard
-    /// state of the same `Ready` are durable.
+    /// Processes one `Ready`, in raft-rs's documented order, collecting every message in
+    /// [`Output::messages`] (sent after persistence).
     pub fn ready(&mut self) -> Result<Output, StoreError> {
+        let mut early = Vec::new();
+        let mut out = self.ready_with(|m| early.extend(m))?;
+        early.append(&mut out.messages);
+        out.messages = early;
+        Ok(out)
+    }
+
+    /// Processes one `Ready`, in raft-rs's documented order: the messages raft-rs allows to leave
+    /// before persistence (a leader's appends and heartbeats: the leader writes its log in
+    /// parallel with its followers, Raft thesis §10.2.1) go to `send_early` first; then the
+    /// snapshot, entries and hard state are persisted (fsync inside `persist`); only then do the
+    /// others (votes, append responses) leave, in [`Output::messages`].
+    pub fn ready_with(&mut self, send_early: impl FnOnce(Vec<Message>)) -> Result<Output, StoreError> {
         let mut out = Output::default();
         if !self.node.has_ready() {
             return Ok(out);
         }
         let mut rd = self.node.ready();
-        // 1. Persist: snapshot, entries, hard state (fsync inside `persist`).
+        let early = rd.take_messages();
+        if !early.is_empty() {
+            send_early(early);
+        }
+        // 1. Persist: snapshot, entries, hard state.
         let snapshot = (*rd.snapshot() != Snapshot::default()).then(|| rd.snapshot().clone());
         self.node.store().persist(snapshot.as_ref(), rd.entries(), rd.hs())?;
         if let Some(s) = &snapshot {
             self.restore(s)?;
         }
-        // 2. Only now may messages leave.
+        // 2. Messages that needed the persistence.
         out.read_states.extend(rd.take_read_states());
-        out.messages.extend(rd.take_messages());
         out.messages.extend(rd.take_persisted_messages());
         // 3. Apply what is committed.
         let committed = rd.take_committed_entries();

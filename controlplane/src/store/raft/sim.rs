@@ -151,7 +151,11 @@ impl Sim {
     /// Processes the Ready of node `i`; `crash_after_persist` drops its messages and the node.
     fn ready(&mut self, i: usize, chaos: bool, crash_after_persist: bool) -> Result<(), String> {
         let Some(replica) = self.nodes[i].replica.as_mut() else { return Ok(()) };
-        let out = replica.ready().map_err(|e| format!("node {} ready failed: {e}", i + 1))?;
+        let mut early = Vec::new();
+        let out = replica.ready_with(|m| early = m).map_err(|e| format!("node {} ready failed: {e}", i + 1))?;
+        // What may leave before persistence has left, even if the node now crashes.
+        early.sort_by_key(|m| (m.to, m.get_msg_type() as u64, m.index));
+        self.send(early, chaos);
         let id = i as u64 + 1;
         for a in &out.applied {
             let node = &mut self.nodes[i];

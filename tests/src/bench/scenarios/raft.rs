@@ -145,10 +145,9 @@ async fn etcd_leader(etcd: &Etcd, skip: Option<usize>) -> Option<(usize, String)
             ids.push(String::new());
             continue;
         }
-        let r = tokio::time::timeout(Duration::from_millis(300), async {
-            EtcdConn::open(&m.client).await?.status().await
-        })
-        .await;
+        let r =
+            tokio::time::timeout(Duration::from_millis(300), async { EtcdConn::open(&m.client).await?.status().await })
+                .await;
         match r {
             Ok(Ok((me, l))) => {
                 if l != "0" && !l.is_empty() {
@@ -274,11 +273,17 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
         None
     };
 
+    // A group of one: the same write path without replication, to split the figure.
+    let sdir = dir.path().join("solo");
+    std::fs::create_dir_all(&sdir)?;
+    let solo = tokio::task::spawn_blocking(move || Group::start(&sdir, 1, &[])).await?;
+    let mut t_solo = Samples::default();
     let (mut t_one, mut t_many, mut e_one, mut e_many) =
         (Samples::default(), Samples::default(), Samples::default(), Samples::default());
     let mut t_elect = Vec::new();
     let mut e_elect = Vec::new();
     for _ in 0..opts.rounds {
+        t_solo.merge(trellis_writes(&solo, 0, 1, opts.duration).await?);
         let l = trellis_leader(&group).await.ok_or_else(|| anyhow::anyhow!("no Trellis leader"))?;
         t_one.merge(trellis_writes(&group, l, 1, opts.duration).await?);
         if let Some(e) = &etcd {
@@ -327,6 +332,7 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
+    record(report, "trellis, group of 1", "1 client", &t_solo);
     record(report, "trellis", "1 client", &t_one);
     record(report, "trellis", &format!("{} clients", opts.clients), &t_many);
     if etcd.is_some() {

@@ -18,7 +18,6 @@ use protobuf::Message as _;
 use raft::SnapshotStatus;
 use raft::prelude::{Message, MessageType};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_proto::identity::Principal;
 use trellis_proto::{grpc, pb};
@@ -120,80 +119,76 @@ fn encode(m: &Message) -> Option<Vec<u8>> {
     m.write_to_bytes().ok()
 }
 
-/// Owns the stream to one peer.
+/// Owns the stream to one peer. The request stream of the long-lived `Send` call reads the peer
+/// queue itself (each poll takes what is queued, up to a batch), so a message goes from the Raft
+/// thread to the HTTP/2 encoder without another task in between.
 async fn peer_loop(
     to: u64,
-    mut rx: mpsc::Receiver<Message>,
+    rx: mpsc::Receiver<Message>,
     peers: Arc<Peers>,
     tls: Arc<rustls::ClientConfig>,
     handle: RaftHandle,
 ) {
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let mut backoff = Duration::from_millis(50);
-    'connect: loop {
-        let Some(first) = rx.recv().await else { return };
-        let Some(member) = peers.get(to) else {
-            tracing::debug!(to = format!("{to:x}"), "no address known for peer yet");
-            handle.unreachable(to);
-            continue;
-        };
-        let channel = match grpc::channel(&member.address, tls.clone()) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(peer = %member.name, address = %member.address, error = %e, "bad peer address");
-                handle.unreachable(to);
-                tokio::time::sleep(backoff).await;
-                continue;
+    loop {
+        // Wait for traffic before dialing, so an idle or unknown peer costs nothing.
+        {
+            let mut q = rx.lock().await;
+            let Some(first) = q.recv().await else { return };
+            // Put it back in front: the stream below sends it first.
+            let mut pending = vec![first];
+            while let Ok(m) = q.try_recv() {
+                pending.push(m);
             }
-        };
-        let mut client = pb::peer_client::PeerClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
-        let (tx, stream_rx) = mpsc::channel::<pb::RaftBatch>(16);
-        let mut call = tokio::spawn(async move { client.send(ReceiverStream::new(stream_rx)).await });
-        let mut pending = Some(first);
-        loop {
-            let batch = match pending.take() {
-                Some(m) => {
+            drop(q);
+            let Some(member) = peers.get(to) else {
+                tracing::debug!(to = format!("{to:x}"), "no address known for peer yet");
+                handle.unreachable(to);
+                continue;
+            };
+            let channel = match grpc::channel(&member.address, tls.clone()) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(peer = %member.name, address = %member.address, error = %e, "bad peer address");
+                    handle.unreachable(to);
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            };
+            let mut client = pb::peer_client::PeerClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+            let first = pb::RaftBatch { messages: pending.iter().filter_map(encode).collect() };
+            let queue = rx.clone();
+            let rest = futures::stream::unfold(queue, |queue| async move {
+                let batch = {
+                    let mut q = queue.lock().await;
+                    let m = q.recv().await?;
                     let mut batch = vec![m];
                     while batch.len() < BATCH {
-                        match rx.try_recv() {
+                        match q.try_recv() {
                             Ok(m) => batch.push(m),
                             Err(_) => break,
                         }
                     }
                     batch
+                };
+                Some((pb::RaftBatch { messages: batch.iter().filter_map(encode).collect() }, queue))
+            });
+            let stream = futures::stream::iter([first]).chain(rest);
+            let why = match client.send(stream).await {
+                Ok(_) => "stream closed by the peer".to_string(),
+                Err(s) if s.code() == tonic::Code::PermissionDenied && s.message().starts_with(REMOVED) => {
+                    tracing::warn!(peer = %member.name, "{}", s.message());
+                    handle.removed();
+                    return;
                 }
-                None => tokio::select! {
-                    m = rx.recv() => match m {
-                        Some(m) => { pending = Some(m); continue; }
-                        None => return,
-                    },
-                    r = &mut call => {
-                        let why = match r {
-                            Ok(Ok(_)) => "stream closed by the peer".to_string(),
-                            Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied && s.message().starts_with(REMOVED) => {
-                                tracing::warn!(peer = %member.name, "{}", s.message());
-                                handle.removed();
-                                return;
-                            }
-                            Ok(Err(s)) => s.message().to_string(),
-                            Err(e) => e.to_string(),
-                        };
-                        tracing::debug!(peer = %member.name, reason = %why, "raft stream ended; reconnecting");
-                        handle.unreachable(to);
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                        continue 'connect;
-                    }
-                },
+                Err(s) => s.message().to_string(),
             };
-            let messages = batch.iter().filter_map(encode).collect();
-            if tx.send(pb::RaftBatch { messages }).await.is_err() {
-                handle.unreachable(to);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue 'connect;
-            }
-            backoff = Duration::from_millis(50);
+            tracing::debug!(peer = %member.name, reason = %why, "raft stream ended; reconnecting");
+            handle.unreachable(to);
         }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
 

@@ -385,7 +385,12 @@ async fn open_store(
                 Start::Bootstrap
             };
             let joined = matches!(start, Start::Join { .. });
-            let options = RaftOptions { tick: Duration::from_millis(cfg.raft_tick_ms), ..RaftOptions::default() };
+            let options = RaftOptions {
+                tick: Duration::from_millis(cfg.raft_tick_ms),
+                compact_every: cfg.raft_snapshot_every,
+                keep_entries: (cfg.raft_snapshot_every / 10).min(1_000),
+                ..RaftOptions::default()
+            };
             let runtime = tokio::runtime::Handle::current();
             let (p, tls) = (peers.clone(), peer_tls.clone());
             let raft = Arc::new(RaftStore::open(&dir, start, options, move |handle| {

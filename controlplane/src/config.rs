@@ -57,6 +57,10 @@ pub struct CpConfig {
     /// Raft tick in milliseconds; the election timeout is 10 to 20 ticks.
     #[arg(long, default_value_t = 100)]
     pub raft_tick_ms: u64,
+    /// Applied entries between snapshots of the state (the log before a snapshot is dropped,
+    /// except a tail of 1,000 entries for followers slightly behind).
+    #[arg(long, default_value_t = 10_000)]
+    pub raft_snapshot_every: u64,
     /// etcd endpoints for `--store etcd`, comma separated; plain http only on loopback for now.
     #[arg(long, env = "TRELLIS_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
@@ -119,6 +123,9 @@ impl CpConfig {
                     reason: "instances on the etcd store share etcd and need no join token".into(),
                 });
             }
+        }
+        if self.raft_snapshot_every < 100 {
+            return Err(ConfigError::Invalid { flag: "raft-snapshot-every", reason: "must be at least 100".into() });
         }
         if !(10..=5_000).contains(&self.raft_tick_ms) {
             return Err(ConfigError::Invalid { flag: "raft-tick-ms", reason: "must be between 10 and 5000".into() });

@@ -147,7 +147,9 @@ async fn wait_new_leader(group: &Group, old: Option<usize>, within: Duration) ->
 #[test]
 fn three_members_stay_linearizable_under_kills_and_pauses() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut group = Group::start(dir.path(), 3, &[]);
+    // Frequent snapshots, so that restarted and paused members catch up from one, and a
+    // member's restart replays a snapshot plus a log tail.
+    let mut group = Group::start(dir.path(), 3, &["--raft-snapshot-every", "200"]);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let _enter = rt.enter();
     let shared = Arc::new(Shared {
@@ -244,6 +246,12 @@ fn three_members_stay_linearizable_under_kills_and_pauses() {
         final_status.members[0].applied,
     );
     assert_eq!(outcome, Outcome::Ok, "the history is not linearizable");
+    // Snapshots were taken, and sent beyond the two at join: a member that fell behind the kept
+    // log tail caught up from one.
+    let logs: String = group.members.iter().map(|m| m.logs()).collect();
+    let sent = logs.matches("snapshot sent").count();
+    assert!(logs.contains("raft log compacted"), "no snapshot was taken");
+    assert!(sent > 2, "only {sent} snapshots were sent: the catch-up path was not exercised");
     assert!(ok > 100, "too few successful operations ({ok}) for the test to mean anything");
 }
 

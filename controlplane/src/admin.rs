@@ -12,7 +12,7 @@ use trellis_proto::{grpc, pb};
 use crate::convert::{endpoint_to_pb, service_from_pb, service_to_pb};
 use crate::membership::{Group, JOIN_TOKEN_TTL, MAX_JOIN_TOKEN_TTL, new_join_token};
 use crate::proxies::ProxyTracker;
-use crate::state::{Command, WorkloadToken, validate_service_key};
+use crate::state::{Command, JoinKind, WorkloadToken, validate_service_key};
 use crate::store::Store;
 use crate::store::raft::MemberChange;
 use crate::unix_now;
@@ -234,7 +234,14 @@ impl pb::admin_server::Admin for AdminService {
         let who = require_admin(&req)?;
         self.group.as_ref().ok_or_else(no_group)?;
         let r = req.into_inner();
-        let cluster = if r.cluster.is_empty() { self.cluster.clone() } else { r.cluster };
+        let kind = if r.new_cluster {
+            JoinKind::Cluster
+        } else {
+            JoinKind::ControlPlane { cluster: if r.cluster.is_empty() { self.cluster.clone() } else { r.cluster } }
+        };
+        if r.uses > 100 {
+            return Err(Status::invalid_argument("--uses must be at most 100"));
+        }
         let ttl = match r.ttl_seconds {
             0 => JOIN_TOKEN_TTL,
             s => Duration::from_secs(s),
@@ -247,11 +254,82 @@ impl pb::admin_server::Admin for AdminService {
         if addresses.is_empty() {
             return Err(Status::unavailable("the group has not recorded its members' addresses yet; retry"));
         }
-        let (stored, text) = new_join_token(&state, &cluster, addresses, ttl, &r.description)?;
+        let (stored, text) = new_join_token(&state, kind.clone(), addresses, ttl, r.uses, &r.description)?;
         let (id, expires_at) = (stored.id.clone(), stored.expires_at);
         self.store.propose(Command::CreateJoinToken(stored)).await?;
-        tracing::info!(admin = %who, token = %id, %cluster, "control-plane join token created");
+        tracing::info!(admin = %who, token = %id, kind = %kind_name(&kind), "join token created");
         Ok(Response::new(pb::CreateJoinTokenResponse { token: text, id, expires_at }))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        req: Request<pb::ListJoinTokensRequest>,
+    ) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
+        require_admin(&req)?;
+        let state = self.store.read().await?;
+        let tokens = state
+            .join_tokens
+            .values()
+            .map(|t| pb::JoinTokenInfo {
+                id: t.id.clone(),
+                kind: kind_name(&t.kind),
+                expires_at: t.expires_at,
+                created_at: t.created_at,
+                uses_left: t.uses_left,
+                revoked: t.revoked,
+                description: t.description.clone(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListJoinTokensResponse { tokens }))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        req: Request<pb::RevokeJoinTokenRequest>,
+    ) -> Result<Response<pb::RevokeJoinTokenResponse>, Status> {
+        let who = require_admin(&req)?;
+        let id = req.into_inner().id;
+        self.store.propose(Command::RevokeJoinToken { id: id.clone() }).await?;
+        tracing::info!(admin = %who, token = %id, "join token revoked");
+        Ok(Response::new(pb::RevokeJoinTokenResponse {}))
+    }
+
+    async fn list_clusters(
+        &self,
+        req: Request<pb::ListClustersRequest>,
+    ) -> Result<Response<pb::ListClustersResponse>, Status> {
+        require_admin(&req)?;
+        let state = self.store.read().await?;
+        let status = self.group.as_ref().map(|g| g.raft.status());
+        let clusters = state
+            .clusters
+            .values()
+            .map(|c| {
+                let members: Vec<u64> = state.members.values().filter(|m| m.cluster == c.name).map(|m| m.id).collect();
+                let voters =
+                    status.as_ref().map(|s| members.iter().filter(|m| s.voters.contains(m)).count()).unwrap_or(0);
+                pb::ClusterInfo {
+                    name: c.name.clone(),
+                    region: c.region.clone(),
+                    created_at: c.created_at,
+                    members: members.len() as u32,
+                    voters: voters as u32,
+                    endpoints: state.endpoints.values().filter(|e| e.cluster == c.name).count() as u32,
+                    services_exported: state
+                        .services
+                        .values()
+                        .filter(|s| {
+                            s.exported && state.endpoints.values().any(|e| e.cluster == c.name && e.service == s.key())
+                        })
+                        .count() as u32,
+                    ca_expires_at: crate::certs::ca_not_after(&state, &c.name)
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListClustersResponse { clusters }))
     }
 
     async fn remove_control_plane(
@@ -303,6 +381,13 @@ impl pb::admin_server::Admin for AdminService {
         let leader = transfer(group, to).await?;
         tracing::info!(admin = %who, leader = format!("{leader:x}"), "leadership transferred");
         Ok(Response::new(pb::TransferLeadershipResponse { leader }))
+    }
+}
+
+fn kind_name(k: &JoinKind) -> String {
+    match k {
+        JoinKind::Cluster => "cluster".into(),
+        JoinKind::ControlPlane { cluster } => format!("controlplane:{cluster}"),
     }
 }
 

@@ -157,7 +157,7 @@ pub async fn build(cfg: CpConfig) -> Result<Handle, AppError> {
     let listener = TcpListener::bind(cfg.listen).await.map_err(|source| AppError::Bind { addr: cfg.listen, source })?;
     let grpc_addr = listener.local_addr()?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| grpc_addr.to_string());
-    let signer = Arc::new(Signer::new(&cfg.cluster));
+    let signer = Arc::new(Signer::with_key_file(&cfg.cluster, bootstrap::cluster_key_path(&cfg.data_dir)));
     let identity = IdentityStore::empty();
     let bundle = SharedBundle::new(TrustBundle::empty(&cfg.trust_domain));
 
@@ -364,9 +364,13 @@ async fn open_store(
             } else if let Some(token) = token {
                 let ticket = JoinTicket::decode(&token).map_err(AppError::Join)?;
                 tracing::info!(addresses = ?ticket.addresses, cluster = %ticket.cluster, "joining the control-plane group");
-                let joined = crate::membership::join(&ticket, &cfg.cluster, &cfg.node, advertise)
+                let joined = crate::membership::join(&ticket, &cfg.cluster, &cfg.region, &cfg.node, advertise)
                     .await
                     .map_err(AppError::Join)?;
+                if let Some((_, key)) = &joined.cluster_ca {
+                    bootstrap::save_cluster_key(&cfg.data_dir, key)?;
+                    tracing::info!(cluster = %cfg.cluster, region = %cfg.region, "cluster joined the federation");
+                }
                 bootstrap::save_join_identity(
                     &cfg.data_dir,
                     &joined.chain_pem,

@@ -70,6 +70,7 @@ pub async fn ensure_federation(store: &dyn Store, cfg: &CpConfig) -> Result<bool
                 intermediate_cert_pem: inter.cert_pem().to_string(),
                 intermediate_key_pem: inter.key_pem().to_string(),
                 created_at: now,
+                join_token: String::new(),
             },
         })
         .await?;
@@ -91,6 +92,17 @@ pub fn serving_identity(state: &State, signer: &Signer, cfg: &CpConfig) -> Resul
     // verify this one before it has a trust bundle; verifiers with a bundle ignore them.
     let roots: String = state.roots.iter().map(|r| r.cert_pem.as_str()).collect();
     Ok(Identity::from_pem(&(chain_pem(&leaf) + &roots), &key)?)
+}
+
+/// Where a cluster that joined keeps its intermediate CA key.
+pub fn cluster_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("ca").join("intermediate-key.pem")
+}
+
+/// Keeps the key of this cluster's intermediate CA (private, 0600).
+pub fn save_cluster_key(data_dir: &Path, key_pem: &str) -> Result<(), BootstrapError> {
+    let path = cluster_key_path(data_dir);
+    write_private(&path, key_pem.as_bytes()).map_err(|source| BootstrapError::Write { path, source })
 }
 
 fn join_dir(data_dir: &Path) -> PathBuf {

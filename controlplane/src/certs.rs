@@ -27,13 +27,21 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// changes (rotation), so signing does not parse PEM keys on every request.
 pub struct Signer {
     cluster: String,
+    /// Where this instance keeps its cluster's CA key when the federation does not hold it (a
+    /// cluster that joined keeps its key to itself).
+    key_file: Option<std::path::PathBuf>,
     cached: Mutex<Option<(String, Arc<Ca>)>>,
 }
 
 impl Signer {
     /// A signer for `cluster`.
     pub fn new(cluster: &str) -> Self {
-        Self { cluster: cluster.to_string(), cached: Mutex::new(None) }
+        Self { cluster: cluster.to_string(), key_file: None, cached: Mutex::new(None) }
+    }
+
+    /// A signer for `cluster` whose CA key may be in `key_file`.
+    pub fn with_key_file(cluster: &str, key_file: std::path::PathBuf) -> Self {
+        Self { cluster: cluster.to_string(), key_file: Some(key_file), cached: Mutex::new(None) }
     }
 
     /// The cluster's CA at `state`.
@@ -47,12 +55,24 @@ impl Signer {
         {
             return Ok(ca.clone());
         }
-        let ca = Ca::from_pem(
-            &cluster.intermediate_cert_pem,
-            &cluster.intermediate_key_pem,
-            vec![cluster.intermediate_cert_pem.clone()],
-        )
-        .map_err(|e| Status::internal(format!("the cluster CA cannot be loaded: {e}")))?;
+        let local;
+        let key_pem = if cluster.intermediate_key_pem.is_empty() {
+            let path = self.key_file.as_ref().ok_or_else(|| {
+                Status::failed_precondition(format!("the CA key of cluster '{}' is not on this instance", self.cluster))
+            })?;
+            local = std::fs::read_to_string(path).map_err(|e| {
+                Status::failed_precondition(format!(
+                    "the CA key of cluster '{}' cannot be read from {}: {e}",
+                    self.cluster,
+                    path.display()
+                ))
+            })?;
+            &local
+        } else {
+            &cluster.intermediate_key_pem
+        };
+        let ca = Ca::from_pem(&cluster.intermediate_cert_pem, key_pem, vec![cluster.intermediate_cert_pem.clone()])
+            .map_err(|e| Status::internal(format!("the cluster CA cannot be loaded: {e}")))?;
         let ca = Arc::new(ca);
         *cached = Some((cluster.intermediate_cert_pem.clone(), ca.clone()));
         Ok(ca)

@@ -20,10 +20,15 @@ use trellis_proto::verify::IdMatcher;
 use trellis_proto::{SpiffeId, grpc, pb};
 
 use crate::certs::{FailureLimiter, Signer};
-use crate::state::{JoinKind, JoinToken, Member, State};
+use crate::state::{Cluster, Command, JoinKind, JoinToken, Member, State};
 use crate::store::Store;
-use crate::store::raft::{MemberChange, RaftHandle, new_member_id_for};
+use crate::store::raft::{RaftHandle, new_member_id_for};
 use crate::unix_now;
+use trellis_proto::identity::validate_name;
+
+/// How the TLS verifier words a server that lacks the pinned root (see
+/// `trellis_proto::tls::PinnedServerVerifier`).
+const PIN_MISMATCH: &str = "did not present the trust anchor pinned by the join token";
 
 /// Kind prefix of the secret inside a join token.
 pub const JOIN_PREFIX: &str = "tjt1";
@@ -41,7 +46,8 @@ pub struct JoinTicket {
     pub trust_domain: String,
     /// SHA-256 of the root CA certificate (DER), hex.
     pub pin: String,
-    /// The cluster the new instance joins.
+    /// The cluster the new instance joins; empty for a token that admits a new cluster.
+    #[serde(default)]
     pub cluster: String,
     /// Addresses of members to dial.
     pub addresses: Vec<String>,
@@ -67,18 +73,25 @@ impl JoinTicket {
     }
 }
 
-/// Creates a join token for a control-plane instance of `cluster`; returns the stored token and
-/// the printable ticket.
+/// Creates a join token (for a control-plane instance of an existing cluster, or for a new
+/// cluster); returns the stored token and the printable ticket.
 pub fn new_join_token(
     state: &State,
-    cluster: &str,
+    kind: JoinKind,
     addresses: Vec<String>,
     ttl: Duration,
+    uses: u32,
     description: &str,
 ) -> Result<(JoinToken, String), Status> {
-    if !state.clusters.contains_key(cluster) {
-        return Err(Status::not_found(format!("cluster '{cluster}' is not part of the federation")));
-    }
+    let cluster = match &kind {
+        JoinKind::ControlPlane { cluster } => {
+            if !state.clusters.contains_key(cluster) {
+                return Err(Status::not_found(format!("cluster '{cluster}' is not part of the federation")));
+            }
+            cluster.clone()
+        }
+        JoinKind::Cluster => String::new(),
+    };
     let td = state.trust_domain().ok_or_else(|| Status::unavailable("the federation is not bootstrapped yet"))?;
     let root = state.roots.first().ok_or_else(|| Status::unavailable("no root CA"))?;
     let der = trellis_proto::tls::certs_from_pem(&root.cert_pem)
@@ -91,25 +104,30 @@ pub fn new_join_token(
     let stored = JoinToken {
         id: parts.id.clone(),
         secret_hash: parts.secret_hash(),
-        kind: JoinKind::ControlPlane { cluster: cluster.to_string() },
+        kind,
         expires_at: now + ttl.as_secs(),
         created_at: now,
         description: description.to_string(),
         revoked: false,
+        uses_left: uses.max(1),
     };
     let ticket = JoinTicket {
         token: secret,
         trust_domain: td.to_string(),
         pin: trellis_proto::tls::cert_pin(&der),
-        cluster: cluster.to_string(),
+        cluster,
         addresses,
     };
     Ok((stored, ticket.encode()))
 }
 
-/// Checks a join token's secret for a control-plane instance of `cluster`.
-pub fn check_join_token(state: &State, token: &str, cluster: &str, now: u64) -> Result<(), Status> {
-    let create = "create a new one with `trellis controlplane token create`";
+/// Checks a join token's secret for what it is used for: `Some(cluster)` for a control-plane
+/// instance of that cluster, `None` for a new cluster. Returns the token's id.
+pub fn check_join_token(state: &State, token: &str, for_cluster: Option<&str>, now: u64) -> Result<String, Status> {
+    let create = match for_cluster {
+        Some(_) => "create a new one with `trellis controlplane token create`",
+        None => "create a new one with `trellis token create` on a cluster of the federation",
+    };
     let parts = TokenParts::parse(token, JOIN_PREFIX)
         .map_err(|e| Status::unauthenticated(format!("join token refused: {e}; {create}")))?;
     let stored = state
@@ -117,7 +135,10 @@ pub fn check_join_token(state: &State, token: &str, cluster: &str, now: u64) -> 
         .get(&parts.id)
         .ok_or_else(|| Status::unauthenticated(format!("join token {} is unknown; {create}", parts.id)))?;
     if !parts.matches(&stored.secret_hash) {
-        return Err(Status::unauthenticated(format!("join token {} has a wrong secret; {create}", parts.id)));
+        return Err(Status::unauthenticated(format!(
+            "join token {} has a wrong secret (mistyped or tampered); {create}",
+            parts.id
+        )));
     }
     if stored.revoked {
         return Err(Status::unauthenticated(format!("join token {} was revoked; {create}", parts.id)));
@@ -129,10 +150,23 @@ pub fn check_join_token(state: &State, token: &str, cluster: &str, now: u64) -> 
             now - stored.expires_at
         )));
     }
-    match &stored.kind {
-        JoinKind::ControlPlane { cluster: c } if c == cluster => Ok(()),
-        JoinKind::ControlPlane { cluster: c } => Err(Status::permission_denied(format!(
+    match (&stored.kind, for_cluster) {
+        (JoinKind::ControlPlane { cluster: c }, Some(cluster)) if c == cluster => Ok(parts.id),
+        (JoinKind::ControlPlane { cluster: c }, Some(cluster)) => Err(Status::permission_denied(format!(
             "join token {} admits a control plane of cluster '{c}', not '{cluster}'; start with --cluster {c}",
+            parts.id
+        ))),
+        (JoinKind::ControlPlane { cluster: c }, None) => Err(Status::permission_denied(format!(
+            "join token {} admits another control plane of cluster '{c}', not a new cluster",
+            parts.id
+        ))),
+        (JoinKind::Cluster, None) if stored.uses_left == 0 => {
+            Err(Status::unauthenticated(format!("join token {} was already used; {create}", parts.id)))
+        }
+        (JoinKind::Cluster, None) => Ok(parts.id),
+        (JoinKind::Cluster, Some(cluster)) => Err(Status::permission_denied(format!(
+            "join token {} admits a new cluster, but cluster '{cluster}' is already in the federation; choose \
+             a new --cluster name, or use `trellis controlplane token create` to add an instance to '{cluster}'",
             parts.id
         ))),
     }
@@ -145,12 +179,40 @@ pub struct MembershipService {
     pub limiter: FailureLimiter,
 }
 
+fn check_address(address: &str) -> Result<(), Status> {
+    if address.parse::<std::net::SocketAddr>().is_err()
+        && address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none()
+    {
+        return Err(Status::invalid_argument(format!(
+            "address '{address}' is not host:port; set --advertise on the new instance"
+        )));
+    }
+    Ok(())
+}
+
 fn member_to_pb(m: &Member) -> pb::GroupMember {
     pb::GroupMember { id: m.id, name: m.name.clone(), cluster: m.cluster.clone(), address: m.address.clone() }
 }
 
 #[tonic::async_trait]
 impl pb::membership_server::Membership for MembershipService {
+    async fn join_cluster(
+        &self,
+        req: Request<pb::JoinClusterRequest>,
+    ) -> Result<Response<pb::JoinClusterResponse>, Status> {
+        let ip = grpc::peer_addr(&req).map(|a| a.ip());
+        self.limiter.check(ip)?;
+        let r = req.into_inner();
+        let result = self.join_cluster(&r).await;
+        if let Err(s) = &result {
+            if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) {
+                self.limiter.failed(ip);
+            }
+            tracing::info!(cluster = %r.cluster, node = %r.node, reason = %s.message(), "cluster join refused");
+        }
+        result.map(Response::new)
+    }
+
     async fn join_control_plane(
         &self,
         req: Request<pb::JoinControlPlaneRequest>,
@@ -170,21 +232,99 @@ impl pb::membership_server::Membership for MembershipService {
 }
 
 impl MembershipService {
+    async fn join_cluster(&self, r: &pb::JoinClusterRequest) -> Result<pb::JoinClusterResponse, Status> {
+        let state = self.store.read().await?;
+        let now = unix_now();
+        // A retry of a join whose answer was lost: the cluster is registered with this token, the
+        // token's last use went to it. The same request (the same CA key) gets the same answer.
+        if let Some(c) = state.clusters.get(&r.cluster)
+            && !c.join_token.is_empty()
+            && TokenParts::parse(&r.token, JOIN_PREFIX).is_ok_and(|p| {
+                p.id == c.join_token && state.join_tokens.get(&p.id).is_some_and(|t| p.matches(&t.secret_hash))
+            })
+        {
+            return self.admit_first_instance(r, c.intermediate_cert_pem.clone()).await;
+        }
+        let token_id = check_join_token(&state, &r.token, None, now)?;
+        state.trust_domain().ok_or_else(|| Status::unavailable("the federation is not bootstrapped yet"))?;
+        validate_name(&r.cluster).map_err(|e| Status::invalid_argument(format!("cluster name: {e}")))?;
+        validate_name(&r.region).map_err(|e| Status::invalid_argument(format!("region: {e}")))?;
+        validate_name(&r.node).map_err(|e| Status::invalid_argument(format!("node name: {e}")))?;
+        check_address(&r.address)?;
+        if state.clusters.contains_key(&r.cluster) {
+            return Err(Status::already_exists(format!(
+                "a cluster named '{}' is already in the federation; choose another --cluster",
+                r.cluster
+            )));
+        }
+        let root = state.roots.first().ok_or_else(|| Status::unavailable("no root CA"))?;
+        let root_ca = trellis_federation::Ca::from_pem(&root.cert_pem, &root.key_pem, Vec::new())
+            .map_err(|e| Status::internal(format!("root CA: {e}")))?;
+        let cert = root_ca
+            .sign_intermediate_csr(&r.ca_csr_pem, &r.cluster, trellis_federation::ca::INTERMEDIATE_TTL)
+            .map_err(|e| Status::invalid_argument(format!("intermediate CA request: {e}")))?;
+        let cluster = Cluster {
+            name: r.cluster.clone(),
+            region: r.region.clone(),
+            intermediate_cert_pem: cert.clone(),
+            // The key stays in the new cluster.
+            intermediate_key_pem: String::new(),
+            created_at: now,
+            join_token: token_id.clone(),
+        };
+        // One write consumes the token and registers the cluster: two joins racing for the last
+        // use cannot both win, whatever member they reach.
+        self.store.propose(Command::JoinCluster { token_id: token_id.clone(), now, cluster }).await.map_err(
+            |e| match e {
+                crate::store::StoreError::Rejected(a) => Status::unauthenticated(format!("join refused: {a}")),
+                other => other.into(),
+            },
+        )?;
+        tracing::info!(cluster = %r.cluster, region = %r.region, token = %token_id, "cluster registered");
+        self.admit_first_instance(r, cert).await
+    }
+
+    /// Adds the first instance of a new cluster as a learner (or finds it there after a retry).
+    async fn admit_first_instance(
+        &self,
+        r: &pb::JoinClusterRequest,
+        cert: String,
+    ) -> Result<pb::JoinClusterResponse, Status> {
+        let state = self.store.current();
+        let td = state.trust_domain().unwrap_or_default().to_string();
+        let member_id = match state.member_named(&r.cluster, &r.node) {
+            Some(m) => m.id,
+            None => {
+                let member_id = new_member_id_for(&state);
+                let member = Member {
+                    id: member_id,
+                    name: r.node.clone(),
+                    cluster: r.cluster.clone(),
+                    address: r.address.clone(),
+                };
+                self.raft.add_learner(member).await?;
+                member_id
+            }
+        };
+        tracing::info!(cluster = %r.cluster, node = %r.node, "first instance of the cluster added as learner");
+        let state = self.store.current();
+        Ok(pb::JoinClusterResponse {
+            id: member_id,
+            intermediate_cert_pem: cert,
+            trust_bundle_pem: state.roots.iter().map(|r| r.cert_pem.as_str()).collect(),
+            trust_domain: td.to_string(),
+            members: state.members.values().map(member_to_pb).collect(),
+        })
+    }
+
     async fn join(&self, r: &pb::JoinControlPlaneRequest) -> Result<pb::JoinControlPlaneResponse, Status> {
         // A token created a moment ago on another member must be visible here: read linearizably.
         let state = self.store.read().await?;
-        check_join_token(&state, &r.token, &r.cluster, unix_now())?;
+        check_join_token(&state, &r.token, Some(&r.cluster), unix_now())?;
         let td = state.trust_domain().ok_or_else(|| Status::unavailable("the federation is not bootstrapped yet"))?;
         let id = SpiffeId::control_plane(td, &r.cluster, &r.node)
             .map_err(|e| Status::invalid_argument(format!("cluster/node name: {e}")))?;
-        if r.address.parse::<std::net::SocketAddr>().is_err()
-            && r.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none()
-        {
-            return Err(Status::invalid_argument(format!(
-                "address '{}' is not host:port; set --advertise on the new instance",
-                r.address
-            )));
-        }
+        check_address(&r.address)?;
         let member_id = match state.member_named(&r.cluster, &r.node) {
             // A retry of a join whose answer was lost: the learner is still waiting.
             Some(m) if self.is_learner(m.id) => m.id,
@@ -204,7 +344,7 @@ impl MembershipService {
         if !self.is_learner(member_id) {
             let member =
                 Member { id: member_id, name: r.node.clone(), cluster: r.cluster.clone(), address: r.address.clone() };
-            self.raft.change_membership(MemberChange::AddLearner(member_id), Some(member)).await?;
+            self.raft.add_learner(member).await?;
         }
         tracing::info!(cluster = %r.cluster, node = %r.node, id = format!("{member_id:x}"), "control plane joined as learner");
         let state = self.store.current();
@@ -230,20 +370,28 @@ pub struct Joined {
     pub trust_bundle_pem: String,
     pub trust_domain: String,
     pub members: Vec<Member>,
+    /// A new cluster: its intermediate CA (certificate, key), to keep in the data directory.
+    pub cluster_ca: Option<(String, String)>,
 }
 
-/// Joins the group with `ticket` as `cluster/node`, reachable at `address`. Tries each address
-/// in the ticket until one answers.
-pub async fn join(ticket: &JoinTicket, cluster: &str, node: &str, address: &str) -> Result<Joined, String> {
-    if ticket.cluster != cluster {
+/// Joins the group with `ticket` as `cluster/node`, reachable at `address`: as another instance
+/// of an existing cluster (a control-plane token), or as the first instance of a new cluster in
+/// `region` (a cluster token). Tries each address in the ticket until one answers.
+pub async fn join(
+    ticket: &JoinTicket,
+    cluster: &str,
+    region: &str,
+    node: &str,
+    address: &str,
+) -> Result<Joined, String> {
+    let new_cluster = ticket.cluster.is_empty();
+    if !new_cluster && ticket.cluster != cluster {
         return Err(format!(
             "this join token is for cluster '{}', but this instance is configured for '{cluster}'; start it with \
              --cluster {}",
             ticket.cluster, ticket.cluster
         ));
     }
-    let id = SpiffeId::control_plane(&ticket.trust_domain, cluster, node).map_err(|e| e.to_string())?;
-    let (csr_pem, key_pem) = trellis_federation::ca::new_csr(&id).map_err(|e| e.to_string())?;
     let tls = trellis_proto::tls::pinned_client_config(
         &ticket.pin,
         &ticket.trust_domain,
@@ -251,18 +399,40 @@ pub async fn join(ticket: &JoinTicket, cluster: &str, node: &str, address: &str)
         &[b"h2"],
     )
     .map_err(|e| e.to_string())?;
-    let req = pb::JoinControlPlaneRequest {
-        token: ticket.token.clone(),
-        csr_pem,
-        cluster: cluster.to_string(),
-        node: node.to_string(),
-        address: address.to_string(),
+    let id = SpiffeId::control_plane(&ticket.trust_domain, cluster, node).map_err(|e| e.to_string())?;
+    let call = if new_cluster {
+        // The cluster's CA key and this instance's key are made here and never sent.
+        let (ca_csr_pem, ca_key_pem) = trellis_federation::ca::new_ca_csr(cluster).map_err(|e| e.to_string())?;
+        Call::Cluster(
+            pb::JoinClusterRequest {
+                token: ticket.token.clone(),
+                cluster: cluster.to_string(),
+                region: region.to_string(),
+                ca_csr_pem,
+                node: node.to_string(),
+                address: address.to_string(),
+            },
+            ca_key_pem,
+            id,
+        )
+    } else {
+        let (csr_pem, key_pem) = trellis_federation::ca::new_csr(&id).map_err(|e| e.to_string())?;
+        Call::ControlPlane(
+            pb::JoinControlPlaneRequest {
+                token: ticket.token.clone(),
+                csr_pem,
+                cluster: cluster.to_string(),
+                node: node.to_string(),
+                address: address.to_string(),
+            },
+            key_pem,
+        )
     };
     // A member busy with another membership change, or a group between leaders, answers
     // Unavailable: try the addresses again for a while.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        match join_once(ticket, &tls, &req, &key_pem).await {
+        match join_once(ticket, &tls, &call).await {
             Ok(j) => return Ok(j),
             Err((msg, false)) => return Err(msg),
             Err((msg, true)) if tokio::time::Instant::now() >= deadline => return Err(msg),
@@ -274,12 +444,70 @@ pub async fn join(ticket: &JoinTicket, cluster: &str, node: &str, address: &str)
     }
 }
 
+/// The join call to make, with the keys that stay here.
+enum Call {
+    ControlPlane(pb::JoinControlPlaneRequest, String),
+    /// Request, the cluster CA's key, this instance's identity.
+    Cluster(pb::JoinClusterRequest, String, SpiffeId),
+}
+
+fn members_from_pb(members: Vec<pb::GroupMember>) -> Vec<Member> {
+    members.into_iter().map(|m| Member { id: m.id, name: m.name, cluster: m.cluster, address: m.address }).collect()
+}
+
+impl Call {
+    async fn make(
+        &self,
+        client: &mut pb::membership_client::MembershipClient<tonic::transport::Channel>,
+    ) -> Result<Joined, Status> {
+        match self {
+            Call::ControlPlane(req, key_pem) => {
+                let r = client.join_control_plane(req.clone()).await?.into_inner();
+                Ok(Joined {
+                    id: r.id,
+                    chain_pem: r.cert_chain_pem,
+                    key_pem: key_pem.clone(),
+                    trust_bundle_pem: r.trust_bundle_pem,
+                    trust_domain: r.trust_domain,
+                    members: members_from_pb(r.members),
+                    cluster_ca: None,
+                })
+            }
+            Call::Cluster(req, ca_key_pem, id) => {
+                let r = client.join_cluster(req.clone()).await?.into_inner();
+                // The new cluster signs its own control-plane certificate.
+                let ca = trellis_federation::Ca::from_pem(
+                    &r.intermediate_cert_pem,
+                    ca_key_pem,
+                    vec![r.intermediate_cert_pem.clone()],
+                )
+                .map_err(|e| Status::internal(format!("the signed intermediate CA is unusable: {e}")))?;
+                let (leaf, key_pem) = ca
+                    .issue_leaf(id, trellis_federation::ca::LEAF_TTL)
+                    .map_err(|e| Status::internal(format!("issuing this instance's certificate: {e}")))?;
+                let chain_pem = std::iter::once(leaf.cert_pem.as_str())
+                    .chain(leaf.chain_pem.iter().map(String::as_str))
+                    .chain(std::iter::once(r.trust_bundle_pem.as_str()))
+                    .collect();
+                Ok(Joined {
+                    id: r.id,
+                    chain_pem,
+                    key_pem,
+                    trust_bundle_pem: r.trust_bundle_pem,
+                    trust_domain: r.trust_domain,
+                    members: members_from_pb(r.members),
+                    cluster_ca: Some((r.intermediate_cert_pem, ca_key_pem.clone())),
+                })
+            }
+        }
+    }
+}
+
 /// One round over the ticket's addresses; the error says whether a retry may help.
 async fn join_once(
     ticket: &JoinTicket,
     tls: &Arc<rustls::ClientConfig>,
-    req: &pb::JoinControlPlaneRequest,
-    key_pem: &str,
+    call: &Call,
 ) -> Result<Joined, (String, bool)> {
     let mut errors = Vec::new();
     for addr in &ticket.addresses {
@@ -291,25 +519,11 @@ async fn join_once(
             }
         };
         let mut client = pb::membership_client::MembershipClient::new(channel);
-        let answer = tokio::time::timeout(Duration::from_secs(15), client.join_control_plane(req.clone()))
+        let answer = tokio::time::timeout(Duration::from_secs(15), call.make(&mut client))
             .await
             .unwrap_or_else(|_| Err(Status::unavailable("no answer within 15 s")));
         match answer {
-            Ok(resp) => {
-                let r = resp.into_inner();
-                return Ok(Joined {
-                    id: r.id,
-                    chain_pem: r.cert_chain_pem,
-                    key_pem: key_pem.to_string(),
-                    trust_bundle_pem: r.trust_bundle_pem,
-                    trust_domain: r.trust_domain,
-                    members: r
-                        .members
-                        .into_iter()
-                        .map(|m| Member { id: m.id, name: m.name, cluster: m.cluster, address: m.address })
-                        .collect(),
-                });
-            }
+            Ok(j) => return Ok(j),
             // Refusals are final: another member would say the same.
             Err(s)
                 if matches!(
@@ -318,9 +532,20 @@ async fn join_once(
                         | tonic::Code::PermissionDenied
                         | tonic::Code::InvalidArgument
                         | tonic::Code::AlreadyExists
+                        | tonic::Code::Internal
                 ) =>
             {
                 return Err((s.message().to_string(), false));
+            }
+            // The server is not of the federation the token names: no retry changes that.
+            Err(s) if s.message().contains(PIN_MISMATCH) => {
+                return Err((
+                    format!(
+                        "the control plane at {addr} does not present the root CA pinned by the join token: the \
+                         token belongs to another federation, or the address is not a Trellis control plane"
+                    ),
+                    false,
+                ));
             }
             Err(s) => errors.push(format!("{addr}: {}", s.message())),
         }

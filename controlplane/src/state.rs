@@ -58,8 +58,12 @@ pub struct Cluster {
     pub name: String,
     pub region: String,
     pub intermediate_cert_pem: String,
+    /// Empty for a cluster that joined: its key stays in that cluster.
     pub intermediate_key_pem: String,
     pub created_at: u64,
+    /// The join token it joined with (empty for the first cluster).
+    #[serde(default)]
+    pub join_token: String,
 }
 
 /// Federation-wide settings, set once at bootstrap.
@@ -144,6 +148,8 @@ pub struct Member {
 pub enum JoinKind {
     /// Another control-plane instance of an existing cluster.
     ControlPlane { cluster: String },
+    /// A new cluster (its name chosen by the joiner).
+    Cluster,
 }
 
 /// A join token as stored: the secret only as a hash.
@@ -156,6 +162,13 @@ pub struct JoinToken {
     pub created_at: u64,
     pub description: String,
     pub revoked: bool,
+    /// Joins it still admits; 0 once used up.
+    #[serde(default = "one")]
+    pub uses_left: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A change to the state. Every field a replica needs is inside, including times.
@@ -204,6 +217,14 @@ pub enum Command {
     CreateJoinToken(JoinToken),
     RevokeJoinToken {
         id: String,
+    },
+    /// Consumes one use of a cluster join token and registers the new cluster, in one write: a
+    /// token is never used more often than it allows, whatever member the joins reach.
+    JoinCluster {
+        token_id: String,
+        /// When the join was asked for (Unix seconds), to check the expiry deterministically.
+        now: u64,
+        cluster: Cluster,
     },
     /// Does nothing; used to check that the log is writable.
     Noop,
@@ -447,6 +468,37 @@ impl State {
                     return Err(ApplyError::NotFound(format!("join token {id}")));
                 };
                 t.revoked = true;
+                Ok(())
+            }
+            Command::JoinCluster { token_id, now, cluster } => {
+                let t = self
+                    .join_tokens
+                    .get(token_id)
+                    .ok_or_else(|| ApplyError::NotFound(format!("join token {token_id}")))?;
+                if t.kind != JoinKind::Cluster {
+                    return Err(ApplyError::Invalid(format!("join token {token_id} does not admit a new cluster")));
+                }
+                if t.revoked {
+                    return Err(ApplyError::Invalid(format!("join token {token_id} was revoked")));
+                }
+                if t.expires_at <= *now {
+                    return Err(ApplyError::Invalid(format!("join token {token_id} has expired")));
+                }
+                if t.uses_left == 0 {
+                    return Err(ApplyError::Invalid(format!("join token {token_id} was already used")));
+                }
+                validate_name(&cluster.name).map_err(|e| ApplyError::Invalid(format!("cluster name: {e}")))?;
+                if self.clusters.contains_key(&cluster.name) {
+                    return Err(ApplyError::Conflict(format!(
+                        "a cluster named '{}' is already in the federation; choose another --cluster",
+                        cluster.name
+                    )));
+                }
+                if let Some(t) = self.join_tokens.get_mut(token_id) {
+                    t.uses_left -= 1;
+                }
+                self.clusters.insert(cluster.name.clone(), cluster.clone());
+                self.record(ChangeKey::Trust);
                 Ok(())
             }
         }

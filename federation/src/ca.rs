@@ -144,6 +144,16 @@ impl Ca {
         })
     }
 
+    /// Signs a new cluster's intermediate CA from its CSR: only the public key is taken from the
+    /// request (its key stays in the new cluster); name, path length 0 and lifetime are ours.
+    /// Returns the certificate, PEM.
+    pub fn sign_intermediate_csr(&self, csr_pem: &str, cluster: &str, ttl: Duration) -> Result<String, CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
+        let ttl = self.cap_ttl(ttl)?;
+        let params = ca_params(&format!("Trellis intermediate CA {cluster}"), ttl, Some(0));
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+    }
+
     /// Signs a CSR for `id`. The CSR must not ask for any other identity.
     pub fn sign_csr(&self, csr_pem: &str, id: &SpiffeId, ttl: Duration) -> Result<SignedLeaf, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
@@ -241,10 +251,40 @@ pub fn new_csr(id: &SpiffeId) -> Result<(String, String), CaError> {
     Ok((csr.pem()?, key.serialize_pem()))
 }
 
+/// Generates a P-256 key and a CSR for a cluster's intermediate CA; returns (csr_pem, key_pem).
+/// The key stays with the cluster that asks.
+pub fn new_ca_csr(cluster: &str) -> Result<(String, String), CaError> {
+    let key = new_key()?;
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Trellis");
+    dn.push(DnType::CommonName, format!("Trellis intermediate CA {cluster}"));
+    p.distinguished_name = dn;
+    let csr = p.serialize_request(&key)?;
+    Ok((csr.pem()?, key.serialize_pem()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use trellis_proto::tls::{Identity, certs_from_pem};
+
+    #[test]
+    fn an_intermediate_from_a_csr_signs_leaves_that_verify() {
+        let root = Ca::new_root("trellis.local", ROOT_TTL).unwrap();
+        let (csr, key) = new_ca_csr("b").unwrap();
+        let cert = root.sign_intermediate_csr(&csr, "b", INTERMEDIATE_TTL).unwrap();
+        let inter = Ca::from_pem(&cert, &key, vec![cert.clone()]).unwrap();
+        let id = SpiffeId::workload("trellis.local", "default", "web").unwrap();
+        let (leaf, _) = inter.issue_leaf(&id, LEAF_TTL).unwrap();
+        let mut chain = certs_from_pem(&leaf.cert_pem).unwrap();
+        for c in &leaf.chain_pem {
+            chain.extend(certs_from_pem(c).unwrap());
+        }
+        let bundle = TrustBundle::from_pem("trellis.local", &[root.cert_pem().to_string()]).unwrap();
+        assert_eq!(bundle.verify(&chain, Usage::Client, &IdMatcher::Exact(id.clone()), now()).unwrap(), id);
+        assert!(root.sign_intermediate_csr("garbage", "b", INTERMEDIATE_TTL).is_err());
+    }
     use trellis_proto::verify::{IdMatcher, TrustBundle, Usage, VerifyError};
 
     fn now() -> rustls_pki_types::UnixTime {

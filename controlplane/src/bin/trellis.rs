@@ -66,7 +66,13 @@ enum Cmd {
         #[command(subcommand)]
         command: ControlPlaneCmd,
     },
-    /// Workload tokens (universal mode: how a workload proves its identity for a certificate).
+    /// Clusters of the federation.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
+    /// Join tokens for new clusters, and workload tokens (universal mode: how a workload proves
+    /// its identity for a certificate).
     Token {
         #[command(subcommand)]
         command: TokenCmd,
@@ -145,10 +151,38 @@ enum ControlPlaneTokenCmd {
 
 #[derive(Subcommand)]
 enum TokenCmd {
+    /// Create a token with which a new cluster joins the federation (`trellis-cp --join-token-file
+    /// FILE --cluster NAME --region REGION` on the new cluster); prints it once.
+    Create {
+        /// Lifetime, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many clusters may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List join tokens (never their secrets).
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Revoke a join token by id.
+    Revoke { id: String },
     /// Workload tokens.
     Workload {
         #[command(subcommand)]
         command: WorkloadTokenCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// List the clusters of the federation.
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+        output: Format,
     },
 }
 
@@ -537,6 +571,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                             cluster: cluster.clone().unwrap_or_default(),
                             ttl_seconds,
                             description: description.clone(),
+                            new_cluster: false,
+                            uses: 1,
                         })
                         .await
                         .map_err(status(&ctx.server))?
@@ -568,6 +604,115 @@ async fn run(cli: Cli) -> Result<(), String> {
                     Ok(())
                 }
             }
+        }
+        Cmd::Cluster { command: ClusterCmd::List { output } } => {
+            let (_, ctx) = load_context(&cli)?;
+            let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+            let r = admin.list_clusters(pb::ListClustersRequest {}).await.map_err(status(&ctx.server))?.into_inner();
+            let listing =
+                Listing {
+                    columns: vec!["NAME", "REGION", "CONTROL PLANES", "VOTERS", "ENDPOINTS", "EXPORTED", "CA EXPIRES"],
+                    rows: r
+                        .clusters
+                        .iter()
+                        .map(|c| {
+                            vec![
+                                c.name.clone(),
+                                c.region.clone(),
+                                c.members.to_string(),
+                                c.voters.to_string(),
+                                c.endpoints.to_string(),
+                                c.services_exported.to_string(),
+                                human_duration(c.ca_expires_at.saturating_sub(unix_now())),
+                            ]
+                        })
+                        .collect(),
+                    value: json!(r.clusters.iter().map(|c| json!({
+                    "name": c.name, "region": c.region, "created_at": c.created_at, "control_planes": c.members,
+                    "voters": c.voters, "endpoints": c.endpoints, "services_exported": c.services_exported,
+                    "ca_expires_at": c.ca_expires_at,
+                })).collect::<Vec<_>>()),
+                };
+            print!("{}", listing.render(*output));
+            Ok(())
+        }
+        Cmd::Token { command: TokenCmd::Create { ttl, uses, description } } => {
+            let (_, ctx) = load_context(&cli)?;
+            let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+            let ttl_seconds = parse_ttl(ttl)?;
+            let r = admin
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    cluster: String::new(),
+                    ttl_seconds,
+                    description: description.clone(),
+                    new_cluster: true,
+                    uses: *uses,
+                })
+                .await
+                .map_err(status(&ctx.server))?
+                .into_inner();
+            eprintln!(
+                "Join token {} for {uses} new cluster(s), valid {}. It is shown only now; on the new cluster start \
+                 `trellis-cp --join-token-file FILE --cluster NAME --region REGION`:",
+                r.id,
+                human_duration(ttl_seconds)
+            );
+            println!("{}", r.token);
+            Ok(())
+        }
+        Cmd::Token { command: TokenCmd::List { output } } => {
+            let (_, ctx) = load_context(&cli)?;
+            let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+            let r =
+                admin.list_join_tokens(pb::ListJoinTokensRequest {}).await.map_err(status(&ctx.server))?.into_inner();
+            let now = unix_now();
+            let listing = Listing {
+                columns: vec!["ID", "KIND", "USES LEFT", "EXPIRES", "STATE", "DESCRIPTION"],
+                rows: r
+                    .tokens
+                    .iter()
+                    .map(|t| {
+                        let state = if t.revoked {
+                            "revoked"
+                        } else if t.expires_at <= now {
+                            "expired"
+                        } else if t.uses_left == 0 {
+                            "used"
+                        } else {
+                            "valid"
+                        };
+                        vec![
+                            t.id.clone(),
+                            t.kind.clone(),
+                            t.uses_left.to_string(),
+                            human_duration(t.expires_at.saturating_sub(now)),
+                            state.into(),
+                            t.description.clone(),
+                        ]
+                    })
+                    .collect(),
+                value: json!(
+                    r.tokens
+                        .iter()
+                        .map(|t| json!({
+                            "id": t.id, "kind": t.kind, "uses_left": t.uses_left, "expires_at": t.expires_at,
+                            "created_at": t.created_at, "revoked": t.revoked, "description": t.description,
+                        }))
+                        .collect::<Vec<_>>()
+                ),
+            };
+            print!("{}", listing.render(*output));
+            Ok(())
+        }
+        Cmd::Token { command: TokenCmd::Revoke { id } } => {
+            let (_, ctx) = load_context(&cli)?;
+            let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+            admin
+                .revoke_join_token(pb::RevokeJoinTokenRequest { id: id.clone() })
+                .await
+                .map_err(status(&ctx.server))?;
+            println!("join token {id} revoked");
+            Ok(())
         }
         Cmd::Token { command: TokenCmd::Workload { command } } => {
             let (_, ctx) = load_context(&cli)?;

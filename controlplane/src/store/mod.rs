@@ -36,6 +36,9 @@ pub enum StoreError {
     Closed,
     #[error("the control plane cannot serve this now: {0}")]
     Unavailable(String),
+    /// Nothing was written: the group is between leaders or busy with a membership change.
+    #[error("the control plane cannot serve this now: {0}")]
+    Busy(String),
 }
 
 impl From<StoreError> for tonic::Status {
@@ -44,9 +47,11 @@ impl From<StoreError> for tonic::Status {
             StoreError::Rejected(ApplyError::Invalid(_)) => tonic::Status::invalid_argument(e.to_string()),
             StoreError::Rejected(ApplyError::NotFound(_)) => tonic::Status::not_found(e.to_string()),
             StoreError::Rejected(ApplyError::Conflict(_)) => tonic::Status::already_exists(e.to_string()),
-            StoreError::Io(_) | StoreError::Corrupt(_) | StoreError::Closed | StoreError::Unavailable(_) => {
-                tonic::Status::unavailable(e.to_string())
-            }
+            StoreError::Io(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Closed
+            | StoreError::Unavailable(_)
+            | StoreError::Busy(_) => tonic::Status::unavailable(e.to_string()),
         }
     }
 }

@@ -182,6 +182,20 @@ impl RaftHandle {
         })
     }
 
+    /// Adds a learner, waiting (up to 30 s) while another membership change or an election is
+    /// under way.
+    pub async fn add_learner(&self, member: Member) -> Result<u64, StoreError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.change_membership(MemberChange::AddLearner(member.id), Some(member.clone())).await {
+                Err(StoreError::Busy(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Proposes a membership change; resolves with its index once applied here.
     pub fn change_membership(
         &self,
@@ -445,6 +459,9 @@ struct Driver {
     last_promote_check: Instant,
 }
 
+/// Most voters the leader promotes learners to.
+const MAX_VOTERS: usize = 5;
+
 /// Most events handled between two ready rounds: the batch that one fsync covers.
 const MAX_BATCH: usize = 1_024;
 
@@ -662,6 +679,10 @@ impl Driver {
     }
 
     fn promote_caught_up_learners(&mut self) {
+        // Five voters tolerate two failures; more slow every write. The rest stay learners.
+        if self.replica.conf_state().voters.len() >= MAX_VOTERS {
+            return;
+        }
         let raw = self.replica.raw();
         let commit = raw.raft.raft_log.committed;
         // Caught up: replicating normally (not probing, not taking a snapshot), recently heard
@@ -704,8 +725,7 @@ impl Driver {
 
 fn propose_error(e: ProposeError) -> StoreError {
     match e {
-        ProposeError::NoLeader | ProposeError::Dropped(_) | ProposeError::Membership(_) => {
-            StoreError::Unavailable(e.to_string())
-        }
+        ProposeError::ChangeInProgress | ProposeError::NoLeader => StoreError::Busy(e.to_string()),
+        ProposeError::Dropped(_) | ProposeError::Membership(_) => StoreError::Unavailable(e.to_string()),
     }
 }

@@ -55,6 +55,8 @@ pub enum ProposeError {
     Dropped(String),
     #[error("{0}")]
     Membership(String),
+    #[error("another membership change is still in progress; retry in a few seconds")]
+    ChangeInProgress,
 }
 
 /// The context of a configuration change entry: who proposed it and the directory entries of
@@ -219,9 +221,7 @@ impl<S: DurableLog> Replica<S> {
         // take into an empty entry, which leaves the proposer to time out).
         let conf = self.conf_state();
         if self.is_leader() && (self.node.raft.has_pending_conf() || !conf.voters_outgoing.is_empty()) {
-            return Err(ProposeError::Membership(
-                "another membership change is still in progress; retry in a few seconds".into(),
-            ));
+            return Err(ProposeError::ChangeInProgress);
         }
         let voter = |id: u64| conf.voters.contains(&id);
         let learner = |id: u64| conf.learners.contains(&id);

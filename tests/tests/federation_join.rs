@@ -1,0 +1,169 @@
+//! Linking clusters with join tokens, with real processes: cluster A bootstraps, B and C join with
+//! one token each (their intermediate CAs signed from CSRs, their keys kept at home), every
+//! instance ends a voter of one group with the same state, and an admin credential of A is
+//! trusted by B's control plane and trusts it back (one root). Bad tokens are refused with a
+//! message that names the reason, and leave the federation unchanged.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use trellis_tests::harness::{ControlPlane, Proc, bin, trellis, wait_for, wait_ready};
+
+fn json(config: &Path, args: &[&str]) -> Value {
+    let out = trellis(config, args);
+    assert!(out.status.success(), "trellis {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("trellis {args:?}: not JSON: {e}"))
+}
+
+fn create_token(config: &Path, dir: &Path, name: &str) -> std::path::PathBuf {
+    let out = trellis(config, &["token", "create", "--ttl", "10m"]);
+    assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+    let path = dir.join(name);
+    std::fs::write(&path, &out.stdout).expect("write token");
+    path
+}
+
+/// Starts the first instance of a new cluster with a token; returns it once serving.
+fn join(dir: &Path, cluster: &str, region: &str, ip: &str, token: &Path) -> Proc {
+    let ready = dir.join(format!("{cluster}.ready"));
+    let args: Vec<String> = [
+        "--data-dir",
+        &dir.join(cluster).display().to_string(),
+        "--cluster",
+        cluster,
+        "--region",
+        region,
+        "--node",
+        "cp-1",
+        "--listen",
+        &format!("{ip}:0"),
+        "--join-token-file",
+        &token.display().to_string(),
+        "--ready-file",
+        &ready.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut p = Proc::spawn(cluster, &bin("trellis-cp"), &args, &dir.join(format!("{cluster}.log")), &[]);
+    wait_ready(&mut p, &ready, Duration::from_secs(60));
+    p
+}
+
+/// A join that must fail: returns its last line of output.
+fn refused_join(dir: &Path, cluster: &str, token: &Path) -> String {
+    let data = dir.join(format!("refused-{cluster}"));
+    let out = std::process::Command::new(bin("trellis-cp"))
+        .args(["--data-dir", &data.display().to_string(), "--cluster", cluster, "--node", "cp-1"])
+        .args(["--listen", "127.0.9.1:0", "--join-token-file", &token.display().to_string()])
+        .output()
+        .expect("run trellis-cp");
+    assert!(!out.status.success(), "a join with a bad token succeeded");
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    text.lines().last().unwrap_or_default().to_string()
+}
+
+fn clusters(config: &Path) -> Vec<(String, u64)> {
+    let v = json(config, &["cluster", "list", "-o", "json"]);
+    let mut out: Vec<(String, u64)> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    (c["name"].as_str().unwrap_or_default().to_string(), c["control_planes"].as_u64().unwrap_or(0))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[test]
+fn clusters_join_with_tokens_and_bad_tokens_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let config = dir.join("cli.yaml");
+    let a = ControlPlane::start(dir, "a", "127.0.1.1");
+    let out = trellis(&config, &["config", "import", &a.admin_context.display().to_string()]);
+    assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+
+    let tb = create_token(&config, dir, "token-b");
+    let tc = create_token(&config, dir, "token-c");
+    let _b = join(dir, "b", "eu", "127.0.2.1", &tb);
+    let _c = join(dir, "c", "ap", "127.0.3.1", &tc);
+
+    // One group of three voters, one per cluster, on the same state.
+    wait_for("three voters with one state", Duration::from_secs(60), || {
+        let out = trellis(&config, &["get", "controlplanes", "-o", "json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let members = v["members"].as_array()?;
+        let voters = members.iter().filter(|m| m["membership"] == "voter" && m["error"] == "").count();
+        let hashes: std::collections::BTreeSet<&str> =
+            members.iter().filter_map(|m| m["state_hash"].as_str()).collect();
+        (voters == 3 && hashes.len() == 1).then_some(())
+    });
+    let three = vec![("a".to_string(), 1), ("b".to_string(), 1), ("c".to_string(), 1)];
+    assert_eq!(clusters(&config), three);
+    let tokens = json(&config, &["token", "list", "-o", "json"]);
+    assert!(
+        tokens.as_array().is_some_and(|t| t.iter().all(|t| t["uses_left"] == 0)),
+        "both tokens are used up: {tokens}"
+    );
+    let listing = String::from_utf8_lossy(&trellis(&config, &["token", "list"]).stdout).to_string();
+    for secret_part in [&tb, &tc].map(|p| std::fs::read_to_string(p).unwrap_or_default()) {
+        assert!(!listing.contains(secret_part.trim()), "token list shows a secret");
+    }
+
+    // One root: A's admin credential is accepted by B's control plane, whose certificate (signed
+    // by B's own intermediate) A's trust bundle accepts.
+    let b_addr = serde_json::from_str::<Value>(&std::fs::read_to_string(dir.join("b.ready")).unwrap_or_default())
+        .ok()
+        .and_then(|v| v["grpc"].as_str().map(str::to_string))
+        .expect("b's address");
+    let mut ctx = std::fs::read_to_string(&config).expect("config");
+    ctx = ctx.replace(&a.grpc, &b_addr);
+    let config_b = dir.join("cli-b.yaml");
+    std::fs::write(&config_b, ctx).expect("write");
+    let status = json(&config_b, &["status", "-o", "json"]);
+    assert_eq!(status["cluster"], "b", "{status}");
+
+    // Refusals, each with its reason; the federation is unchanged after each.
+    let reused = refused_join(dir, "d", &tb);
+    assert!(reused.contains("already used"), "reused token: {reused}");
+    let td = create_token(&config, dir, "token-d");
+    let id = json(&config, &["token", "list", "-o", "json"])
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["uses_left"] == 1).and_then(|t| t["id"].as_str().map(str::to_string)))
+        .expect("the new token");
+    assert!(trellis(&config, &["token", "revoke", &id]).status.success());
+    let revoked = refused_join(dir, "d", &td);
+    assert!(revoked.contains("was revoked"), "revoked token: {revoked}");
+
+    let te = create_token(&config, dir, "token-e");
+    let text = std::fs::read_to_string(&te).expect("token");
+    let (prefix, body) = text.trim().split_once('.').expect("token shape");
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut ticket: Value = serde_json::from_slice(&b64.decode(body).expect("base64")).expect("json");
+    let encode = |t: &Value| format!("{prefix}.{}", b64.encode(t.to_string()));
+    let mut tampered = ticket.clone();
+    let secret = tampered["token"].as_str().unwrap_or_default().to_string();
+    let flipped = if secret.ends_with('A') { 'B' } else { 'A' };
+    tampered["token"] = Value::from(format!("{}{flipped}", &secret[..secret.len() - 1]));
+    std::fs::write(dir.join("tampered"), encode(&tampered)).expect("write");
+    let msg = refused_join(dir, "e", &dir.join("tampered"));
+    assert!(msg.contains("wrong secret"), "tampered token: {msg}");
+    ticket["pin"] = Value::from("0".repeat(64));
+    std::fs::write(dir.join("wrong-pin"), encode(&ticket)).expect("write");
+    let msg = refused_join(dir, "e", &dir.join("wrong-pin"));
+    assert!(msg.contains("does not present the root CA pinned"), "wrong pin: {msg}");
+    let msg = refused_join(dir, "b", &te);
+    assert!(msg.contains("already in the federation"), "taken name: {msg}");
+    std::fs::write(dir.join("garbage"), "trellis-join-v1.bm9wZQ").expect("write");
+    let msg = refused_join(dir, "e", &dir.join("garbage"));
+    assert!(msg.contains("malformed"), "garbage token: {msg}");
+
+    assert_eq!(clusters(&config), three, "a refused join changed the federation");
+}

@@ -36,16 +36,23 @@ pub struct DiscoveryService {
     pub metrics: Arc<Metrics>,
 }
 
-/// Builds the response that brings a proxy from `since` to `state` (full when `since` is 0 or
-/// the changelog no longer reaches back). Pure: the stream only sends what this returns.
-pub fn build_response(state: &State, since: u64) -> Option<pb::DiscoveryResponse> {
+/// Whether a proxy of cluster `viewer` sees endpoint `e`: its own cluster's endpoints, and other
+/// clusters' endpoints of exported services. Cluster-local services never leave their cluster.
+fn visible(state: &State, e: &crate::state::Endpoint, viewer: &str) -> bool {
+    e.cluster == viewer || state.services.get(&e.service).is_some_and(|s| s.exported)
+}
+
+/// Builds the response that brings a proxy of cluster `viewer` from `since` to `state` (full when
+/// `since` is 0 or the changelog no longer reaches back). Pure: the stream only sends what this
+/// returns.
+pub fn build_response(state: &State, since: u64, viewer: &str) -> Option<pb::DiscoveryResponse> {
     let keys = if since == 0 { None } else { state.changes_since(since) };
     let Some(keys) = keys else {
         return Some(pb::DiscoveryResponse {
             version: state.revision,
             full: true,
             services: state.services.values().map(service_to_pb).collect(),
-            endpoints: state.endpoints.values().map(endpoint_to_pb).collect(),
+            endpoints: state.endpoints.values().filter(|e| visible(state, e, viewer)).map(endpoint_to_pb).collect(),
             trust_bundle: Some(bundle_to_pb(state)),
             ..Default::default()
         });
@@ -54,17 +61,28 @@ pub fn build_response(state: &State, since: u64) -> Option<pb::DiscoveryResponse
         return None;
     }
     let mut resp = pb::DiscoveryResponse { version: state.revision, full: false, ..Default::default() };
+    let mut endpoint_ids = std::collections::BTreeSet::new();
     for key in keys {
         match key {
-            ChangeKey::Service(k) => match state.services.get(&k) {
-                Some(s) => resp.services.push(service_to_pb(s)),
-                None => resp.removed_services.push(k),
-            },
-            ChangeKey::Endpoint(id) => match state.endpoints.get(&id) {
-                Some(e) => resp.endpoints.push(endpoint_to_pb(e)),
-                None => resp.removed_endpoints.push(id),
-            },
+            ChangeKey::Service(k) => {
+                match state.services.get(&k) {
+                    Some(s) => resp.services.push(service_to_pb(s)),
+                    None => resp.removed_services.push(k.clone()),
+                }
+                // Exporting or unexporting a service changes which remote endpoints are seen.
+                endpoint_ids.extend(state.endpoints_of(&k).filter(|e| e.cluster != viewer).map(|e| e.id.clone()));
+            }
+            ChangeKey::Endpoint(id) => {
+                endpoint_ids.insert(id);
+            }
             ChangeKey::Trust => resp.trust_bundle = Some(bundle_to_pb(state)),
+        }
+    }
+    for id in endpoint_ids {
+        match state.endpoints.get(&id) {
+            Some(e) if visible(state, e, viewer) => resp.endpoints.push(endpoint_to_pb(e)),
+            // Gone, or no longer visible here; removing an id the proxy never had is harmless.
+            _ => resp.removed_endpoints.push(id),
         }
     }
     Some(resp)
@@ -206,7 +224,7 @@ impl DiscoveryService {
         let mut sent = if known > states.borrow().revision { 0 } else { known };
         loop {
             let state = states.borrow_and_update().clone();
-            if let Some(resp) = build_response(&state, sent) {
+            if let Some(resp) = build_response(&state, sent, &self.cluster) {
                 let bytes = resp.encoded_len() as u64;
                 let full = resp.full;
                 if tx.send(Ok(resp)).await.is_err() {
@@ -323,19 +341,74 @@ mod tests {
             e.id = format!("a/default/web/{i}");
             s.apply(i + 1, &Command::UpsertEndpoint { endpoint: e, protocol: Protocol::Http }).unwrap();
         }
-        let full = build_response(&s, 0).unwrap();
+        let full = build_response(&s, 0, "a").unwrap();
         assert!(full.full);
         assert_eq!(full.endpoints.len(), 100);
         let v = s.revision;
         s.apply(v + 1, &Command::SetEndpointHealth { id: "a/default/web/7".into(), healthy: false, registrar: None })
             .unwrap();
         s.apply(v + 2, &Command::DeleteEndpoint { id: "a/default/web/8".into(), registrar: None }).unwrap();
-        let delta = build_response(&s, v).unwrap();
+        let delta = build_response(&s, v, "a").unwrap();
         assert!(!delta.full);
         assert_eq!(delta.endpoints.len(), 1);
         assert!(!delta.endpoints[0].healthy);
         assert_eq!(delta.removed_endpoints, vec!["a/default/web/8".to_string()]);
         assert!(delta.encoded_len() * 20 < full.encoded_len(), "a delta must be far smaller than the full view");
-        assert!(build_response(&s, s.revision).is_none());
+        assert!(build_response(&s, s.revision, "a").is_none());
+    }
+
+    fn endpoint(cluster: &str, service: &str, i: u32) -> Command {
+        Command::UpsertEndpoint {
+            endpoint: crate::state::Endpoint {
+                id: format!("{cluster}/default/{service}/{i}"),
+                service: format!("{service}.default"),
+                cluster: cluster.into(),
+                zone: "z".into(),
+                address: format!("127.0.0.1:{}", 9000 + i),
+                identity: String::new(),
+                healthy: true,
+                weight: 1,
+                revision: 0,
+                registrar: String::new(),
+            },
+            protocol: Protocol::Http,
+        }
+    }
+
+    fn ids(r: &pb::DiscoveryResponse) -> Vec<String> {
+        let mut v: Vec<String> = r.endpoints.iter().map(|e| e.id.clone()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn local_services_stay_in_their_cluster_and_exported_ones_are_seen_everywhere() {
+        let mut s = State::default();
+        s.apply(1, &endpoint("a", "web", 1)).unwrap();
+        s.apply(2, &endpoint("b", "web", 1)).unwrap();
+        s.apply(3, &endpoint("b", "db", 1)).unwrap();
+        // Nothing is exported: each cluster sees its own.
+        assert_eq!(ids(&build_response(&s, 0, "a").unwrap()), vec!["a/default/web/1"]);
+        assert_eq!(ids(&build_response(&s, 0, "b").unwrap()), vec!["b/default/db/1", "b/default/web/1"]);
+        // Exporting web brings b's web endpoint to a, as a delta.
+        let v = s.revision;
+        let mut web = s.services.get("web.default").cloned().unwrap();
+        web.exported = true;
+        s.apply(4, &Command::UpsertService(web.clone())).unwrap();
+        let d = build_response(&s, v, "a").unwrap();
+        assert_eq!(ids(&d), vec!["b/default/web/1"]);
+        assert!(d.removed_endpoints.is_empty());
+        assert_eq!(ids(&build_response(&s, 0, "a").unwrap()), vec!["a/default/web/1", "b/default/web/1"]);
+        // A new endpoint of b's local db is not sent to a, even as a delta: at most a removal.
+        let v = s.revision;
+        s.apply(5, &endpoint("b", "db", 2)).unwrap();
+        let d = build_response(&s, v, "a").unwrap();
+        assert!(d.endpoints.is_empty(), "{:?}", d.endpoints);
+        // Unexporting takes b's web endpoint away from a again.
+        let v = s.revision;
+        web.exported = false;
+        s.apply(6, &Command::UpsertService(web)).unwrap();
+        let d = build_response(&s, v, "a").unwrap();
+        assert_eq!(d.removed_endpoints, vec!["b/default/web/1".to_string()]);
     }
 }

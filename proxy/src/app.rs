@@ -20,6 +20,7 @@ use trellis_proto::{ALPN_MESH_HTTP, ALPN_MESH_TCP, IdMatcher, SpiffeId, grpc};
 
 use crate::admin::{self, AdminState, not_ready_reason};
 use crate::authz::AllowTrustDomain;
+use crate::balance::Locality;
 use crate::config::{Config, ConfigError};
 use crate::discovery::{DiscoveryTask, NodeInfo, Registration};
 use crate::drain::Drain;
@@ -207,6 +208,7 @@ pub async fn build(config: Config) -> Result<App, AppError> {
         MeshConnector::new(tcp_tls, ALPN_MESH_TCP, config.connect_timeout(), metrics.clone()),
         metrics.clone(),
         OutboundTimeouts { request: config.request_timeout(), per_try: config.per_try_timeout(), sniff: SNIFF_TIMEOUT },
+        Locality { cluster: config.cluster.clone(), zone: config.zone.clone() },
     );
     for (l, service) in upstream_ls {
         tasks.push(tokio::spawn(outbound.clone().serve(l, service, drain.clone())));

@@ -168,6 +168,31 @@ impl Drop for LoadGuard {
 pub struct Balancer {
     loads: Mutex<HashMap<String, Arc<EndpointLoad>>>,
     rng: Mutex<fastrand::Rng>,
+    /// This proxy's place, for locality tiers.
+    locality: Locality,
+}
+
+/// Where a proxy runs. Endpoints are tried in tiers: its zone of its cluster, then its cluster,
+/// then other clusters; a tier is used while it has a healthy endpoint not yet tried.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Locality {
+    pub cluster: String,
+    pub zone: String,
+}
+
+impl Locality {
+    /// The tier of `ep` seen from here: 0 is nearest. Without a locality every endpoint is tier 0.
+    pub fn tier(&self, ep: &Endpoint) -> u8 {
+        if self.cluster.is_empty() {
+            0
+        } else if ep.cluster != self.cluster {
+            2
+        } else if ep.zone != self.zone {
+            1
+        } else {
+            0
+        }
+    }
 }
 
 impl Default for Balancer {
@@ -179,7 +204,12 @@ impl Default for Balancer {
 impl Balancer {
     /// A balancer drawing from `rng`.
     pub fn new(rng: fastrand::Rng) -> Self {
-        Self { loads: Mutex::new(HashMap::new()), rng: Mutex::new(rng) }
+        Self { loads: Mutex::new(HashMap::new()), rng: Mutex::new(rng), locality: Locality::default() }
+    }
+
+    /// A balancer that prefers endpoints near `locality`.
+    pub fn with_locality(locality: Locality) -> Self {
+        Self { locality, ..Self::default() }
     }
 
     /// Picks one of `endpoints`, skipping those whose id is in `tried`.
@@ -192,8 +222,16 @@ impl Balancer {
                 .map(|ep| map.entry(ep.id.clone()).or_insert_with(|| Arc::new(EndpointLoad::new(now))).clone())
                 .collect()
         };
-        let candidates: Vec<Candidate> =
+        let mut candidates: Vec<Candidate> =
             endpoints.iter().zip(&loads).map(|(ep, load)| load.candidate(ep, tried.contains(&ep.id), now)).collect();
+        // The nearest tier that still has a usable endpoint; the others sit this pick out.
+        let tiers: Vec<u8> = endpoints.iter().map(|ep| self.locality.tier(ep)).collect();
+        let best = candidates.iter().zip(&tiers).filter(|(c, _)| c.healthy && !c.excluded).map(|(_, t)| *t).min()?;
+        for (c, t) in candidates.iter_mut().zip(&tiers) {
+            if *t != best {
+                c.excluded = true;
+            }
+        }
         let i = choose(&candidates, &mut self.rng.lock().unwrap_or_else(|p| p.into_inner()))?;
         Some((endpoints[i].clone(), loads[i].clone()))
     }
@@ -348,5 +386,32 @@ mod tests {
         }
         let (retry, _) = b.pick(&eps, std::slice::from_ref(&first.id)).unwrap();
         assert_ne!(retry.id, first.id);
+    }
+
+    #[test]
+    fn nearest_tier_first_then_failover() {
+        let ep = |id: &str, cluster: &str, zone: &str, healthy: bool| {
+            Arc::new(Endpoint {
+                id: id.into(),
+                service: "web.default".parse().unwrap(),
+                cluster: cluster.into(),
+                zone: zone.into(),
+                address: "127.0.0.1:1".into(),
+                identity: None,
+                healthy,
+                weight: 1,
+            })
+        };
+        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
+        let eps = vec![ep("remote", "b", "z1", true), ep("other-zone", "a", "z2", true), ep("near", "a", "z1", true)];
+        for _ in 0..20 {
+            assert_eq!(b.pick(&eps, &[]).unwrap().0.id, "near");
+        }
+        // The near one failed this request: its cluster's other zone next, then the other cluster.
+        assert_eq!(b.pick(&eps, &["near".into()]).unwrap().0.id, "other-zone");
+        assert_eq!(b.pick(&eps, &["near".into(), "other-zone".into()]).unwrap().0.id, "remote");
+        // Unhealthy local endpoints fail over to the remote cluster.
+        let eps = vec![ep("remote", "b", "z1", true), ep("near", "a", "z1", false)];
+        assert_eq!(b.pick(&eps, &[]).unwrap().0.id, "remote");
     }
 }

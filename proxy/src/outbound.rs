@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, Locality};
 use crate::body::{self, Body, text};
 use crate::detect::{FirstByte, Protocol, sniff};
 use crate::drain::Drain;
@@ -111,8 +111,10 @@ impl Outbound {
         tcp: MeshConnector,
         metrics: Arc<Metrics>,
         timeouts: OutboundTimeouts,
+        locality: Locality,
     ) -> Arc<Self> {
-        Arc::new(Self { routes, balancer: Balancer::default(), pool: H2Pool::new(h2), tcp, metrics, timeouts })
+        let balancer = Balancer::with_locality(locality);
+        Arc::new(Self { routes, balancer, pool: H2Pool::new(h2), tcp, metrics, timeouts })
     }
 
     /// Forgets load and pooled connections of endpoints that left the configuration.

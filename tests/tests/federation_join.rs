@@ -167,3 +167,129 @@ fn clusters_join_with_tokens_and_bad_tokens_are_refused() {
 
     assert_eq!(clusters(&config), three, "a refused join changed the federation");
 }
+
+/// A proxy with a workload token, talking to control plane `cp` whose trust bundle file is
+/// `bundle`; returns it with its ready file's contents.
+fn proxy(
+    dir: &Path,
+    name: &str,
+    (cp, bundle): (&str, &Path),
+    config: &Path,
+    sa: &str,
+    cluster: &str,
+    extra: &[&str],
+) -> (Proc, Value) {
+    let token = trellis_tests::mesh::workload_token(config, sa).expect("workload token");
+    let ready = dir.join(format!("{name}.ready"));
+    let mut args: Vec<String> = [
+        "--control-plane",
+        cp,
+        "--trust-bundle",
+        &bundle.display().to_string(),
+        "--token",
+        &token,
+        "--service-account",
+        sa,
+        "--cluster",
+        cluster,
+        "--instance",
+        name,
+        "--ready-file",
+        &ready.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut p = Proc::spawn(name, &bin("trellis-proxy"), &args, &dir.join(format!("{name}.log")), &[]);
+    let v = wait_ready(&mut p, &ready, Duration::from_secs(30));
+    (p, v)
+}
+
+/// One HTTP/1.1 GET through `addr`; the response body.
+fn get(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /hello HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1.1 200").then(|| out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
+#[test]
+fn a_workload_in_one_cluster_calls_an_exported_service_of_another_with_mtls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let config = dir.join("cli.yaml");
+    let a = ControlPlane::start(dir, "a", "127.0.1.1");
+    let out = trellis(&config, &["config", "import", &a.admin_context.display().to_string()]);
+    assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    let tb = create_token(&config, dir, "token-b");
+    let _b = join(dir, "b", "eu", "127.0.2.1", &tb);
+    let b_ready: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("b.ready")).unwrap_or_default()).expect("b ready file");
+    let b_grpc = b_ready["grpc"].as_str().unwrap_or_default().to_string();
+    let b_bundle = std::path::PathBuf::from(b_ready["trust_bundle"].as_str().unwrap_or_default());
+    wait_for("b's trust bundle file", Duration::from_secs(30), || b_bundle.exists().then_some(()));
+    let out = trellis(&config, &["create-service", "api.default", "--port", "80", "--exported"]);
+    assert!(out.status.success(), "create-service: {}", String::from_utf8_lossy(&out.stderr));
+    let out = trellis(&config, &["create-service", "secret.default", "--port", "80"]);
+    assert!(out.status.success(), "create-service: {}", String::from_utf8_lossy(&out.stderr));
+
+    // In A: the api application and its proxy; a cluster-local "secret" service too.
+    let app_ready = dir.join("api-app.ready");
+    let mut app = Proc::spawn(
+        "api-app",
+        &bin("trellis"),
+        &["demo-app", "--name", "api", "--cluster", "a", "--listen", "127.0.1.10:0", "--ready-file"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(std::iter::once(app_ready.display().to_string()))
+            .collect::<Vec<_>>(),
+        &dir.join("api-app.log"),
+        &[],
+    );
+    let app_addr =
+        wait_ready(&mut app, &app_ready, Duration::from_secs(30))["addr"].as_str().unwrap_or_default().to_string();
+    let (_server, _) = proxy(
+        dir,
+        "api-proxy",
+        (&a.grpc, &a.trust_bundle),
+        &config,
+        "api",
+        "a",
+        &["--service", "api.default", "--app", &app_addr, "--inbound", "127.0.1.2:0"],
+    );
+    let (_secret, _) = proxy(
+        dir,
+        "secret-proxy",
+        (&a.grpc, &a.trust_bundle),
+        &config,
+        "secret",
+        "a",
+        &["--service", "secret.default", "--app", &app_addr, "--inbound", "127.0.1.3:0"],
+    );
+
+    // In B: a client whose certificate B's own intermediate signs, with listeners for both.
+    let (_client, ready) = proxy(
+        dir,
+        "client-proxy",
+        (&b_grpc, &b_bundle),
+        &config,
+        "client",
+        "b",
+        &["--upstream", "api.default=127.0.2.3:0", "--upstream", "secret.default=127.0.2.3:0"],
+    );
+    let api = ready["upstreams"]["api.default"].as_str().unwrap_or_default().to_string();
+    let body = wait_for("a cross-cluster call", Duration::from_secs(30), || get(&api));
+    let v: Value = serde_json::from_str(&body).expect("json body");
+    assert_eq!(v["cluster"], "a", "{v}");
+    assert!(
+        v["caller"].as_str().is_some_and(|c| c.ends_with("/ns/default/sa/client")),
+        "the server must see the caller's identity: {v}"
+    );
+    // The cluster-local service is not reachable from B: B's proxies never learn its endpoints.
+    let secret = ready["upstreams"]["secret.default"].as_str().unwrap_or_default().to_string();
+    assert!(get(&secret).is_none(), "a cluster-local service of A answered a caller in B");
+}

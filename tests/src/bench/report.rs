@@ -23,6 +23,11 @@ impl Report {
         self.figures.push(v);
     }
 
+    /// Takes the figures of another report (already printed).
+    pub fn extend(&mut self, other: Report) {
+        self.figures.extend(other.figures);
+    }
+
     /// A human table of every figure.
     pub fn table(&self) -> String {
         let mut out = String::new();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use trellis_tests::bench::load::Proto;
 use trellis_tests::bench::report::Report;
-use trellis_tests::bench::scenarios::{self, proxy_latency, raft, tcp_throughput};
+use trellis_tests::bench::scenarios::{self, join, proxy_latency, raft, tcp_throughput};
 
 #[derive(Parser)]
 #[command(name = "trellis-bench", about = "Trellis benchmark scenarios (build the workspace in release mode first)")]
@@ -33,6 +33,9 @@ struct Args {
     /// Seconds of the one-core saturation run (0 skips it).
     #[arg(long, default_value_t = 5)]
     saturation: u64,
+    /// Clusters joined by the join scenario (one measurement each).
+    #[arg(long, default_value_t = 10)]
+    joins: u32,
     /// Concurrent writers for the raft scenario's throughput figure.
     #[arg(long, default_value_t = 16)]
     clients: usize,
@@ -73,6 +76,12 @@ async fn main() -> anyhow::Result<()> {
                 proxy_latency::run(&opts, &mut report).await?;
             }
             "tcp-throughput" => tcp_throughput::run(args.stream_mib, args.rounds, &mut report).await?,
+            "join" => {
+                let rounds = args.joins;
+                let mut r = Report::default();
+                let r = tokio::task::spawn_blocking(move || join::run(rounds, &mut r).map(|()| r)).await??;
+                report.extend(r);
+            }
             "raft" => {
                 let opts = raft::Opts {
                     duration: Duration::from_secs(args.duration),

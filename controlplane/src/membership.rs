@@ -151,6 +151,8 @@ pub fn check_join_token(state: &State, token: &str, for_cluster: Option<&str>, n
         )));
     }
     match (&stored.kind, for_cluster) {
+        // Uses are counted by the write that admits the instance (a learner whose answer was lost
+        // may come back with the same token).
         (JoinKind::ControlPlane { cluster: c }, Some(cluster)) if c == cluster => Ok(parts.id),
         (JoinKind::ControlPlane { cluster: c }, Some(cluster)) => Err(Status::permission_denied(format!(
             "join token {} admits a control plane of cluster '{c}', not '{cluster}'; start with --cluster {c}",
@@ -237,20 +239,33 @@ impl MembershipService {
         let now = unix_now();
         // A retry of a join whose answer was lost: the cluster is registered with this token, the
         // token's last use went to it. The same request (the same CA key) gets the same answer.
-        if let Some(c) = state.clusters.get(&r.cluster)
-            && !c.join_token.is_empty()
-            && TokenParts::parse(&r.token, JOIN_PREFIX).is_ok_and(|p| {
-                p.id == c.join_token && state.join_tokens.get(&p.id).is_some_and(|t| p.matches(&t.secret_hash))
-            })
-        {
-            return self.admit_first_instance(r, c.intermediate_cert_pem.clone()).await;
-        }
-        let token_id = check_join_token(&state, &r.token, None, now)?;
-        state.trust_domain().ok_or_else(|| Status::unavailable("the federation is not bootstrapped yet"))?;
         validate_name(&r.cluster).map_err(|e| Status::invalid_argument(format!("cluster name: {e}")))?;
         validate_name(&r.region).map_err(|e| Status::invalid_argument(format!("region: {e}")))?;
         validate_name(&r.node).map_err(|e| Status::invalid_argument(format!("node name: {e}")))?;
         check_address(&r.address)?;
+        if let Some(c) = state.clusters.get(&r.cluster)
+            && !c.join_token.is_empty()
+            && TokenParts::parse(&r.token, JOIN_PREFIX).is_ok_and(|p| {
+                p.id == c.join_token
+                    && state
+                        .join_tokens
+                        .get(&p.id)
+                        .is_some_and(|t| p.matches(&t.secret_hash) && !t.revoked && t.expires_at > now)
+            })
+        {
+            let same_key = trellis_federation::ca::csr_key_matches_cert(&r.ca_csr_pem, &c.intermediate_cert_pem)
+                .map_err(|e| Status::invalid_argument(format!("intermediate CA request: {e}")))?;
+            if !same_key {
+                return Err(Status::already_exists(format!(
+                    "cluster '{}' joined with this token already, with another CA key; a cluster that lost its \
+                     data directory must be removed and joined again with a new token",
+                    r.cluster
+                )));
+            }
+            return self.admit_first_instance(r, c.intermediate_cert_pem.clone()).await;
+        }
+        let token_id = check_join_token(&state, &r.token, None, now)?;
+        state.trust_domain().ok_or_else(|| Status::unavailable("the federation is not bootstrapped yet"))?;
         if state.clusters.contains_key(&r.cluster) {
             return Err(Status::already_exists(format!(
                 "a cluster named '{}' is already in the federation; choose another --cluster",
@@ -320,7 +335,7 @@ impl MembershipService {
     async fn join(&self, r: &pb::JoinControlPlaneRequest) -> Result<pb::JoinControlPlaneResponse, Status> {
         // A token created a moment ago on another member must be visible here: read linearizably.
         let state = self.store.read().await?;
-        check_join_token(&state, &r.token, Some(&r.cluster), unix_now())?;
+        let token_id = check_join_token(&state, &r.token, Some(&r.cluster), unix_now())?;
         let td = state.trust_domain().ok_or_else(|| Status::unavailable("the federation is not bootstrapped yet"))?;
         let id = SpiffeId::control_plane(td, &r.cluster, &r.node)
             .map_err(|e| Status::invalid_argument(format!("cluster/node name: {e}")))?;
@@ -342,6 +357,13 @@ impl MembershipService {
             .sign_csr(&r.csr_pem, &id, trellis_federation::ca::LEAF_TTL)
             .map_err(|e| Status::invalid_argument(format!("certificate request: {e}")))?;
         if !self.is_learner(member_id) {
+            // One use of the token per admitted instance (a retry for a waiting learner is free).
+            let consume =
+                Command::ConsumeJoinToken { token_id: token_id.clone(), now: unix_now(), cluster: r.cluster.clone() };
+            self.store.propose(consume).await.map_err(|e| match e {
+                crate::store::StoreError::Rejected(a) => Status::unauthenticated(format!("join refused: {a}")),
+                other => other.into(),
+            })?;
             let member =
                 Member { id: member_id, name: r.node.clone(), cluster: r.cluster.clone(), address: r.address.clone() };
             self.raft.add_learner(member).await?;

@@ -218,6 +218,12 @@ pub enum Command {
     RevokeJoinToken {
         id: String,
     },
+    /// Consumes one use of a control-plane join token for `cluster`.
+    ConsumeJoinToken {
+        token_id: String,
+        now: u64,
+        cluster: String,
+    },
     /// Consumes one use of a cluster join token and registers the new cluster, in one write: a
     /// token is never used more often than it allows, whatever member the joins reach.
     JoinCluster {
@@ -468,6 +474,28 @@ impl State {
                     return Err(ApplyError::NotFound(format!("join token {id}")));
                 };
                 t.revoked = true;
+                Ok(())
+            }
+            Command::ConsumeJoinToken { token_id, now, cluster } => {
+                let t = self
+                    .join_tokens
+                    .get_mut(token_id)
+                    .ok_or_else(|| ApplyError::NotFound(format!("join token {token_id}")))?;
+                if t.kind != (JoinKind::ControlPlane { cluster: cluster.clone() }) {
+                    return Err(ApplyError::Invalid(format!(
+                        "join token {token_id} does not admit a control plane of cluster '{cluster}'"
+                    )));
+                }
+                if t.revoked {
+                    return Err(ApplyError::Invalid(format!("join token {token_id} was revoked")));
+                }
+                if t.expires_at <= *now {
+                    return Err(ApplyError::Invalid(format!("join token {token_id} has expired")));
+                }
+                if t.uses_left == 0 {
+                    return Err(ApplyError::Invalid(format!("join token {token_id} was already used")));
+                }
+                t.uses_left -= 1;
                 Ok(())
             }
             Command::JoinCluster { token_id, now, cluster } => {

@@ -251,6 +251,16 @@ pub fn new_csr(id: &SpiffeId) -> Result<(String, String), CaError> {
     Ok((csr.pem()?, key.serialize_pem()))
 }
 
+/// Whether the certificate `cert_pem` was issued for the key that signed `csr_pem`.
+pub fn csr_key_matches_cert(csr_pem: &str, cert_pem: &str) -> Result<bool, CaError> {
+    use rcgen::PublicKeyData as _;
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
+    let der = trellis_proto::tls::certs_from_pem(cert_pem).map_err(|e| CaError::BadCa(e.to_string()))?;
+    let first = der.first().ok_or_else(|| CaError::BadCa("no certificate".into()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(first.as_ref()).map_err(|e| CaError::BadCa(e.to_string()))?;
+    Ok(cert.public_key().subject_public_key.data.as_ref() == csr.public_key.der_bytes())
+}
+
 /// Generates a P-256 key and a CSR for a cluster's intermediate CA; returns (csr_pem, key_pem).
 /// The key stays with the cluster that asks.
 pub fn new_ca_csr(cluster: &str) -> Result<(String, String), CaError> {
@@ -284,6 +294,9 @@ mod tests {
         let bundle = TrustBundle::from_pem("trellis.local", &[root.cert_pem().to_string()]).unwrap();
         assert_eq!(bundle.verify(&chain, Usage::Client, &IdMatcher::Exact(id.clone()), now()).unwrap(), id);
         assert!(root.sign_intermediate_csr("garbage", "b", INTERMEDIATE_TTL).is_err());
+        assert!(csr_key_matches_cert(&csr, &cert).unwrap());
+        let (other, _) = new_ca_csr("b").unwrap();
+        assert!(!csr_key_matches_cert(&other, &cert).unwrap());
     }
     use trellis_proto::verify::{IdMatcher, TrustBundle, Usage, VerifyError};
 

@@ -125,7 +125,8 @@ impl Group {
             if i > 1 {
                 let token = dir.join("join-token");
                 if i == 2 {
-                    let out = trellis(&config, &["controlplane", "token", "create"]);
+                    let uses = (n - 1).to_string();
+                    let out = trellis(&config, &["controlplane", "token", "create", "--uses", &uses]);
                     assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
                     std::fs::write(&token, &out.stdout).expect("write token");
                 }

@@ -144,6 +144,9 @@ enum ControlPlaneTokenCmd {
         /// Lifetime, e.g. 30m, 1h, 7d.
         #[arg(long, default_value = "1h")]
         ttl: String,
+        /// How many instances may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
         #[arg(long, default_value = "")]
         description: String,
     },
@@ -564,7 +567,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             let (_, ctx) = load_context(&cli)?;
             let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
             match command {
-                ControlPlaneCmd::Token { command: ControlPlaneTokenCmd::Create { cluster, ttl, description } } => {
+                ControlPlaneCmd::Token {
+                    command: ControlPlaneTokenCmd::Create { cluster, ttl, uses, description },
+                } => {
                     let ttl_seconds = parse_ttl(ttl)?;
                     let r = admin
                         .create_join_token(pb::CreateJoinTokenRequest {
@@ -572,13 +577,13 @@ async fn run(cli: Cli) -> Result<(), String> {
                             ttl_seconds,
                             description: description.clone(),
                             new_cluster: false,
-                            uses: 1,
+                            uses: *uses,
                         })
                         .await
                         .map_err(status(&ctx.server))?
                         .into_inner();
                     eprintln!(
-                        "Join token {} for one more control-plane instance, valid {}. It is shown only now; start the \
+                        "Join token {} for {uses} more control-plane instance(s), valid {}. It is shown only now; start the \
                          new instance with `trellis-cp --join-token-file FILE` (or TRELLIS_JOIN_TOKEN):",
                         r.id,
                         human_duration(ttl_seconds)

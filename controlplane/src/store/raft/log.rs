@@ -109,7 +109,10 @@ impl RedbLog {
                 w.append(&entries).map_err(io)?;
             }
             if let Some(bytes) = hs {
-                w.set_hardstate(HardState::parse_from_bytes(&bytes).map_err(|_| damaged(&path, HARD_STATE))?);
+                let mut hs = HardState::parse_from_bytes(&bytes).map_err(|_| damaged(&path, HARD_STATE))?;
+                // Whatever a snapshot covers is committed.
+                hs.commit = hs.commit.max(after);
+                w.set_hardstate(hs);
             }
         }
         let log =
@@ -176,9 +179,15 @@ impl RedbLog {
         let bytes = encode(&s)?;
         let conf_bytes = encode(&conf)?;
         let drop_through = index.saturating_sub(keep);
+        // The snapshot's index is applied, so committed: the stored commit index must not trail
+        // it, or raft-rs refuses the log at the next start.
+        let mut hs = self.mirror.initial_state().map_err(io)?.hard_state;
+        hs.commit = hs.commit.max(index);
+        let hs_bytes = encode(&hs)?;
         self.write(|meta_t, entries| {
             meta_t.insert(SNAPSHOT, seal(&bytes).as_slice()).map_err(io)?;
             meta_t.insert(CONF_STATE, seal(&conf_bytes).as_slice()).map_err(io)?;
+            meta_t.insert(HARD_STATE, seal(&hs_bytes).as_slice()).map_err(io)?;
             entries.retain(|k, _| k > drop_through).map_err(io)?;
             Ok(())
         })?;
@@ -272,11 +281,12 @@ impl DurableLog for RedbLog {
         to_write.commit = to_write.commit.min(last);
         let hs_bytes = Some(encode(&to_write)?);
         self.write_with(true, |meta, table| {
-            if let (Some(s), Some(bytes), Some(conf)) = (snapshot, &snap_bytes, &conf_bytes) {
-                let index = s.get_metadata().index;
+            if let (Some(_), Some(bytes), Some(conf)) = (snapshot, &snap_bytes, &conf_bytes) {
                 meta.insert(SNAPSHOT, seal(bytes).as_slice()).map_err(io)?;
                 meta.insert(CONF_STATE, seal(conf).as_slice()).map_err(io)?;
-                table.retain(|k, _| k > index).map_err(io)?;
+                // A snapshot from the leader replaces the whole log: entries this member held
+                // beyond it may be from older terms and must not come back at the next start.
+                table.retain(|_, _| false).map_err(io)?;
             }
             if let Some((first, _)) = encoded.first() {
                 // A new leader may overwrite a suffix: entries from `first` on are replaced.

@@ -451,7 +451,7 @@ struct Driver {
     /// Read requests waiting for their read index, by request id.
     reads: HashMap<u64, Waiting>,
     /// Read indexes confirmed by the leader, waiting for this replica to apply them.
-    confirmed_reads: Vec<(u64, Reply<u64>)>,
+    confirmed_reads: Vec<(u64, Waiting)>,
     next_read: u64,
     /// Revision of the last published state.
     published: u64,
@@ -577,16 +577,16 @@ impl Driver {
         for rs in out.read_states {
             let id = <[u8; 8]>::try_from(rs.request_ctx.as_slice()).map(u64::from_be_bytes).unwrap_or(0);
             if let Some(w) = self.reads.remove(&id) {
-                self.confirmed_reads.push((rs.index, w.reply));
+                self.confirmed_reads.push((rs.index, w));
             }
         }
         let applied = self.replica.state().revision;
         if !self.confirmed_reads.is_empty() {
-            for (index, reply) in std::mem::take(&mut self.confirmed_reads) {
+            for (index, w) in std::mem::take(&mut self.confirmed_reads) {
                 if index <= applied {
-                    let _ = reply.send(Ok(index));
+                    let _ = w.reply.send(Ok(index));
                 } else {
-                    self.confirmed_reads.push((index, reply));
+                    self.confirmed_reads.push((index, w));
                 }
             }
         }
@@ -627,8 +627,9 @@ impl Driver {
             applied: self.replica.state().revision,
             last_index: raw.raft.raft_log.last_index(),
             snapshot_index: raw.store().snapshot_index(),
-            voters: conf.voters,
-            learners: conf.learners,
+            // Either half of a joint configuration counts.
+            voters: union(&conf.voters, &conf.voters_outgoing),
+            learners: union(&conf.learners, &conf.learners_next),
             matched,
             removed: self.removed,
             fatal: None,
@@ -672,6 +673,15 @@ impl Driver {
                 )));
             }
         }
+        // A read the leader confirmed that this replica has not reached in time (it is cut off).
+        let (late, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.confirmed_reads).into_iter().partition(|(_, w)| w.deadline <= now);
+        self.confirmed_reads = waiting;
+        for (_, w) in late {
+            let _ = w.reply.send(Err(StoreError::Unavailable(
+                "this instance is behind the leader and did not catch up in time; retry".into(),
+            )));
+        }
         if self.replica.is_leader() && now.duration_since(self.last_promote_check) >= Duration::from_secs(1) {
             self.last_promote_check = now;
             self.promote_caught_up_learners();
@@ -714,13 +724,20 @@ impl Driver {
         for (_, w) in self.reads.drain() {
             let _ = w.reply.send(Err(e.clone()));
         }
-        for (_, r) in self.confirmed_reads.drain(..) {
-            let _ = r.send(Err(e.clone()));
+        for (_, w) in self.confirmed_reads.drain(..) {
+            let _ = w.reply.send(Err(e.clone()));
         }
         let mut status = self.status();
         status.fatal = Some(e.to_string());
         self.status_tx.send_replace(Arc::new(status));
     }
+}
+
+fn union(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut v: Vec<u64> = a.iter().chain(b).copied().collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 fn propose_error(e: ProposeError) -> StoreError {

@@ -106,6 +106,11 @@ pub struct Output {
     pub conf_changed: bool,
 }
 
+/// Every id a configuration names (voters of either half, learners, learners to be).
+fn conf_ids(c: &ConfState) -> std::collections::BTreeSet<u64> {
+    c.voters.iter().chain(&c.voters_outgoing).chain(&c.learners).chain(&c.learners_next).copied().collect()
+}
+
 /// Encodes a command as entry data.
 pub fn encode(cmd: &Command) -> Vec<u8> {
     serde_json::to_vec(cmd).unwrap_or_default()
@@ -385,21 +390,24 @@ impl<S: DurableLog> Replica<S> {
         context: &[u8],
         out: &mut Output,
     ) -> Result<Result<(), ApplyError>, StoreError> {
-        self.node.apply_conf_change(&cc).map_err(|e| StoreError::Io(format!("conf change {index}: {e}")))?;
+        let before = conf_ids(&self.conf_state());
+        let after = conf_ids(
+            &self.node.apply_conf_change(&cc).map_err(|e| StoreError::Io(format!("conf change {index}: {e}")))?,
+        );
         out.conf_changed = true;
         let mut result = self.state.apply(index, &Command::Noop);
         let ctx: ConfContext = serde_json::from_slice(context).unwrap_or_default();
         for m in ctx.members {
             result = result.and(self.state.apply(index, &Command::SetMember(m)));
         }
-        for c in cc.get_changes() {
-            if c.get_change_type() == ConfChangeType::RemoveNode {
-                if c.node_id == self.id() {
-                    out.removed = true;
-                }
-                // A member may have no directory entry (e.g. removed before it was recorded).
-                let _ = self.state.apply(index, &Command::RemoveMember { id: c.node_id });
+        // A member is gone only once no part of the configuration names it: while a joint
+        // configuration still counts it among the outgoing voters, it must keep taking part.
+        for id in before.difference(&after) {
+            if *id == self.id() {
+                out.removed = true;
             }
+            // A member may have no directory entry (e.g. removed before it was recorded).
+            let _ = self.state.apply(index, &Command::RemoveMember { id: *id });
         }
         Ok(result)
     }

@@ -248,8 +248,13 @@ impl PeerService {
             )));
         }
         if m.get_msg_type() == MessageType::MsgTransferLeader {
-            // Forwarded by a follower on behalf of the transferee, whose id it carries.
-            return Ok(());
+            // Forwarded by a follower on behalf of the transferee, whose id it carries: the
+            // caller must still be a member.
+            let members = self.peers.0.read().unwrap_or_else(|p| p.into_inner());
+            return match members.values().any(|p| p.cluster == caller.0 && p.name == caller.1) {
+                true => Ok(()),
+                false => Err(Status::permission_denied(format!("{}/{} is not a member", caller.0, caller.1))),
+            };
         }
         match self.peers.get(m.from) {
             Some(member) if member.cluster == caller.0 && member.name == caller.1 => Ok(()),
@@ -259,6 +264,7 @@ impl PeerService {
             ))),
             None => {
                 let st = self.status.borrow();
+                // `voters` and `learners` include both halves of a joint configuration.
                 let in_conf = st.voters.contains(&m.from) || st.learners.contains(&m.from);
                 // Only the leader says so: its configuration is the newest there is.
                 if !in_conf && st.role == "leader" {

@@ -175,7 +175,13 @@ async fn peer_loop(
                 Some((pb::RaftBatch { messages: batch.iter().filter_map(encode).collect() }, queue))
             });
             let stream = futures::stream::iter([first]).chain(rest);
-            let why = match client.send(stream).await {
+            let opened = tokio::time::Instant::now();
+            let result = client.send(stream).await;
+            if opened.elapsed() > Duration::from_secs(5) {
+                // The stream worked for a while: this is a new failure, not a repeated one.
+                backoff = Duration::from_millis(50);
+            }
+            let why = match result {
                 Ok(_) => "stream closed by the peer".to_string(),
                 Err(s) if s.code() == tonic::Code::PermissionDenied && s.message().starts_with(REMOVED) => {
                     tracing::warn!(peer = %member.name, "{}", s.message());

@@ -154,6 +154,17 @@ impl pb::discovery_server::Discovery for DiscoveryService {
     ) -> Result<Response<Self::StreamStream>, Status> {
         let peer = grpc::peer_identity(&req)
             .ok_or_else(|| Status::unauthenticated("discovery needs a workload client certificate"))?;
+        // A proxy's cluster is the cluster whose CA issued its certificate: it sees that
+        // cluster's local services, so it must talk to that cluster's control plane.
+        let issuer = grpc::peer_issuer_cluster(&req);
+        if issuer.as_deref() != Some(self.cluster.as_str()) {
+            return Err(Status::permission_denied(format!(
+                "{peer}'s certificate was issued by cluster '{}', and this control plane serves cluster '{}'; \
+                 connect the proxy to a control plane of its own cluster",
+                issuer.as_deref().unwrap_or("unknown"),
+                self.cluster
+            )));
+        }
         let peer_addr = grpc::peer_addr(&req).map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())

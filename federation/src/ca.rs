@@ -130,7 +130,7 @@ impl Ca {
     pub fn issue_intermediate(&self, cluster: &str, ttl: Duration) -> Result<Self, CaError> {
         let key = new_key()?;
         let ttl = self.cap_ttl(ttl)?;
-        let params = ca_params(&format!("Trellis intermediate CA {cluster}"), ttl, Some(0));
+        let params = ca_params(&format!("{}{cluster}", trellis_proto::tls::INTERMEDIATE_CN_PREFIX), ttl, Some(0));
         let cert = params.signed_by(&key, &self.issuer)?;
         let mut chain_pem = vec![cert.pem()];
         chain_pem.extend(self.chain_pem.iter().cloned());
@@ -150,7 +150,7 @@ impl Ca {
     pub fn sign_intermediate_csr(&self, csr_pem: &str, cluster: &str, ttl: Duration) -> Result<String, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
         let ttl = self.cap_ttl(ttl)?;
-        let params = ca_params(&format!("Trellis intermediate CA {cluster}"), ttl, Some(0));
+        let params = ca_params(&format!("{}{cluster}", trellis_proto::tls::INTERMEDIATE_CN_PREFIX), ttl, Some(0));
         Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
     }
 
@@ -268,7 +268,7 @@ pub fn new_ca_csr(cluster: &str) -> Result<(String, String), CaError> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Trellis");
-    dn.push(DnType::CommonName, format!("Trellis intermediate CA {cluster}"));
+    dn.push(DnType::CommonName, format!("{}{cluster}", trellis_proto::tls::INTERMEDIATE_CN_PREFIX));
     p.distinguished_name = dn;
     let csr = p.serialize_request(&key)?;
     Ok((csr.pem()?, key.serialize_pem()))
@@ -293,6 +293,11 @@ mod tests {
         }
         let bundle = TrustBundle::from_pem("trellis.local", &[root.cert_pem().to_string()]).unwrap();
         assert_eq!(bundle.verify(&chain, Usage::Client, &IdMatcher::Exact(id.clone()), now()).unwrap(), id);
+        assert_eq!(
+            trellis_proto::tls::issuer_cluster(Some(&chain)).as_deref(),
+            Some("b"),
+            "the leaf names its cluster"
+        );
         assert!(root.sign_intermediate_csr("garbage", "b", INTERMEDIATE_TTL).is_err());
         assert!(csr_key_matches_cert(&csr, &cert).unwrap());
         let (other, _) = new_ca_csr("b").unwrap();

@@ -29,6 +29,8 @@ pub struct PeerInfo {
     pub identity: Option<SpiffeId>,
     /// The peer's socket address.
     pub remote_addr: Option<SocketAddr>,
+    /// The cluster whose CA issued the peer's certificate.
+    pub issuer_cluster: Option<String>,
 }
 
 /// A server-side TLS connection with its peer information.
@@ -100,8 +102,10 @@ pub fn tls_incoming(listener: TcpListener, acceptor: TlsAcceptor) -> ReceiverStr
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let identity = peer_id(tls.get_ref().1.peer_certificates());
-                        let info = PeerInfo { identity, remote_addr: Some(remote) };
+                        let certs = tls.get_ref().1.peer_certificates();
+                        let identity = peer_id(certs);
+                        let issuer_cluster = crate::tls::issuer_cluster(certs);
+                        let info = PeerInfo { identity, remote_addr: Some(remote), issuer_cluster };
                         let _ = tx.send(Ok(MeshServerStream { inner: tls, info })).await;
                     }
                     Ok(Err(e)) => tracing::info!(peer = %remote, error = %e, "TLS handshake refused"),
@@ -111,6 +115,11 @@ pub fn tls_incoming(listener: TcpListener, acceptor: TlsAcceptor) -> ReceiverStr
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// The cluster whose CA issued the peer's certificate, for a request served through [`tls_incoming`].
+pub fn peer_issuer_cluster<T>(req: &tonic::Request<T>) -> Option<String> {
+    req.extensions().get::<PeerInfo>().and_then(|p| p.issuer_cluster.clone())
 }
 
 /// The verified peer identity of a gRPC request served through [`tls_incoming`].

@@ -329,6 +329,18 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// The common name of every cluster intermediate CA is this prefix and the cluster's name; the
+/// root signs intermediates with names it chooses, so a verified leaf's issuer names its cluster.
+pub const INTERMEDIATE_CN_PREFIX: &str = "Trellis intermediate CA ";
+
+/// The cluster whose intermediate CA issued the leaf of a verified chain.
+pub fn issuer_cluster(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+    let leaf = certs?.first()?;
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref()).ok()?;
+    let cn = cert.issuer().iter_common_name().next()?.as_str().ok()?.to_string();
+    cn.strip_prefix(INTERMEDIATE_CN_PREFIX).map(str::to_string)
+}
+
 /// The SPIFFE ID of the peer of an established TLS connection (already verified by the handshake).
 pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     certs.and_then(|c| c.first()).and_then(|leaf| spiffe_id_of(leaf).ok())

@@ -103,21 +103,42 @@ impl PeakEwma {
     }
 }
 
+/// Consecutive failed attempts after which an endpoint is set aside (passive outlier detection).
+const EJECT_AFTER: u32 = 5;
+/// How long an endpoint is set aside; it is tried again afterwards.
+const EJECT_FOR: Duration = Duration::from_secs(10);
+
 /// Live load of one endpoint.
 #[derive(Debug)]
 pub struct EndpointLoad {
     ewma: Mutex<PeakEwma>,
     in_flight: AtomicU32,
+    /// Failed attempts in a row.
+    failures: AtomicU32,
+    /// Set aside until then, after [`EJECT_AFTER`] failures in a row.
+    ejected_until: Mutex<Option<Instant>>,
 }
 
 impl EndpointLoad {
     fn new(now: Instant) -> Self {
-        Self { ewma: Mutex::new(PeakEwma::new(now)), in_flight: AtomicU32::new(0) }
+        Self {
+            ewma: Mutex::new(PeakEwma::new(now)),
+            in_flight: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            ejected_until: Mutex::new(None),
+        }
+    }
+
+    fn ejected(&self, now: Instant) -> bool {
+        self.ejected_until.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| now < t)
     }
 
     fn candidate(&self, ep: &Endpoint, excluded: bool, now: Instant) -> Candidate {
         Candidate {
-            healthy: ep.healthy,
+            // The control plane's health, and what this proxy saw itself: an endpoint that keeps
+            // failing is set aside for a while even if its control plane still lists it healthy,
+            // so the next tier takes over.
+            healthy: ep.healthy && !self.ejected(now),
             excluded,
             weight: ep.weight,
             estimate: self.ewma.lock().unwrap_or_else(|p| p.into_inner()).get(now),
@@ -146,11 +167,17 @@ pub struct LoadGuard {
 impl LoadGuard {
     /// The attempt got an answer: its latency is a sample.
     pub fn success(self) {
+        self.load.failures.store(0, Ordering::Relaxed);
         self.load.record(self.started.elapsed());
     }
 
-    /// The attempt failed: counts as [`FAILURE_PENALTY`].
+    /// The attempt failed: counts as [`FAILURE_PENALTY`]; [`EJECT_AFTER`] in a row set the
+    /// endpoint aside for [`EJECT_FOR`].
     pub fn failure(self) {
+        if self.load.failures.fetch_add(1, Ordering::Relaxed) + 1 >= EJECT_AFTER {
+            self.load.failures.store(0, Ordering::Relaxed);
+            *self.load.ejected_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + EJECT_FOR);
+        }
         self.load.record(FAILURE_PENALTY.max(self.started.elapsed()));
     }
 }
@@ -224,6 +251,12 @@ impl Balancer {
         };
         let mut candidates: Vec<Candidate> =
             endpoints.iter().zip(&loads).map(|(ep, load)| load.candidate(ep, tried.contains(&ep.id), now)).collect();
+        if !candidates.iter().any(|c| c.healthy && !c.excluded) {
+            // Everything usable is set aside: trust the control plane's health rather than fail.
+            for (c, ep) in candidates.iter_mut().zip(endpoints) {
+                c.healthy = ep.healthy;
+            }
+        }
         // The nearest tier that still has a usable endpoint; the others sit this pick out.
         let tiers: Vec<u8> = endpoints.iter().map(|ep| self.locality.tier(ep)).collect();
         let best = candidates.iter().zip(&tiers).filter(|(c, _)| c.healthy && !c.excluded).map(|(_, t)| *t).min()?;
@@ -413,5 +446,31 @@ mod tests {
         // Unhealthy local endpoints fail over to the remote cluster.
         let eps = vec![ep("remote", "b", "z1", true), ep("near", "a", "z1", false)];
         assert_eq!(b.pick(&eps, &[]).unwrap().0.id, "remote");
+    }
+
+    #[test]
+    fn an_endpoint_that_keeps_failing_is_set_aside_and_the_next_tier_serves() {
+        let ep = |id: &str, cluster: &str| {
+            Arc::new(Endpoint {
+                id: id.into(),
+                service: "web.default".parse().unwrap(),
+                cluster: cluster.into(),
+                zone: "z1".into(),
+                address: "127.0.0.1:1".into(),
+                identity: None,
+                healthy: true,
+                weight: 1,
+            })
+        };
+        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
+        let eps = vec![ep("near", "a"), ep("remote", "b")];
+        for _ in 0..EJECT_AFTER {
+            let (got, load) = b.pick(&eps, &[]).unwrap();
+            assert_eq!(got.id, "near");
+            load.start().failure();
+        }
+        assert_eq!(b.pick(&eps, &[]).unwrap().0.id, "remote", "the failing endpoint is set aside");
+        // With only the failing endpoint left, it is still used rather than failing outright.
+        assert_eq!(b.pick(&eps[..1], &[]).unwrap().0.id, "near");
     }
 }

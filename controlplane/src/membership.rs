@@ -203,16 +203,8 @@ impl pb::membership_server::Membership for MembershipService {
         req: Request<pb::JoinClusterRequest>,
     ) -> Result<Response<pb::JoinClusterResponse>, Status> {
         let ip = grpc::peer_addr(&req).map(|a| a.ip());
-        self.limiter.check(ip)?;
         let r = req.into_inner();
-        let result = self.join_cluster(&r).await;
-        if let Err(s) = &result {
-            if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) {
-                self.limiter.failed(ip);
-            }
-            tracing::info!(cluster = %r.cluster, node = %r.node, reason = %s.message(), "cluster join refused");
-        }
-        result.map(Response::new)
+        self.limited(ip, &r.cluster, &r.node, self.join_cluster(&r)).await
     }
 
     async fn join_control_plane(
@@ -220,29 +212,41 @@ impl pb::membership_server::Membership for MembershipService {
         req: Request<pb::JoinControlPlaneRequest>,
     ) -> Result<Response<pb::JoinControlPlaneResponse>, Status> {
         let ip = grpc::peer_addr(&req).map(|a| a.ip());
-        self.limiter.check(ip)?;
         let r = req.into_inner();
-        let result = self.join(&r).await;
-        if let Err(s) = &result {
-            if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) {
-                self.limiter.failed(ip);
-            }
-            tracing::info!(cluster = %r.cluster, node = %r.node, reason = %s.message(), "join refused");
-        }
-        result.map(Response::new)
+        self.limited(ip, &r.cluster, &r.node, self.join(&r)).await
     }
 }
 
 impl MembershipService {
+    /// Runs one join attempt from `ip` under the failure limiter: refused proofs count against
+    /// the source, and every refusal is logged with its reason.
+    async fn limited<T>(
+        &self,
+        ip: Option<std::net::IpAddr>,
+        cluster: &str,
+        node: &str,
+        attempt: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        self.limiter.check(ip)?;
+        let result = attempt.await;
+        if let Err(s) = &result {
+            if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) {
+                self.limiter.failed(ip);
+            }
+            tracing::info!(%cluster, %node, reason = %s.message(), "join refused");
+        }
+        result.map(Response::new)
+    }
+
     async fn join_cluster(&self, r: &pb::JoinClusterRequest) -> Result<pb::JoinClusterResponse, Status> {
         let state = self.store.read().await?;
         let now = unix_now();
-        // A retry of a join whose answer was lost: the cluster is registered with this token, the
-        // token's last use went to it. The same request (the same CA key) gets the same answer.
         validate_name(&r.cluster).map_err(|e| Status::invalid_argument(format!("cluster name: {e}")))?;
         validate_name(&r.region).map_err(|e| Status::invalid_argument(format!("region: {e}")))?;
         validate_name(&r.node).map_err(|e| Status::invalid_argument(format!("node name: {e}")))?;
         check_address(&r.address)?;
+        // A retry of a join whose answer was lost: the cluster is registered with this token, the
+        // token's last use went to it. The same request (the same CA key) gets the same answer.
         if let Some(c) = state.clusters.get(&r.cluster)
             && !c.join_token.is_empty()
             && TokenParts::parse(&r.token, JOIN_PREFIX).is_ok_and(|p| {

@@ -477,44 +477,13 @@ impl State {
                 Ok(())
             }
             Command::ConsumeJoinToken { token_id, now, cluster } => {
-                let t = self
-                    .join_tokens
-                    .get_mut(token_id)
-                    .ok_or_else(|| ApplyError::NotFound(format!("join token {token_id}")))?;
-                if t.kind != (JoinKind::ControlPlane { cluster: cluster.clone() }) {
-                    return Err(ApplyError::Invalid(format!(
-                        "join token {token_id} does not admit a control plane of cluster '{cluster}'"
-                    )));
-                }
-                if t.revoked {
-                    return Err(ApplyError::Invalid(format!("join token {token_id} was revoked")));
-                }
-                if t.expires_at <= *now {
-                    return Err(ApplyError::Invalid(format!("join token {token_id} has expired")));
-                }
-                if t.uses_left == 0 {
-                    return Err(ApplyError::Invalid(format!("join token {token_id} was already used")));
-                }
-                t.uses_left -= 1;
+                let kind = JoinKind::ControlPlane { cluster: cluster.clone() };
+                self.check_join_use(token_id, *now, &kind)?;
+                self.spend_join_use(token_id);
                 Ok(())
             }
             Command::JoinCluster { token_id, now, cluster } => {
-                let t = self
-                    .join_tokens
-                    .get(token_id)
-                    .ok_or_else(|| ApplyError::NotFound(format!("join token {token_id}")))?;
-                if t.kind != JoinKind::Cluster {
-                    return Err(ApplyError::Invalid(format!("join token {token_id} does not admit a new cluster")));
-                }
-                if t.revoked {
-                    return Err(ApplyError::Invalid(format!("join token {token_id} was revoked")));
-                }
-                if t.expires_at <= *now {
-                    return Err(ApplyError::Invalid(format!("join token {token_id} has expired")));
-                }
-                if t.uses_left == 0 {
-                    return Err(ApplyError::Invalid(format!("join token {token_id} was already used")));
-                }
+                self.check_join_use(token_id, *now, &JoinKind::Cluster)?;
                 validate_name(&cluster.name).map_err(|e| ApplyError::Invalid(format!("cluster name: {e}")))?;
                 if self.clusters.contains_key(&cluster.name) {
                     return Err(ApplyError::Conflict(format!(
@@ -522,13 +491,41 @@ impl State {
                         cluster.name
                     )));
                 }
-                if let Some(t) = self.join_tokens.get_mut(token_id) {
-                    t.uses_left -= 1;
-                }
+                self.spend_join_use(token_id);
                 self.clusters.insert(cluster.name.clone(), cluster.clone());
                 self.record(ChangeKey::Trust);
                 Ok(())
             }
+        }
+    }
+
+    /// Whether join token `id` admits one more join of `kind` at `now`.
+    fn check_join_use(&self, id: &str, now: u64, kind: &JoinKind) -> Result<(), ApplyError> {
+        let t = self.join_tokens.get(id).ok_or_else(|| ApplyError::NotFound(format!("join token {id}")))?;
+        if t.kind != *kind {
+            return Err(ApplyError::Invalid(match kind {
+                JoinKind::Cluster => format!("join token {id} does not admit a new cluster"),
+                JoinKind::ControlPlane { cluster } => {
+                    format!("join token {id} does not admit a control plane of cluster '{cluster}'")
+                }
+            }));
+        }
+        if t.revoked {
+            return Err(ApplyError::Invalid(format!("join token {id} was revoked")));
+        }
+        if t.expires_at <= now {
+            return Err(ApplyError::Invalid(format!("join token {id} has expired")));
+        }
+        if t.uses_left == 0 {
+            return Err(ApplyError::Invalid(format!("join token {id} was already used")));
+        }
+        Ok(())
+    }
+
+    /// Takes one use of a join token that [`Self::check_join_use`] accepted.
+    fn spend_join_use(&mut self, id: &str) {
+        if let Some(t) = self.join_tokens.get_mut(id) {
+            t.uses_left -= 1;
         }
     }
 

@@ -293,3 +293,58 @@ fn a_workload_in_one_cluster_calls_an_exported_service_of_another_with_mtls() {
     let secret = ready["upstreams"]["secret.default"].as_str().unwrap_or_default().to_string();
     assert!(get(&secret).is_none(), "a cluster-local service of A answered a caller in B");
 }
+
+#[test]
+fn the_demo_joins_three_clusters_and_every_route_crosses_clusters_over_mtls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config");
+    // Cluster a's control plane (the group's first member) is killed and restarted mid-run: the
+    // other two keep a quorum, and every proxy keeps serving.
+    let out = trellis(
+        &config,
+        &[
+            "demo",
+            "--duration",
+            "10",
+            "--rate",
+            "300",
+            "-o",
+            "json",
+            "--kill-controlplane-at",
+            "3",
+            "--restart-controlplane-at",
+            "6",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "demo failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(report["clusters"], 3, "{report:#}");
+    assert_eq!(report["failed"], 0, "{report:#}");
+    assert_eq!(report["mtls"], true, "{report:#}");
+    assert_eq!(report["cross_cluster"], true, "{report:#}");
+    assert_eq!(report["endpoints_registered"], 3, "{report:#}");
+    let joined: Vec<&str> = report["joins"]
+        .as_array()
+        .map(|j| j.iter().filter_map(|x| x["cluster"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(joined, ["b", "c"], "{report:#}");
+    // Each cluster's service was called by the previous cluster's, and saw that caller.
+    let mut served: Vec<(String, String, String)> = report["routes"]
+        .as_array()
+        .map(|routes| {
+            routes
+                .iter()
+                .map(|r| {
+                    let s = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+                    (s("cluster"), s("served_by"), s("caller_seen"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    served.sort();
+    let expect = |c: &str, by: &str, sa: &str| {
+        (c.to_string(), by.to_string(), format!("spiffe://trellis.local/ns/default/sa/{sa}"))
+    };
+    assert_eq!(served, [expect("a", "api@b", "web"), expect("b", "db@c", "api"), expect("c", "web@a", "db")]);
+}

@@ -276,8 +276,14 @@ async fn run(cli: Cli) -> Result<(), String> {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default()),
                 Format::Yaml => print!("{}", serde_saphyr::to_string(&report).unwrap_or_default()),
                 Format::Table => println!(
-                    "\nDemo finished: {} requests, {} failed, mTLS on every request: {}, p50 {:.2} ms, p99 {:.2} ms",
-                    report.requests, report.failed, report.mtls, report.p50_ms, report.p99_ms
+                    "\nDemo finished: {} cluster(s), {} requests, {} failed, mTLS on every request: {}{}, p50 {:.2} ms, p99 {:.2} ms",
+                    report.clusters,
+                    report.requests,
+                    report.failed,
+                    report.mtls,
+                    if report.cross_cluster { ", every route served across clusters" } else { "" },
+                    report.p50_ms,
+                    report.p99_ms
                 ),
             }
             if report.failed > 0 {

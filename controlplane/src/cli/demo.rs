@@ -1,10 +1,11 @@
-//! `trellis demo`: a whole mesh on this machine. It starts a control plane and two sample
-//! services (`web`, `api`), each with its own proxy, links them through the control plane, sends
-//! steady traffic through the proxies (web → api and api → web, over mTLS) and shows a live table.
-//! With `--duration` it stops by itself; `-o json` prints one final report. While it runs, the
-//! `trellis-demo` context is current, so `trellis get endpoints` in another terminal talks to it.
+//! `trellis demo`: a whole federation on this machine. Cluster `a` bootstraps it; the other
+//! clusters (three in all by default, each on its own loopback block) join with a join token each,
+//! as an operator would. Every cluster runs one sample service with its proxy; each calls the next
+//! cluster's exported service (web@a → api, api@b → db, db@c → web), so every request crosses
+//! clusters over mTLS and the server reports the caller it saw. A live table shows the traffic;
+//! with `--duration` it stops by itself and `-o json` prints one final report. While it runs, the
+//! `trellis-demo` context is current, so `trellis cluster list` in another terminal talks to it.
 
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,8 +28,9 @@ use crate::context::{ConfigFile, default_path, write_private};
 /// Options of `trellis demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Number of clusters. One cluster today; several arrive with federation (join tokens).
-    #[arg(long, default_value_t = 1)]
+    /// Number of clusters (1 to 5): the first bootstraps the federation, the others join it with
+    /// a join token each.
+    #[arg(long, default_value_t = 3)]
     pub clusters: u8,
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
@@ -39,7 +41,8 @@ pub struct DemoArgs {
     /// Output: a live table, or one JSON (or YAML) report at the end.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
     pub output: Format,
-    /// Kill the control plane (SIGKILL) this many seconds into the run, to show traffic goes on.
+    /// Kill cluster a's control plane (SIGKILL) this many seconds into the run, to show traffic
+    /// goes on (and, with several clusters, that the others elect a new Raft leader).
     #[arg(long)]
     pub kill_controlplane_at: Option<u64>,
     /// Restart the killed control plane this many seconds into the run.
@@ -69,6 +72,10 @@ pub struct Report {
     pub controlplane_restarts: u32,
     /// Healthy endpoints known to the control plane at the end.
     pub endpoints_registered: usize,
+    /// With several clusters: every route was served by another cluster than its caller's.
+    pub cross_cluster: bool,
+    /// The clusters that joined, and how long each took.
+    pub joins: Vec<JoinReport>,
     pub routes: Vec<RouteReport>,
     pub workdir: Option<PathBuf>,
 }
@@ -77,6 +84,8 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize)]
 pub struct RouteReport {
     pub route: String,
+    /// The caller's cluster.
+    pub cluster: String,
     pub requests: u64,
     pub failed: u64,
     pub p50_ms: f64,
@@ -103,6 +112,8 @@ struct RouteStats {
 
 struct Route {
     name: String,
+    /// The caller's cluster.
+    cluster: String,
     url: String,
     expected_caller: String,
     stats: Mutex<RouteStats>,
@@ -133,48 +144,104 @@ impl Drop for ContextGuard {
     }
 }
 
+/// Names, regions and loopback blocks of the demo's clusters, in order of creation.
+const CLUSTERS: [(&str, &str); 5] =
+    [("a", "us-east"), ("b", "us-west"), ("c", "eu-central"), ("d", "eu-west"), ("e", "ap-south")];
+/// The sample services; service `k` runs in cluster `k mod N` and calls service `k + 1`.
+const SERVICES: [&str; 5] = ["web", "api", "db", "cache", "auth"];
+
+/// One cluster of the demo: its control plane and where its proxies find it.
+struct DemoCluster {
+    name: String,
+    region: String,
+    cp: Proc,
+    grpc: String,
+    bundle: PathBuf,
+}
+
 struct Demo {
     workdir: PathBuf,
-    cp: Proc,
+    clusters: Vec<DemoCluster>,
     others: Vec<Proc>,
+    joins: Vec<JoinReport>,
     _context: ContextGuard,
     ctx: crate::context::Context,
 }
 
-async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
+/// How long one cluster took to join.
+#[derive(Debug, Clone, Serialize)]
+pub struct JoinReport {
+    pub cluster: String,
+    pub region: String,
+    /// From starting its control plane with the token to that control plane serving.
+    pub join_ms: u64,
+}
+
+/// Loopback address `host` of cluster `index` (cluster a is 127.0.1.0/24, b 127.0.2.0/24, ...).
+fn ip(index: usize, host: u8) -> String {
+    format!("127.0.{}.{host}", index + 1)
+}
+
+/// Starts a cluster's control plane and waits until it serves. The first one bootstraps the
+/// federation; the others join with `token_file`.
+async fn start_controlplane(
+    workdir: &Path,
+    index: usize,
+    token_file: Option<&Path>,
+) -> Result<(DemoCluster, serde_json::Value), String> {
+    let (name, region) = CLUSTERS[index];
     let cp_bin = sibling_binary("trellis-cp")?;
+    let ready_file = workdir.join(format!("cp-{name}.ready"));
+    let mut args: Vec<String> = vec![
+        "--data-dir".into(),
+        workdir.join(format!("cp-{name}")).display().to_string(),
+        "--listen".into(),
+        format!("{}:0", ip(index, 1)),
+        "--cluster".into(),
+        name.into(),
+        "--region".into(),
+        region.into(),
+        "--node".into(),
+        "cp-1".into(),
+        "--ready-file".into(),
+        ready_file.display().to_string(),
+    ];
+    if let Some(t) = token_file {
+        args.extend(["--join-token-file".into(), t.display().to_string()]);
+    }
+    let log = workdir.join("logs").join(format!("cp-{name}.log"));
+    let mut cp = Proc::spawn(&format!("control plane of cluster {name}"), &cp_bin, args, &log)
+        .map_err(|e| format!("cannot start trellis-cp: {e}"))?;
+    let ready = wait_ready(&mut cp, &ready_file, Duration::from_secs(60)).await?;
+    let grpc = ready["grpc"].as_str().unwrap_or_default().to_string();
+    // A restarted control plane reuses its port so that proxies find it again.
+    if let Some(listen) = cp.args.iter().position(|a| a == "--listen") {
+        cp.args[listen + 1] = grpc.clone();
+    }
+    let bundle = PathBuf::from(ready["trust_bundle"].as_str().unwrap_or_default());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !bundle.is_file() {
+        if Instant::now() > deadline {
+            return Err(format!("cluster {name}'s control plane wrote no trust bundle at {}", bundle.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok((DemoCluster { name: name.into(), region: region.into(), cp, grpc, bundle }, ready))
+}
+
+async fn start(workdir: &Path, n: usize, live: bool) -> Result<(Demo, Vec<Arc<Route>>), String> {
     let proxy_bin = sibling_binary("trellis-proxy")?;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let logs = workdir.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
     let io = |e: std::io::Error| e.to_string();
 
-    // Cluster "a" lives on the loopback block 127.0.1.0/24. Every listener binds port 0 and reports
-    // the port it got; a restarted control plane reuses its port so proxies find it again.
-    let cp_dir = workdir.join("cp-a");
-    let cp_ready = workdir.join("cp-a.ready");
-    let cp_args = vec![
-        "--data-dir".into(),
-        cp_dir.display().to_string(),
-        "--listen".into(),
-        "127.0.1.1:0".into(),
-        "--cluster".into(),
-        "a".into(),
-        "--region".into(),
-        "local".into(),
-        "--node".into(),
-        "cp-1".into(),
-        "--ready-file".into(),
-        cp_ready.display().to_string(),
-    ];
-    let mut cp = Proc::spawn("trellis-cp", &cp_bin, cp_args, &logs.join("cp-a.log")).map_err(io)?;
-    let ready = wait_ready(&mut cp, &cp_ready, Duration::from_secs(30)).await?;
-    let cp_addr = ready["grpc"].as_str().unwrap_or_default().to_string();
-    if let Some(listen) = cp.args.iter().position(|a| a == "--listen") {
-        cp.args[listen + 1] = cp_addr.clone();
+    // Cluster a bootstraps the federation. Every listener binds port 0 and reports the port it got.
+    let (first, ready) = start_controlplane(workdir, 0, None).await?;
+    if live {
+        println!("  cluster a ({}): control plane serving on {} (new federation)", first.region, first.grpc);
     }
     let admin_ctx = PathBuf::from(ready["admin_context"].as_str().unwrap_or_default());
-    let bundle = PathBuf::from(ready["trust_bundle"].as_str().unwrap_or_default());
     let td = ready["trust_domain"].as_str().unwrap_or(trellis_proto::DEFAULT_TRUST_DOMAIN).to_string();
 
     // Make the demo's context current for `trellis` in other terminals.
@@ -188,13 +255,62 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
     user_cfg.upsert(ctx.clone());
     user_cfg.current_context = Some(ctx.name.clone());
     user_cfg.save(&cfg_path).map_err(|e| e.to_string())?;
-
     let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+    let status = |s: tonic::Status| client::from_status(&ctx.server, s).to_string();
+
+    // The other clusters join with one token each, as an operator would with `trellis token create`.
+    let mut clusters = vec![first];
+    let mut joins = Vec::new();
+    for index in 1..n {
+        let (name, region) = CLUSTERS[index];
+        let token = admin
+            .create_join_token(pb::CreateJoinTokenRequest {
+                new_cluster: true,
+                ttl_seconds: 600,
+                uses: 1,
+                description: format!("trellis demo: cluster {name}"),
+                ..Default::default()
+            })
+            .await
+            .map_err(status)?
+            .into_inner()
+            .token;
+        let token_file = workdir.join(format!("join-{name}.token"));
+        write_private(&token_file, token.as_bytes()).map_err(io)?;
+        let began = Instant::now();
+        let (cluster, _) = start_controlplane(workdir, index, Some(&token_file)).await?;
+        let join_ms = began.elapsed().as_millis() as u64;
+        if live {
+            println!(
+                "  cluster {name} ({region}): joined with a token in {join_ms} ms; control plane serving on {}",
+                cluster.grpc
+            );
+        }
+        joins.push(JoinReport { cluster: name.into(), region: region.into(), join_ms });
+        clusters.push(cluster);
+    }
+
+    // The services: with one cluster, web and api call each other; with several, each cluster runs
+    // one exported service that calls the next cluster's, in a ring.
+    let count = n.max(2);
     let mut others = Vec::new();
     let mut routes = Vec::new();
-    let services = [("web", "127.0.1.2", "api"), ("api", "127.0.1.3", "web")];
-    let mut outbound: BTreeMap<&str, String> = BTreeMap::new();
-    for (name, ip, peer) in services {
+    for k in 0..count {
+        let name = SERVICES[k];
+        let peer = SERVICES[(k + 1) % count];
+        let home = k % n;
+        let cluster = &clusters[home];
+        admin
+            .apply_service(pb::Service {
+                name: name.into(),
+                namespace: "default".into(),
+                ports: vec![pb::ServicePort { name: "http".into(), port: 80 }],
+                protocol: "http".into(),
+                exported: n > 1,
+                revision: 0,
+            })
+            .await
+            .map_err(status)?;
         let token = admin
             .create_workload_token(pb::CreateWorkloadTokenRequest {
                 namespace: "default".into(),
@@ -203,11 +319,12 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
                 description: "trellis demo".into(),
             })
             .await
-            .map_err(|s| client::from_status(&ctx.server, s).to_string())?
+            .map_err(status)?
             .into_inner()
             .token;
         let token_file = workdir.join(format!("{name}.token"));
         write_private(&token_file, token.as_bytes()).map_err(io)?;
+        let addr = ip(home, 10 + k as u8);
         let app_ready = workdir.join(format!("{name}-app.ready"));
         let mut app = Proc::spawn(
             &format!("{name} app"),
@@ -217,9 +334,9 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
                 "--name".into(),
                 name.into(),
                 "--cluster".into(),
-                "a".into(),
+                cluster.name.clone(),
                 "--listen".into(),
-                format!("{ip}:0"),
+                format!("{addr}:0"),
                 "--ready-file".into(),
                 app_ready.display().to_string(),
             ],
@@ -234,9 +351,9 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
         let ready_file = workdir.join(format!("{name}-proxy.ready"));
         let proxy_args = vec![
             "--control-plane".into(),
-            cp_addr.clone(),
+            cluster.grpc.clone(),
             "--trust-bundle".into(),
-            bundle.display().to_string(),
+            cluster.bundle.display().to_string(),
             "--trust-domain".into(),
             td.clone(),
             "--token-file".into(),
@@ -246,9 +363,9 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
             "--service-account".into(),
             name.into(),
             "--cluster".into(),
-            "a".into(),
+            cluster.name.clone(),
             "--zone".into(),
-            "a-1".into(),
+            format!("{}-1", cluster.name),
             "--instance".into(),
             format!("{name}-1"),
             "--service".into(),
@@ -256,11 +373,11 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
             "--protocol".into(),
             "http".into(),
             "--inbound".into(),
-            format!("{ip}:0"),
+            format!("{addr}:0"),
             "--app".into(),
             app_addr.clone(),
             "--upstream".into(),
-            format!("{peer}.default={ip}:0"),
+            format!("{peer}.default={addr}:0"),
             "--ready-file".into(),
             ready_file.display().to_string(),
         ];
@@ -272,16 +389,16 @@ async fn start(workdir: &Path) -> Result<(Demo, Vec<Arc<Route>>), String> {
         if up.parse::<SocketAddr>().is_err() {
             return Err(format!("{name} proxy did not report its {peer}.default listener: {ready}"));
         }
-        outbound.insert(name, up.clone());
         others.push(proxy);
         routes.push(Arc::new(Route {
-            name: format!("{name} → {peer}.default"),
+            name: format!("{name}@{} → {peer}.default", cluster.name),
+            cluster: cluster.name.clone(),
             url: format!("http://{up}/hello"),
             expected_caller: format!("spiffe://{td}/ns/default/sa/{name}"),
             stats: Mutex::new(RouteStats::default()),
         }));
     }
-    Ok((Demo { workdir: workdir.to_path_buf(), cp, others, _context: guard, ctx }, routes))
+    Ok((Demo { workdir: workdir.to_path_buf(), clusters, others, joins, _context: guard, ctx }, routes))
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -342,7 +459,7 @@ fn record(route: &Route, result: Result<(Duration, serde_json::Value), String>) 
     }
 }
 
-fn render(routes: &[Arc<Route>], elapsed: Duration, total: Option<u64>, cp_state: &str) -> String {
+fn render(routes: &[Arc<Route>], elapsed: Duration, total: Option<u64>, clusters: usize, cp_state: &str) -> String {
     let mut rows = Vec::new();
     for r in routes {
         let mut s = r.stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -362,8 +479,10 @@ fn render(routes: &[Arc<Route>], elapsed: Duration, total: Option<u64>, cp_state
     }
     let limit = total.map(|t| format!(" / {t}s")).unwrap_or_default();
     format!(
-        "Trellis demo: 1 cluster, 2 services, each with its proxy   {:.0}s{limit}   control plane: {cp_state}\n\n{}\n\
-         Try in another terminal: trellis get endpoints | trellis get proxies | trellis status   (Ctrl-C stops)\n",
+        "Trellis demo: {clusters} cluster{}, {} services, each with its proxy   {:.0}s{limit}\ncontrol planes: {cp_state}\n\n{}\n\
+         Try in another terminal: trellis cluster list | trellis get controlplanes | trellis get endpoints | trellis status   (Ctrl-C stops)\n",
+        if clusters == 1 { "" } else { "s" },
+        routes.len(),
         elapsed.as_secs_f64(),
         table(&["ROUTE", "REQUESTS", "FAILED", "RPS", "P50 MS", "P99 MS", "SERVED BY", "CALLER SEEN BY SERVER"], &rows)
     )
@@ -383,11 +502,8 @@ async fn stop_signal() {
 
 /// Runs the demo; returns the report (also printed).
 pub async fn run(args: DemoArgs) -> Result<Report, String> {
-    if args.clusters != 1 {
-        return Err(format!(
-            "--clusters {}: this build runs one cluster; linking several clusters with join tokens is not available yet. Use --clusters 1",
-            args.clusters
-        ));
+    if args.clusters == 0 || usize::from(args.clusters) > CLUSTERS.len() {
+        return Err(format!("--clusters {}: the demo runs 1 to {} clusters", args.clusters, CLUSTERS.len()));
     }
     if args.rate == 0 || args.rate > 20_000 {
         return Err("--rate must be between 1 and 20000 requests per second".into());
@@ -397,9 +513,14 @@ pub async fn run(args: DemoArgs) -> Result<Report, String> {
     std::fs::create_dir_all(&workdir).map_err(|e| format!("cannot create {}: {e}", workdir.display()))?;
     let live = args.output == Format::Table;
     if live {
-        println!("Starting a control plane, two services and their proxies in {} ...", workdir.display());
+        println!(
+            "Starting {} cluster{} (a control plane each), their services and proxies in {} ...",
+            args.clusters,
+            if args.clusters == 1 { "" } else { "s" },
+            workdir.display()
+        );
     }
-    let started = start(&workdir).await;
+    let started = start(&workdir, usize::from(args.clusters), live).await;
     let (mut demo, routes) = match started {
         Ok(x) => x,
         Err(e) => {
@@ -411,7 +532,9 @@ pub async fn run(args: DemoArgs) -> Result<Report, String> {
     for p in demo.others.iter_mut().rev() {
         p.stop(Duration::from_secs(5)).await;
     }
-    demo.cp.stop(Duration::from_secs(5)).await;
+    for c in demo.clusters.iter_mut().rev() {
+        c.cp.stop(Duration::from_secs(5)).await;
+    }
     let mut report = result?;
     if args.keep {
         report.workdir = Some(demo.workdir.clone());
@@ -462,15 +585,23 @@ async fn drive(args: &DemoArgs, demo: &mut Demo, routes: &[Arc<Route>], live: bo
             _ = screen.tick() => {
                 let secs = start.elapsed().as_secs();
                 if let Some(at) = args.kill_controlplane_at && secs >= at && !killed {
-                    demo.cp.kill().await;
+                    demo.clusters[0].cp.kill().await;
                     killed = true;
                 }
-                if let Some(at) = args.restart_controlplane_at && secs >= at && killed && !demo.cp.running() {
-                    demo.cp.start().map_err(|e| format!("cannot restart the control plane: {e}"))?;
+                if let Some(at) = args.restart_controlplane_at && secs >= at && killed && !demo.clusters[0].cp.running() {
+                    demo.clusters[0].cp.start().map_err(|e| format!("cannot restart the control plane: {e}"))?;
                     restarts += 1;
                 }
-                let cp_state = if demo.cp.running() { format!("up (pid {})", demo.cp.pid().unwrap_or(0)) } else { "DOWN: proxies serve on their last configuration".into() };
-                let text = render(routes, start.elapsed(), args.duration, &cp_state);
+                let cp_state = demo
+                    .clusters
+                    .iter_mut()
+                    .map(|c| {
+                        let state = if c.cp.running() { "up" } else { "DOWN (its proxies serve on their last configuration)" };
+                        format!("{} ({}) {state}", c.name, c.region)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let text = render(routes, start.elapsed(), args.duration, demo.clusters.len(), &cp_state);
                 if live {
                     if tty { print!("\x1b[2J\x1b[H{text}"); } else { println!("{text}"); }
                 }
@@ -483,7 +614,7 @@ async fn drive(args: &DemoArgs, demo: &mut Demo, routes: &[Arc<Route>], live: bo
     // Registrations as the control plane sees them now (after any restart).
     let mut endpoints_registered = 0;
     let deadline = Instant::now() + Duration::from_secs(15);
-    if demo.cp.running() {
+    if demo.clusters[0].cp.running() {
         let mut admin = client::admin(&demo.ctx).map_err(|e| e.to_string())?;
         loop {
             match admin.list_endpoints(pb::ListEndpointsRequest::default()).await {
@@ -509,6 +640,7 @@ async fn drive(args: &DemoArgs, demo: &mut Demo, routes: &[Arc<Route>], live: bo
         sorted.sort_unstable();
         route_reports.push(RouteReport {
             route: r.name.clone(),
+            cluster: r.cluster.clone(),
             requests: s.requests,
             failed: s.failed,
             p50_ms: percentile(&sorted, 0.5),
@@ -541,6 +673,11 @@ async fn drive(args: &DemoArgs, demo: &mut Demo, routes: &[Arc<Route>], live: bo
         rps: requests as f64 / elapsed.as_secs_f64().max(0.001),
         controlplane_restarts: restarts,
         endpoints_registered,
+        cross_cluster: demo.clusters.len() > 1
+            && route_reports
+                .iter()
+                .all(|r| !r.served_by.is_empty() && !r.served_by.ends_with(&format!("@{}", r.cluster))),
+        joins: demo.joins.clone(),
         routes: route_reports,
         workdir: None,
     })

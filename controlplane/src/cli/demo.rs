@@ -261,8 +261,7 @@ async fn start(workdir: &Path, n: usize, live: bool) -> Result<(Demo, Vec<Arc<Ro
     // The other clusters join with one token each, as an operator would with `trellis token create`.
     let mut clusters = vec![first];
     let mut joins = Vec::new();
-    for index in 1..n {
-        let (name, region) = CLUSTERS[index];
+    for (index, &(name, region)) in CLUSTERS.iter().enumerate().take(n).skip(1) {
         let token = admin
             .create_join_token(pb::CreateJoinTokenRequest {
                 new_cluster: true,

@@ -215,6 +215,7 @@ impl pb::admin_server::Admin for AdminService {
             raft_role: raft.as_ref().map(|s| s.role.to_string()).unwrap_or_default(),
             raft_term: raft.as_ref().map(|s| s.term).unwrap_or(0),
             raft_leader: raft.as_ref().map(|s| s.leader).unwrap_or(0),
+            warnings: raft.as_ref().map(|s| voter_warnings(&state, &s.voters)).unwrap_or_default(),
         }))
     }
 
@@ -301,11 +302,17 @@ impl pb::admin_server::Admin for AdminService {
         require_admin(&req)?;
         let state = self.store.read().await?;
         let status = self.group.as_ref().map(|g| g.raft.status());
+        // Liveness: which control planes answer now (each asked with a short deadline).
+        let answering: Vec<(String, bool)> = match &self.group {
+            Some(g) => g.statuses().await.members.into_iter().map(|m| (m.cluster, m.error.is_empty())).collect(),
+            None => Vec::new(),
+        };
         let clusters = state
             .clusters
             .values()
             .map(|c| {
                 let members: Vec<u64> = state.members.values().filter(|m| m.cluster == c.name).map(|m| m.id).collect();
+                let up = answering.iter().filter(|(cluster, ok)| *cluster == c.name && *ok).count();
                 let voters =
                     status.as_ref().map(|s| members.iter().filter(|m| s.voters.contains(m)).count()).unwrap_or(0);
                 pb::ClusterInfo {
@@ -326,6 +333,14 @@ impl pb::admin_server::Admin for AdminService {
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                         .map(|d| d.as_secs())
                         .unwrap_or(0),
+                    members_up: up as u32,
+                    status: match (members.len(), up) {
+                        _ if self.group.is_none() => String::new(),
+                        (0, _) => "no control plane".into(),
+                        (n, u) if u == n => "up".into(),
+                        (_, 0) => "unreachable".into(),
+                        _ => "degraded".into(),
+                    },
                 }
             })
             .collect();
@@ -356,6 +371,60 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::RemoveControlPlaneResponse {}))
     }
 
+    async fn remove_cluster(
+        &self,
+        req: Request<pb::RemoveClusterRequest>,
+    ) -> Result<Response<pb::RemoveClusterResponse>, Status> {
+        let who = require_admin(&req)?;
+        let group = self.group.as_ref().ok_or_else(no_group)?;
+        let name = req.into_inner().name;
+        let state = self.store.read().await?;
+        if !state.clusters.contains_key(&name) {
+            return Err(Status::not_found(format!("no cluster named '{name}'; see `trellis cluster list`")));
+        }
+        if state.clusters.len() == 1 {
+            return Err(Status::failed_precondition(format!(
+                "'{name}' is the federation's only cluster; there is nothing to remove it from"
+            )));
+        }
+        if name == self.cluster {
+            return Err(Status::failed_precondition(format!(
+                "this control plane belongs to cluster '{name}'; ask a control plane of another cluster to remove it \
+                 (`trellis --context <other> cluster remove {name}`)"
+            )));
+        }
+        let endpoints = state.endpoints.values().filter(|e| e.cluster == name).count() as u32;
+        let mut removed = Vec::new();
+        // Its instances leave the group one by one; a leader among them hands over first, to a
+        // voter of another cluster.
+        for m in state.members.values().filter(|m| m.cluster == name) {
+            let status = group.raft.status();
+            if status.leader == m.id {
+                let to = status
+                    .voters
+                    .iter()
+                    .copied()
+                    .filter(|v| state.members.get(v).is_none_or(|o| o.cluster != name))
+                    .max_by_key(|v| status.matched.get(v).copied().unwrap_or(0))
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!("every voter is in cluster '{name}'; it cannot be removed"))
+                    })?;
+                transfer(group, to).await?;
+            }
+            group.raft.change_membership(MemberChange::Remove(m.id), None).await.map_err(|e| {
+                Status::unavailable(format!(
+                    "removing control plane {}/{} from the group: {e}; nothing else was removed, retry when the \
+                     group has a quorum (`trellis get controlplanes`)",
+                    m.cluster, m.name
+                ))
+            })?;
+            removed.push(format!("{}/{}", m.cluster, m.name));
+        }
+        self.store.propose(Command::RemoveCluster { name: name.clone() }).await?;
+        tracing::info!(admin = %who, cluster = %name, control_planes = ?removed, endpoints, "cluster removed");
+        Ok(Response::new(pb::RemoveClusterResponse { removed_control_planes: removed, removed_endpoints: endpoints }))
+    }
+
     async fn transfer_leadership(
         &self,
         req: Request<pb::TransferLeadershipRequest>,
@@ -382,6 +451,16 @@ impl pb::admin_server::Admin for AdminService {
         tracing::info!(admin = %who, leader = format!("{leader:x}"), "leadership transferred");
         Ok(Response::new(pb::TransferLeadershipResponse { leader }))
     }
+}
+
+/// Placement warnings for the voters `voters`, named by cluster.
+fn voter_warnings(state: &crate::state::State, voters: &[u64]) -> Vec<String> {
+    let mut by_cluster = std::collections::BTreeMap::new();
+    for v in voters {
+        let cluster = state.members.get(v).map(|m| m.cluster.clone()).unwrap_or_else(|| "(unknown)".into());
+        *by_cluster.entry(cluster).or_insert(0) += 1;
+    }
+    trellis_federation::placement::voter_warnings(&by_cluster)
 }
 
 fn kind_name(k: &JoinKind) -> String {

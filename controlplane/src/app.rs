@@ -151,6 +151,14 @@ async fn wait_signal() {
 
 /// Starts an instance.
 pub async fn build(cfg: CpConfig) -> Result<Handle, AppError> {
+    build_with_progress(cfg, &|_| {}).await
+}
+
+/// A sink for one-line progress messages of a start (`trellis cluster join` prints them).
+pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
+
+/// As [`build`], reporting the steps of a join to `progress`.
+pub async fn build_with_progress(cfg: CpConfig, progress: Progress<'_>) -> Result<Handle, AppError> {
     cfg.validate()?;
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting trellis-cp");
     std::fs::create_dir_all(&cfg.data_dir)?;
@@ -161,7 +169,7 @@ pub async fn build(cfg: CpConfig) -> Result<Handle, AppError> {
     let identity = IdentityStore::empty();
     let bundle = SharedBundle::new(TrustBundle::empty(&cfg.trust_domain));
 
-    let opened = open_store(&cfg, &advertise, identity.clone(), bundle.clone()).await?;
+    let opened = open_store(&cfg, &advertise, identity.clone(), bundle.clone(), progress).await?;
     let store = opened.store.clone();
     let mut created = false;
     if let Some(raft) = &opened.raft {
@@ -348,6 +356,7 @@ async fn open_store(
     advertise: &str,
     identity: Arc<IdentityStore>,
     bundle: SharedBundle,
+    progress: Progress<'_>,
 ) -> Result<Opened, AppError> {
     let peers = Arc::new(Peers::default());
     let peer_tls = client_config(Some(identity.clone()), bundle.clone(), IdMatcher::AnyControlPlane, &[b"h2"])?;
@@ -364,12 +373,23 @@ async fn open_store(
             } else if let Some(token) = token {
                 let ticket = JoinTicket::decode(&token).map_err(AppError::Join)?;
                 tracing::info!(addresses = ?ticket.addresses, cluster = %ticket.cluster, "joining the control-plane group");
-                let joined = crate::membership::join(&ticket, &cfg.cluster, &cfg.region, &cfg.node, advertise)
-                    .await
-                    .map_err(AppError::Join)?;
+                let joined =
+                    crate::membership::join(&ticket, &cfg.cluster, &cfg.region, &cfg.node, advertise, progress)
+                        .await
+                        .map_err(AppError::Join)?;
+                progress(&format!(
+                    "{} presented the pinned root CA and accepted the token; this instance is member {:x}",
+                    joined.answered_by, joined.id
+                ));
                 if let Some((_, key)) = &joined.cluster_ca {
                     bootstrap::save_cluster_key(&cfg.data_dir, key)?;
                     tracing::info!(cluster = %cfg.cluster, region = %cfg.region, "cluster joined the federation");
+                    progress(&format!(
+                        "cluster {} registered in region {}; its intermediate CA is signed by the root (its key stays in {})",
+                        cfg.cluster,
+                        cfg.region,
+                        bootstrap::cluster_key_path(&cfg.data_dir).display()
+                    ));
                 }
                 bootstrap::save_join_identity(
                     &cfg.data_dir,

@@ -398,6 +398,8 @@ pub struct Joined {
     pub members: Vec<Member>,
     /// A new cluster: its intermediate CA (certificate, key), to keep in the data directory.
     pub cluster_ca: Option<(String, String)>,
+    /// The address of the member that admitted it.
+    pub answered_by: String,
 }
 
 /// Joins the group with `ticket` as `cluster/node`, reachable at `address`: as another instance
@@ -409,6 +411,7 @@ pub async fn join(
     region: &str,
     node: &str,
     address: &str,
+    progress: crate::app::Progress<'_>,
 ) -> Result<Joined, String> {
     let new_cluster = ticket.cluster.is_empty();
     if !new_cluster && ticket.cluster != cluster {
@@ -464,6 +467,7 @@ pub async fn join(
             Err((msg, true)) if tokio::time::Instant::now() >= deadline => return Err(msg),
             Err((msg, true)) => {
                 tracing::info!(reason = %msg, "the group cannot admit this instance yet; retrying");
+                progress(&format!("the group cannot admit this instance yet ({msg}); retrying"));
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -497,6 +501,7 @@ impl Call {
                     trust_domain: r.trust_domain,
                     members: members_from_pb(r.members),
                     cluster_ca: None,
+                    answered_by: String::new(),
                 })
             }
             Call::Cluster(req, ca_key_pem, id) => {
@@ -523,6 +528,7 @@ impl Call {
                     trust_domain: r.trust_domain,
                     members: members_from_pb(r.members),
                     cluster_ca: Some((r.intermediate_cert_pem, ca_key_pem.clone())),
+                    answered_by: String::new(),
                 })
             }
         }
@@ -549,7 +555,10 @@ async fn join_once(
             .await
             .unwrap_or_else(|_| Err(Status::unavailable("no answer within 15 s")));
         match answer {
-            Ok(j) => return Ok(j),
+            Ok(mut j) => {
+                j.answered_by = addr.clone();
+                return Ok(j);
+            }
             // Refusals are final: another member would say the same.
             Err(s)
                 if matches!(

@@ -232,6 +232,11 @@ pub enum Command {
         now: u64,
         cluster: Cluster,
     },
+    /// Removes a cluster whose control planes have left the group: its endpoints go, unused join
+    /// tokens for its control planes are revoked, and its intermediate CA leaves the registry.
+    RemoveCluster {
+        name: String,
+    },
     /// Does nothing; used to check that the log is writable.
     Noop,
 }
@@ -480,6 +485,40 @@ impl State {
                 let kind = JoinKind::ControlPlane { cluster: cluster.clone() };
                 self.check_join_use(token_id, *now, &kind)?;
                 self.spend_join_use(token_id);
+                Ok(())
+            }
+            Command::RemoveCluster { name } => {
+                if !self.clusters.contains_key(name) {
+                    return Err(ApplyError::NotFound(format!("cluster '{name}'")));
+                }
+                if self.clusters.len() == 1 {
+                    return Err(ApplyError::Invalid(format!("'{name}' is the federation's only cluster")));
+                }
+                if let Some(m) = self.members.values().find(|m| m.cluster == *name) {
+                    return Err(ApplyError::Conflict(format!(
+                        "cluster '{name}' still has control plane {} in the group; remove it first",
+                        m.name
+                    )));
+                }
+                let gone: Vec<String> =
+                    self.endpoints.values().filter(|e| e.cluster == *name).map(|e| e.id.clone()).collect();
+                for id in gone {
+                    self.endpoints.remove(&id);
+                    self.record(ChangeKey::Endpoint(id));
+                }
+                let tokens: Vec<String> = self
+                    .join_tokens
+                    .values()
+                    .filter(|t| matches!(&t.kind, JoinKind::ControlPlane { cluster } if cluster == name))
+                    .map(|t| t.id.clone())
+                    .collect();
+                for id in tokens {
+                    if let Some(t) = self.join_tokens.get_mut(&id) {
+                        t.revoked = true;
+                    }
+                }
+                self.clusters.remove(name);
+                self.record(ChangeKey::Trust);
                 Ok(())
             }
             Command::JoinCluster { token_id, now, cluster } => {

@@ -3,6 +3,7 @@
 //! prove it may join. Pure logic: storage and transport belong to the control plane.
 
 pub mod ca;
+pub mod placement;
 pub mod token;
 
 pub use ca::{Ca, CaError, SignedLeaf};

@@ -51,6 +51,49 @@ fn join(dir: &Path, cluster: &str, region: &str, ip: &str, token: &Path) -> Proc
     p
 }
 
+/// Joins a new cluster the way an operator does, with `trellis cluster join`, which runs its first
+/// control plane in the foreground; returns it once the join has shown every step.
+fn join_with_cli(dir: &Path, cluster: &str, region: &str, ip: &str, token: &Path) -> Proc {
+    let ready = dir.join(format!("{cluster}.ready"));
+    let args: Vec<String> = [
+        "cluster",
+        "join",
+        "--token-file",
+        &token.display().to_string(),
+        "--name",
+        cluster,
+        "--region",
+        region,
+        "--data-dir",
+        &dir.join(cluster).display().to_string(),
+        "--listen",
+        &format!("{ip}:0"),
+        "--ready-file",
+        &ready.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = dir.join(format!("{cluster}.log"));
+    let mut p = Proc::spawn(cluster, &bin("trellis"), &args, &log, &[]);
+    wait_ready(&mut p, &ready, Duration::from_secs(60));
+    let text = wait_for("the join's last step", Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("Running; Ctrl-C stops it.").then_some(text)
+    });
+    for step in ["[1/5] token read", "[2/5]", "[3/5] cluster", "[4/5] caught up", "[5/5] placed as a voter"] {
+        assert!(text.contains(step), "`trellis cluster join` did not show '{step}':\n{text}");
+    }
+    p
+}
+
+fn warnings(config: &Path) -> Vec<String> {
+    json(config, &["status", "-o", "json"])["warnings"]
+        .as_array()
+        .map(|w| w.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
 /// A join that must fail: returns its last line of output.
 fn refused_join(dir: &Path, cluster: &str, token: &Path) -> String {
     let data = dir.join(format!("refused-{cluster}"));
@@ -92,7 +135,13 @@ fn clusters_join_with_tokens_and_bad_tokens_are_refused() {
     let tb = create_token(&config, dir, "token-b");
     let tc = create_token(&config, dir, "token-c");
     let _b = join(dir, "b", "eu", "127.0.2.1", &tb);
-    let _c = join(dir, "c", "ap", "127.0.3.1", &tc);
+    // Two failure domains: losing either stops writes, and status says so with what to do.
+    let w = wait_for("the two-cluster warning", Duration::from_secs(30), || {
+        let w = warnings(&config);
+        (!w.is_empty()).then_some(w)
+    });
+    assert!(w[0].contains("only two clusters") && w[0].contains("witness"), "{w:?}");
+    let mut c = join_with_cli(dir, "c", "ap", "127.0.3.1", &tc);
 
     // One group of three voters, one per cluster, on the same state.
     wait_for("three voters with one state", Duration::from_secs(60), || {
@@ -106,6 +155,9 @@ fn clusters_join_with_tokens_and_bad_tokens_are_refused() {
     });
     let three = vec![("a".to_string(), 1), ("b".to_string(), 1), ("c".to_string(), 1)];
     assert_eq!(clusters(&config), three);
+    assert_eq!(warnings(&config), Vec::<String>::new(), "three clusters with one voter each");
+    let listed = json(&config, &["cluster", "list", "-o", "json"]);
+    assert!(listed.as_array().is_some_and(|c| c.iter().all(|c| c["status"] == "up")), "{listed}");
     let tokens = json(&config, &["token", "list", "-o", "json"]);
     assert!(
         tokens.as_array().is_some_and(|t| t.iter().all(|t| t["uses_left"] == 0)),
@@ -166,6 +218,33 @@ fn clusters_join_with_tokens_and_bad_tokens_are_refused() {
     assert!(msg.contains("malformed"), "garbage token: {msg}");
 
     assert_eq!(clusters(&config), three, "a refused join changed the federation");
+
+    // A cluster whose control plane is down shows so; removing it takes its voter out of the
+    // group and its record out of the federation, with the other two clusters as the quorum.
+    let described = json(&config, &["cluster", "describe", "c", "-o", "json"]);
+    assert_eq!(described["control_planes"][0]["membership"], "voter", "{described}");
+    let out = trellis(&config, &["cluster", "remove", "a"]);
+    assert!(!out.status.success(), "a control plane removed its own cluster");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another cluster"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.kill();
+    let status_of_c = || {
+        json(&config, &["cluster", "list", "-o", "json"]).as_array().and_then(|l| {
+            l.iter().find(|x| x["name"] == "c").map(|x| x["status"].as_str().unwrap_or_default().to_string())
+        })
+    };
+    assert_eq!(status_of_c().as_deref(), Some("unreachable"));
+    let out = trellis(&config, &["cluster", "remove", "c"]);
+    assert!(out.status.success(), "cluster remove: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("c/cp-1"), "{}", String::from_utf8_lossy(&out.stdout));
+    let two = vec![("a".to_string(), 1), ("b".to_string(), 1)];
+    assert_eq!(clusters(&config), two);
+    let members = json(&config, &["get", "controlplanes", "-o", "json"]);
+    assert_eq!(members["members"].as_array().map(Vec::len), Some(2), "{members}");
+    assert!(!warnings(&config).is_empty(), "two clusters again: the warning is back");
 }
 
 /// A proxy with a workload token, talking to control plane `cp` whose trust bundle file is

@@ -7,6 +7,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::json;
 use trellis_controlplane::cli::client::{self, CliError};
 use trellis_controlplane::cli::demo::{self, DemoArgs};
+use trellis_controlplane::cli::join::{self, JoinArgs};
 use trellis_controlplane::cli::output::{Format, Listing, human_duration};
 use trellis_controlplane::context::{ConfigFile, Context, default_path};
 use trellis_controlplane::telemetry::{self, LogFormat};
@@ -154,8 +155,8 @@ enum ControlPlaneTokenCmd {
 
 #[derive(Subcommand)]
 enum TokenCmd {
-    /// Create a token with which a new cluster joins the federation (`trellis-cp --join-token-file
-    /// FILE --cluster NAME --region REGION` on the new cluster); prints it once.
+    /// Create a token with which a new cluster joins the federation (`trellis cluster join` on the
+    /// new cluster); prints it once.
     Create {
         /// Lifetime, e.g. 30m, 1h, 7d.
         #[arg(long, default_value = "1h")]
@@ -182,11 +183,23 @@ enum TokenCmd {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
-    /// List the clusters of the federation.
+    /// List the clusters of the federation, with the liveness of their control planes.
     List {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// Link a new cluster with a join token from `trellis token create`, and run its first
+    /// control-plane instance in the foreground.
+    Join(JoinArgs),
+    /// One cluster in detail: region, CA, control planes, services and endpoints.
+    Describe {
+        name: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Remove a cluster: its control planes leave the group, its endpoints leave the registry.
+    /// Ask a control plane of another cluster.
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]
@@ -255,6 +268,84 @@ fn load_context(cli: &Cli) -> Result<(PathBuf, Context), String> {
     .map_err(|e| e.to_string())?
     .clone();
     Ok((path, ctx))
+}
+
+/// `trellis cluster describe`: the cluster's row, its control planes and its endpoints.
+async fn describe_cluster(ctx: &Context, name: &str, output: Format) -> Result<(), String> {
+    let status = |s: tonic::Status| client::from_status(&ctx.server, s).to_string();
+    let mut admin = client::admin(ctx).map_err(|e| e.to_string())?;
+    let clusters = admin.list_clusters(pb::ListClustersRequest {}).await.map_err(status)?.into_inner().clusters;
+    let Some(c) = clusters.into_iter().find(|c| c.name == name) else {
+        return Err(format!("no cluster named '{name}'; see `trellis cluster list`"));
+    };
+    let group = admin.list_control_planes(pb::ListControlPlanesRequest {}).await.map_err(status)?.into_inner();
+    let members: Vec<pb::ControlPlaneStatus> = group.members.into_iter().filter(|m| m.cluster == name).collect();
+    let endpoints: Vec<pb::Endpoint> = admin
+        .list_endpoints(pb::ListEndpointsRequest::default())
+        .await
+        .map_err(status)?
+        .into_inner()
+        .endpoints
+        .into_iter()
+        .filter(|e| e.cluster == name)
+        .collect();
+    let services = admin.list_services(pb::ListServicesRequest::default()).await.map_err(status)?.into_inner().services;
+    let mut served: Vec<(String, bool, usize, usize)> = Vec::new();
+    for svc in &services {
+        let key = format!("{}.{}", svc.name, svc.namespace);
+        let eps: Vec<&pb::Endpoint> = endpoints.iter().filter(|e| e.service == key).collect();
+        if !eps.is_empty() {
+            served.push((key, svc.exported, eps.iter().filter(|e| e.healthy).count(), eps.len()));
+        }
+    }
+    let value = json!({
+        "name": c.name, "region": c.region, "status": c.status, "created_at": c.created_at,
+        "ca_expires_at": c.ca_expires_at, "control_planes": members.iter().map(|m| json!({
+            "name": m.name, "id": format!("{:x}", m.id), "address": m.address, "membership": m.membership,
+            "leader": m.leader, "role": m.role, "applied": m.applied, "error": m.error,
+        })).collect::<Vec<_>>(),
+        "services": served.iter().map(|(k, exported, healthy, total)| json!({
+            "service": k, "exported": exported, "endpoints_healthy": healthy, "endpoints": total,
+        })).collect::<Vec<_>>(),
+    });
+    if output != Format::Table {
+        print!("{}", Listing { columns: vec![], rows: vec![], value }.render(output));
+        return Ok(());
+    }
+    println!("Cluster {} (region {}): {}", c.name, c.region, if c.status.is_empty() { "-" } else { &c.status });
+    println!("  joined          {} ago", human_duration(unix_now().saturating_sub(c.created_at)));
+    println!("  intermediate CA expires in {}", human_duration(c.ca_expires_at.saturating_sub(unix_now())));
+    println!("\nControl planes ({} of {} answering, {} voter(s)):", c.members_up, c.members, c.voters);
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                format!("{:x}", m.id),
+                m.address.clone(),
+                if m.leader { format!("{} (leader)", m.membership) } else { m.membership.clone() },
+                if m.error.is_empty() { format!("up, applied {}", m.applied) } else { format!("DOWN: {}", m.error) },
+            ]
+        })
+        .collect();
+    print!("{}", trellis_controlplane::cli::output::table(&["NAME", "ID", "ADDRESS", "MEMBERSHIP", "STATE"], &rows));
+    println!("\nServices with endpoints here ({} endpoint(s)):", c.endpoints);
+    let rows: Vec<Vec<String>> = served
+        .iter()
+        .map(|(k, exported, healthy, total)| {
+            vec![
+                k.clone(),
+                if *exported { "exported" } else { "cluster-local" }.to_string(),
+                format!("{healthy}/{total}"),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("  none");
+    } else {
+        print!("{}", trellis_controlplane::cli::output::table(&["SERVICE", "SCOPE", "HEALTHY"], &rows));
+    }
+    Ok(())
 }
 
 fn split_service(name: &str) -> (String, String) {
@@ -510,6 +601,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                 "server": ctx.server, "trust_domain": s.trust_domain, "cluster": s.cluster, "node": s.node,
                 "revision": s.revision, "services": s.services, "endpoints": s.endpoints,
                 "proxies_connected": s.proxies_connected, "version": s.version, "ca_expires_in_s": s.ca_expires_in,
+                "raft_role": s.raft_role, "raft_term": s.raft_term, "raft_leader": format!("{:x}", s.raft_leader),
+                "warnings": s.warnings,
             });
             match output {
                 Format::Table => {
@@ -522,9 +615,14 @@ async fn run(cli: Cli) -> Result<(), String> {
                     println!("  proxies connected   {}", s.proxies_connected);
                     println!("  cluster CA expires  in {}", human_duration(s.ca_expires_in));
                     println!("  version             {}", s.version);
-                    println!(
-                        "  Replication: one instance; losing it stops writes (proxies keep serving). Replicated groups arrive with the Raft store."
-                    );
+                    if !s.raft_role.is_empty() {
+                        let leader =
+                            if s.raft_leader == 0 { "none known".to_string() } else { format!("{:x}", s.raft_leader) };
+                        println!("  raft                {} in term {}, leader {leader}", s.raft_role, s.raft_term);
+                    }
+                    for w in &s.warnings {
+                        println!("\nWARNING: {w}");
+                    }
                 }
                 other => print!("{}", Listing { columns: vec![], rows: vec![], value }.render(*other)),
             }
@@ -622,7 +720,16 @@ async fn run(cli: Cli) -> Result<(), String> {
             let r = admin.list_clusters(pb::ListClustersRequest {}).await.map_err(status(&ctx.server))?.into_inner();
             let listing =
                 Listing {
-                    columns: vec!["NAME", "REGION", "CONTROL PLANES", "VOTERS", "ENDPOINTS", "EXPORTED", "CA EXPIRES"],
+                    columns: vec![
+                        "NAME",
+                        "REGION",
+                        "STATUS",
+                        "CONTROL PLANES",
+                        "VOTERS",
+                        "ENDPOINTS",
+                        "EXPORTED",
+                        "CA EXPIRES",
+                    ],
                     rows: r
                         .clusters
                         .iter()
@@ -630,7 +737,8 @@ async fn run(cli: Cli) -> Result<(), String> {
                             vec![
                                 c.name.clone(),
                                 c.region.clone(),
-                                c.members.to_string(),
+                                c.status.clone(),
+                                format!("{}/{} up", c.members_up, c.members),
                                 c.voters.to_string(),
                                 c.endpoints.to_string(),
                                 c.services_exported.to_string(),
@@ -641,10 +749,35 @@ async fn run(cli: Cli) -> Result<(), String> {
                     value: json!(r.clusters.iter().map(|c| json!({
                     "name": c.name, "region": c.region, "created_at": c.created_at, "control_planes": c.members,
                     "voters": c.voters, "endpoints": c.endpoints, "services_exported": c.services_exported,
-                    "ca_expires_at": c.ca_expires_at,
+                    "ca_expires_at": c.ca_expires_at, "status": c.status, "control_planes_up": c.members_up,
                 })).collect::<Vec<_>>()),
                 };
             print!("{}", listing.render(*output));
+            Ok(())
+        }
+        Cmd::Cluster { command: ClusterCmd::Join(args) } => join::run(args.clone()).await,
+        Cmd::Cluster { command: ClusterCmd::Describe { name, output } } => {
+            let (_, ctx) = load_context(&cli)?;
+            describe_cluster(&ctx, name, *output).await
+        }
+        Cmd::Cluster { command: ClusterCmd::Remove { name } } => {
+            let (_, ctx) = load_context(&cli)?;
+            let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+            let r = admin
+                .remove_cluster(pb::RemoveClusterRequest { name: name.clone() })
+                .await
+                .map_err(status(&ctx.server))?
+                .into_inner();
+            println!(
+                "cluster {name} removed: {} control plane(s) left the group ({}), {} endpoint(s) left the registry",
+                r.removed_control_planes.len(),
+                if r.removed_control_planes.is_empty() {
+                    "none".to_string()
+                } else {
+                    r.removed_control_planes.join(", ")
+                },
+                r.removed_endpoints
+            );
             Ok(())
         }
         Cmd::Token { command: TokenCmd::Create { ttl, uses, description } } => {
@@ -663,8 +796,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(status(&ctx.server))?
                 .into_inner();
             eprintln!(
-                "Join token {} for {uses} new cluster(s), valid {}. It is shown only now; on the new cluster start \
-                 `trellis-cp --join-token-file FILE --cluster NAME --region REGION`:",
+                "Join token {} for {uses} new cluster(s), valid {}. It is shown only now; on the new cluster run \
+                 `trellis cluster join --token-file FILE --name NAME --region REGION --data-dir DIR` (or \
+                 `trellis-cp --join-token-file FILE --cluster NAME --region REGION` under a service manager):",
                 r.id,
                 human_duration(ttl_seconds)
             );

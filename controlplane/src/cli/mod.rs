@@ -4,5 +4,6 @@
 pub mod client;
 pub mod demo;
 pub mod demo_app;
+pub mod join;
 pub mod output;
 pub mod procs;

@@ -666,4 +666,43 @@ mod tests {
         assert!(s.changes_since(1).is_none());
         assert!(s.changes_since(s.revision - 5).is_some());
     }
+
+    #[test]
+    fn removing_a_cluster_needs_its_members_gone_and_takes_its_endpoints() {
+        let cluster = |name: &str| Cluster {
+            name: name.into(),
+            region: "r".into(),
+            intermediate_cert_pem: String::new(),
+            intermediate_key_pem: String::new(),
+            created_at: 0,
+            join_token: String::new(),
+        };
+        let mut s = State::default();
+        s.clusters.insert("a".into(), cluster("a"));
+        let only = s.apply(1, &Command::RemoveCluster { name: "a".into() });
+        assert!(matches!(only, Err(ApplyError::Invalid(_))), "{only:?}");
+        s.clusters.insert("b".into(), cluster("b"));
+        let mut in_b = ep("b/default/web/1", "web.default");
+        in_b.cluster = "b".into();
+        s.apply(2, &Command::UpsertEndpoint { endpoint: in_b, protocol: Protocol::Http }).unwrap();
+        s.apply(
+            3,
+            &Command::UpsertEndpoint { endpoint: ep("a/default/web/1", "web.default"), protocol: Protocol::Http },
+        )
+        .unwrap();
+        let m = Member { id: 7, name: "cp-1".into(), cluster: "b".into(), address: "x:1".into() };
+        s.apply(4, &Command::SetMember(m)).unwrap();
+        let busy = s.apply(5, &Command::RemoveCluster { name: "b".into() });
+        assert!(matches!(busy, Err(ApplyError::Conflict(_))), "{busy:?}");
+        assert!(s.clusters.contains_key("b") && s.endpoints.contains_key("b/default/web/1"));
+        s.apply(6, &Command::RemoveMember { id: 7 }).unwrap();
+        s.apply(7, &Command::RemoveCluster { name: "b".into() }).unwrap();
+        assert!(!s.clusters.contains_key("b"));
+        assert!(!s.endpoints.contains_key("b/default/web/1"));
+        assert!(s.endpoints.contains_key("a/default/web/1"));
+        let changed = s.changes_since(6).unwrap_or_default();
+        assert!(changed.contains(&ChangeKey::Endpoint("b/default/web/1".into())), "{changed:?}");
+        let missing = s.apply(8, &Command::RemoveCluster { name: "b".into() });
+        assert!(matches!(missing, Err(ApplyError::NotFound(_))), "{missing:?}");
+    }
 }

@@ -113,7 +113,7 @@ impl pb::admin_server::Admin for AdminService {
             .endpoints
             .values()
             .filter(|e| service.is_empty() || e.service == service)
-            .map(endpoint_to_pb)
+            .map(|e| endpoint_to_pb(&state, e))
             .collect();
         Ok(Response::new(pb::ListEndpointsResponse { endpoints }))
     }

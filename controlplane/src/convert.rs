@@ -40,7 +40,7 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, String> {
 }
 
 /// Wire form of an endpoint.
-pub fn endpoint_to_pb(e: &Endpoint) -> pb::Endpoint {
+pub fn endpoint_to_pb(state: &State, e: &Endpoint) -> pb::Endpoint {
     pb::Endpoint {
         id: e.id.clone(),
         service: e.service.clone(),
@@ -51,6 +51,7 @@ pub fn endpoint_to_pb(e: &Endpoint) -> pb::Endpoint {
         healthy: e.healthy,
         weight: e.weight,
         revision: e.revision,
+        region: state.clusters.get(&e.cluster).map(|c| c.region.clone()).unwrap_or_default(),
     }
 }
 

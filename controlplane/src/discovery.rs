@@ -52,8 +52,14 @@ pub fn build_response(state: &State, since: u64, viewer: &str) -> Option<pb::Dis
             version: state.revision,
             full: true,
             services: state.services.values().map(service_to_pb).collect(),
-            endpoints: state.endpoints.values().filter(|e| visible(state, e, viewer)).map(endpoint_to_pb).collect(),
+            endpoints: state
+                .endpoints
+                .values()
+                .filter(|e| visible(state, e, viewer))
+                .map(|e| endpoint_to_pb(state, e))
+                .collect(),
             trust_bundle: Some(bundle_to_pb(state)),
+            region: state.clusters.get(viewer).map(|c| c.region.clone()).unwrap_or_default(),
             ..Default::default()
         });
     };
@@ -80,7 +86,7 @@ pub fn build_response(state: &State, since: u64, viewer: &str) -> Option<pb::Dis
     }
     for id in endpoint_ids {
         match state.endpoints.get(&id) {
-            Some(e) if visible(state, e, viewer) => resp.endpoints.push(endpoint_to_pb(e)),
+            Some(e) if visible(state, e, viewer) => resp.endpoints.push(endpoint_to_pb(state, e)),
             // Gone, or no longer visible here; removing an id the proxy never had is harmless.
             _ => resp.removed_endpoints.push(id),
         }
@@ -410,6 +416,23 @@ mod tests {
         assert_eq!(ids(&d), vec!["b/default/web/1"]);
         assert!(d.removed_endpoints.is_empty());
         assert_eq!(ids(&build_response(&s, 0, "a").unwrap()), vec!["a/default/web/1", "b/default/web/1"]);
+        // Endpoints carry their cluster's region, and a full response the viewer's, for the
+        // proxy's failover order.
+        for (name, region) in [("a", "us"), ("b", "eu")] {
+            let c = crate::state::Cluster {
+                name: name.into(),
+                region: region.into(),
+                intermediate_cert_pem: String::new(),
+                intermediate_key_pem: String::new(),
+                created_at: 0,
+                join_token: String::new(),
+            };
+            s.clusters.insert(name.into(), c);
+        }
+        let full = build_response(&s, 0, "a").unwrap();
+        assert_eq!(full.region, "us");
+        let regions: Vec<&str> = full.endpoints.iter().map(|e| e.region.as_str()).collect();
+        assert_eq!(regions, ["us", "eu"]);
         // A new endpoint of b's local db is not sent to a, even as a delta: at most a removal.
         let v = s.revision;
         s.apply(5, &endpoint("b", "db", 2)).unwrap();

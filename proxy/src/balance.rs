@@ -200,7 +200,8 @@ pub struct Balancer {
 }
 
 /// Where a proxy runs. Endpoints are tried in tiers: its zone of its cluster, then its cluster,
-/// then other clusters; a tier is used while it has a healthy endpoint not yet tried.
+/// then other clusters of its region, then the other regions; a tier is used while it has a
+/// healthy endpoint not yet tried.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Locality {
     pub cluster: String,
@@ -208,12 +209,13 @@ pub struct Locality {
 }
 
 impl Locality {
-    /// The tier of `ep` seen from here: 0 is nearest. Without a locality every endpoint is tier 0.
-    pub fn tier(&self, ep: &Endpoint) -> u8 {
+    /// The tier of `ep` seen from here, in `region` (this proxy's cluster's, empty when unknown):
+    /// 0 is nearest. Without a locality every endpoint is tier 0.
+    pub fn tier(&self, ep: &Endpoint, region: &str) -> u8 {
         if self.cluster.is_empty() {
             0
         } else if ep.cluster != self.cluster {
-            2
+            if region.is_empty() || ep.region == region { 2 } else { 3 }
         } else if ep.zone != self.zone {
             1
         } else {
@@ -241,6 +243,17 @@ impl Balancer {
 
     /// Picks one of `endpoints`, skipping those whose id is in `tried`.
     pub fn pick(&self, endpoints: &[Arc<Endpoint>], tried: &[String]) -> Option<(Arc<Endpoint>, Arc<EndpointLoad>)> {
+        self.pick_in(endpoints, tried, "")
+    }
+
+    /// As [`Balancer::pick`], for a proxy whose cluster is in `region`: other clusters of that
+    /// region come before the rest.
+    pub fn pick_in(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        tried: &[String],
+        region: &str,
+    ) -> Option<(Arc<Endpoint>, Arc<EndpointLoad>)> {
         let now = Instant::now();
         let loads: Vec<Arc<EndpointLoad>> = {
             let mut map = self.loads.lock().unwrap_or_else(|p| p.into_inner());
@@ -258,7 +271,7 @@ impl Balancer {
             }
         }
         // The nearest tier that still has a usable endpoint; the others sit this pick out.
-        let tiers: Vec<u8> = endpoints.iter().map(|ep| self.locality.tier(ep)).collect();
+        let tiers: Vec<u8> = endpoints.iter().map(|ep| self.locality.tier(ep, region)).collect();
         let best = candidates.iter().zip(&tiers).filter(|(c, _)| c.healthy && !c.excluded).map(|(_, t)| *t).min()?;
         for (c, t) in candidates.iter_mut().zip(&tiers) {
             if *t != best {
@@ -403,6 +416,7 @@ mod tests {
                 service: "web.default".parse().unwrap(),
                 cluster: "local".into(),
                 zone: "zone-a".into(),
+                region: String::new(),
                 address: "127.0.0.1:1".into(),
                 identity: None,
                 healthy: true,
@@ -429,6 +443,7 @@ mod tests {
                 service: "web.default".parse().unwrap(),
                 cluster: cluster.into(),
                 zone: zone.into(),
+                region: if cluster == "c" { "far".into() } else { "home".into() },
                 address: "127.0.0.1:1".into(),
                 identity: None,
                 healthy,
@@ -449,6 +464,34 @@ mod tests {
     }
 
     #[test]
+    fn other_clusters_of_the_region_come_before_other_regions() {
+        let ep = |id: &str, cluster: &str, region: &str| {
+            Arc::new(Endpoint {
+                id: id.into(),
+                service: "web.default".parse().unwrap(),
+                cluster: cluster.into(),
+                zone: "z1".into(),
+                region: region.into(),
+                address: "127.0.0.1:1".into(),
+                identity: None,
+                healthy: true,
+                weight: 1,
+            })
+        };
+        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
+        let eps = vec![ep("far", "c", "eu"), ep("same-region", "b", "us"), ep("local", "a", "us")];
+        let tried = ["local".to_string()];
+        for _ in 0..20 {
+            assert_eq!(b.pick_in(&eps, &tried, "us").unwrap().0.id, "same-region");
+        }
+        assert_eq!(b.pick_in(&eps, &["local".into(), "same-region".into()], "us").unwrap().0.id, "far");
+        // Without a known region, every other cluster is one tier.
+        let picked: std::collections::BTreeSet<String> =
+            (0..200).map(|_| b.pick_in(&eps, &tried, "").unwrap().0.id.clone()).collect();
+        assert_eq!(picked.len(), 2, "{picked:?}");
+    }
+
+    #[test]
     fn an_endpoint_that_keeps_failing_is_set_aside_and_the_next_tier_serves() {
         let ep = |id: &str, cluster: &str| {
             Arc::new(Endpoint {
@@ -456,6 +499,7 @@ mod tests {
                 service: "web.default".parse().unwrap(),
                 cluster: cluster.into(),
                 zone: "z1".into(),
+                region: String::new(),
                 address: "127.0.0.1:1".into(),
                 identity: None,
                 healthy: true,

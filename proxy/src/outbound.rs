@@ -269,7 +269,8 @@ impl Outbound {
         let mut last_response: Option<Response<Incoming>> = None;
         loop {
             let routes = self.routes.borrow().clone();
-            let Some((ep, load)) = self.balancer.pick(routes.endpoints_of(&up.service), &tried) else {
+            let Some((ep, load)) = self.balancer.pick_in(routes.endpoints_of(&up.service), &tried, &routes.region)
+            else {
                 break;
             };
             if !tried.is_empty() {
@@ -386,7 +387,8 @@ impl Outbound {
         let mut last_error = None;
         for attempt in 0..=MAX_RETRIES {
             let routes = self.routes.borrow().clone();
-            let Some((ep, load)) = self.balancer.pick(routes.endpoints_of(&up.service), &tried) else {
+            let Some((ep, load)) = self.balancer.pick_in(routes.endpoints_of(&up.service), &tried, &routes.region)
+            else {
                 break;
             };
             // Nothing was sent on a failed connect: another endpoint may take the stream.

@@ -170,6 +170,8 @@ pub struct Endpoint {
     pub cluster: String,
     /// Zone of the workload.
     pub zone: String,
+    /// Region of the workload's cluster (empty when unknown).
+    pub region: String,
     /// `host:port` of the workload proxy's inbound mTLS listener.
     pub address: String,
     /// The identity it must present; `None` accepts any workload of the trust domain.
@@ -199,6 +201,7 @@ impl Endpoint {
             service,
             cluster: pb.cluster.clone(),
             zone: pb.zone.clone(),
+            region: pb.region.clone(),
             address: pb.address.clone(),
             identity,
             healthy: pb.healthy,
@@ -219,6 +222,8 @@ pub struct Routes {
     pub services: BTreeMap<ServiceName, Service>,
     /// Endpoints by id.
     pub endpoints: BTreeMap<String, Arc<Endpoint>>,
+    /// Region of this proxy's cluster, as the control plane says (empty when unknown).
+    pub region: String,
     by_service: BTreeMap<ServiceName, Vec<Arc<Endpoint>>>,
 }
 
@@ -290,8 +295,14 @@ impl Routes {
                 }
             }
         }
-        let mut routes =
-            Routes { version: resp.version, loaded: true, services, endpoints, by_service: BTreeMap::new() };
+        let mut routes = Routes {
+            version: resp.version,
+            loaded: true,
+            services,
+            endpoints,
+            region: if resp.full { resp.region.clone() } else { self.region.clone() },
+            by_service: BTreeMap::new(),
+        };
         routes.reindex();
         Applied { routes, rejected }
     }
@@ -330,6 +341,7 @@ mod tests {
             healthy: true,
             weight: 0,
             revision: 1,
+            region: String::new(),
         }
     }
 

@@ -181,6 +181,7 @@ impl CpState {
             endpoints: self.endpoints.lock().unwrap().values().cloned().collect(),
             removed_endpoints: vec![],
             trust_bundle: Some(pb::TrustBundle { trust_domain: TD.into(), roots_pem: vec![self.pki.root_pem.clone()] }),
+            region: String::new(),
         }
     }
 
@@ -265,6 +266,7 @@ impl Discovery for FakeDiscovery {
                     healthy: reg.ready,
                     weight: reg.weight,
                     revision: 1,
+                    region: String::new(),
                 },
             );
             state.services.lock().unwrap().insert(

@@ -24,6 +24,8 @@ const MAX_WORKLOAD_TOKEN_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 /// The Admin gRPC service.
 pub struct AdminService {
     pub store: Arc<dyn Store>,
+    /// This cluster's observations waiting for the quorum.
+    pub overlay: Arc<crate::overlay::Overlay>,
     pub proxies: Arc<ProxyTracker>,
     pub cluster: String,
     pub node: String,
@@ -215,7 +217,19 @@ impl pb::admin_server::Admin for AdminService {
             raft_role: raft.as_ref().map(|s| s.role.to_string()).unwrap_or_default(),
             raft_term: raft.as_ref().map(|s| s.term).unwrap_or(0),
             raft_leader: raft.as_ref().map(|s| s.leader).unwrap_or(0),
-            warnings: raft.as_ref().map(|s| voter_warnings(&state, &s.voters)).unwrap_or_default(),
+            warnings: {
+                let mut w = raft.as_ref().map(|s| voter_warnings(&state, &s.voters)).unwrap_or_default();
+                let kept = self.overlay.len();
+                if kept > 0 {
+                    w.push(format!(
+                        "{kept} change(s) observed in cluster {} wait for the group's quorum: this cluster's proxies \
+                         are served with them; the other clusters see them once this instance reaches the quorum \
+                         again (see `trellis get controlplanes`)",
+                        self.cluster
+                    ));
+                }
+                w
+            },
         }))
     }
 

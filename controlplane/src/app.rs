@@ -222,8 +222,10 @@ pub async fn build_with_progress(cfg: CpConfig, progress: Progress<'_>) -> Resul
     let proxies = Arc::new(ProxyTracker::default());
     let tls = server_config(identity.clone(), bundle.clone(), IdMatcher::AnyInTrustDomain, false, &[b"h2"])?;
     let incoming = trellis_proto::grpc::tls_incoming(listener, TlsAcceptor::from(tls));
+    let overlay = crate::overlay::Overlay::new(store.clone(), Some(metrics.clone()));
     let discovery = DiscoveryService {
         store: store.clone(),
+        overlay: overlay.clone(),
         proxies: proxies.clone(),
         cluster: cfg.cluster.clone(),
         node: cfg.node.clone(),
@@ -245,6 +247,7 @@ pub async fn build_with_progress(cfg: CpConfig, progress: Progress<'_>) -> Resul
     });
     let admin = AdminService {
         store: store.clone(),
+        overlay: overlay.clone(),
         proxies: proxies.clone(),
         cluster: cfg.cluster.clone(),
         node: cfg.node.clone(),
@@ -289,8 +292,10 @@ pub async fn build_with_progress(cfg: CpConfig, progress: Progress<'_>) -> Resul
 
     let mut tasks = vec![
         tokio::spawn(metrics::serve(metrics_listener, metrics.clone())),
+        tokio::spawn(overlay.clone().run()),
         tokio::spawn(expire_orphans(
             store.clone(),
+            overlay.clone(),
             proxies.clone(),
             cfg.cluster.clone(),
             cfg.node.clone(),

@@ -29,6 +29,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct DiscoveryService {
     pub store: Arc<dyn Store>,
+    /// This cluster's observations that wait for the quorum; proxies see them meanwhile.
+    pub overlay: Arc<crate::overlay::Overlay>,
     pub proxies: Arc<ProxyTracker>,
     pub cluster: String,
     /// This instance's name, recorded on the endpoints registered through it.
@@ -185,7 +187,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             e.registrar = self.registrar();
         }
         for (endpoint, protocol) in &regs {
-            self.store.propose(Command::UpsertEndpoint { endpoint: endpoint.clone(), protocol: *protocol }).await?;
+            self.overlay.observe(Command::UpsertEndpoint { endpoint: endpoint.clone(), protocol: *protocol }).await?;
         }
         let node = hello.node.clone().unwrap_or_default();
         let session = self.proxies.open(ProxyInfo {
@@ -209,7 +211,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
                 } else {
                     Command::SetEndpointHealth { id: id.clone(), healthy: false, registrar }
                 };
-                if let Err(e) = this.store.propose(cmd).await {
+                if let Err(e) = this.overlay.observe(cmd).await {
                     tracing::warn!(endpoint = %id, error = %e, "could not update endpoint after disconnect");
                 }
             }
@@ -236,12 +238,25 @@ impl DiscoveryService {
         tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
     ) -> bool {
         let mut states = self.store.subscribe();
+        let mut kept = self.overlay.subscribe();
         // A proxy that already holds a version newer than ours (we restarted from an older
         // snapshot, or it talked to another instance) gets a full view.
         let mut sent = if known > states.borrow().revision { 0 } else { known };
+        // Whether the last response included observations not yet committed.
+        let mut showed_overlay = false;
         loop {
             let state = states.borrow_and_update().clone();
-            if let Some(resp) = build_response(&state, sent, &self.cluster) {
+            kept.borrow_and_update();
+            // Observations that wait for the quorum: a full view of the state with them applied
+            // (they have no revision of their own); once they are gone, one more full view.
+            let view = self.overlay.view(&state);
+            let resp = match &view {
+                Some(v) => build_response(v, 0, &self.cluster),
+                None if showed_overlay => build_response(&state, 0, &self.cluster),
+                None => build_response(&state, sent, &self.cluster),
+            };
+            showed_overlay = view.is_some();
+            if let Some(resp) = resp {
                 let bytes = resp.encoded_len() as u64;
                 let full = resp.full;
                 if tx.send(Ok(resp)).await.is_err() {
@@ -255,6 +270,7 @@ impl DiscoveryService {
             }
             tokio::select! {
                 changed = states.changed() => if changed.is_err() { return false },
+                changed = kept.changed() => if changed.is_err() { return false },
                 msg = inbound.message() => match msg {
                     Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Ack(a)) })) => self.proxies.acked(session, a.version),
                     Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Nack(n)) })) => {
@@ -275,6 +291,7 @@ impl DiscoveryService {
 /// within the grace period (a proxy that died while the control plane was down).
 pub async fn expire_orphans(
     store: Arc<dyn Store>,
+    overlay: Arc<crate::overlay::Overlay>,
     proxies: Arc<ProxyTracker>,
     cluster: String,
     node: String,
@@ -294,7 +311,7 @@ pub async fn expire_orphans(
     for id in orphans {
         tracing::info!(endpoint = %id, "proxy did not reconnect after restart; marking unhealthy");
         let cmd = Command::SetEndpointHealth { id, healthy: false, registrar: Some(registrar.clone()) };
-        let _ = store.propose(cmd).await;
+        let _ = overlay.observe(cmd).await;
     }
 }
 

@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod linearizability;
 pub mod membership;
 pub mod metrics;
+pub mod overlay;
 pub mod proxies;
 pub mod state;
 pub mod store;

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub nacks: Counter,
     pub certs_signed: Family<Labels, Counter>,
     pub ca_expiry: Gauge,
+    pub overlay_pending: Gauge,
     pub ready: AtomicBool,
 }
 
@@ -48,8 +49,15 @@ impl Metrics {
         registry.register("certificates_signed", "Signing requests by result", certs_signed.clone());
         let ca_expiry = Gauge::default();
         registry.register("ca_expiry_timestamp_seconds", "Expiry of this cluster's intermediate CA", ca_expiry.clone());
+        let overlay_pending = Gauge::default();
+        registry.register(
+            "overlay_pending",
+            "Observations of this cluster served locally while they wait for the group's quorum",
+            overlay_pending.clone(),
+        );
         Arc::new(Self {
             registry,
+            overlay_pending,
             revision,
             proxies_connected,
             pushes,

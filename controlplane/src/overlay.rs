@@ -205,7 +205,8 @@ mod tests {
 
     #[tokio::test]
     async fn observations_wait_for_the_quorum_are_served_meanwhile_and_commit_in_order() {
-        let store = Arc::new(Flaky { down: AtomicBool::new(true), state: watch::channel(Arc::new(State::default())).0 });
+        let store =
+            Arc::new(Flaky { down: AtomicBool::new(true), state: watch::channel(Arc::new(State::default())).0 });
         let overlay = Overlay::new(store.clone(), None);
         overlay.observe(upsert("c/default/web/1")).await.unwrap();
         overlay.observe(upsert("c/default/web/2")).await.unwrap();
@@ -233,7 +234,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_kept_observation_that_no_longer_applies_is_dropped_not_retried_forever() {
-        let store = Arc::new(Flaky { down: AtomicBool::new(true), state: watch::channel(Arc::new(State::default())).0 });
+        let store =
+            Arc::new(Flaky { down: AtomicBool::new(true), state: watch::channel(Arc::new(State::default())).0 });
         let overlay = Overlay::new(store.clone(), None);
         overlay.observe(Command::DeleteEndpoint { id: "c/default/web/9".into(), registrar: None }).await.unwrap();
         overlay.observe(upsert("c/default/web/1")).await.unwrap();

@@ -7,3 +7,4 @@ pub mod bench;
 pub mod group;
 pub mod harness;
 pub mod mesh;
+pub mod netns;

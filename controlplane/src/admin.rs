@@ -261,8 +261,8 @@ impl pb::admin_server::Admin for AdminService {
             0 => JOIN_TOKEN_TTL,
             s => Duration::from_secs(s),
         };
-        if ttl > MAX_JOIN_TOKEN_TTL || ttl < Duration::from_secs(60) {
-            return Err(Status::invalid_argument("--ttl must be between 1m and 7d"));
+        if ttl > MAX_JOIN_TOKEN_TTL || ttl < Duration::from_secs(5) {
+            return Err(Status::invalid_argument("--ttl must be between 5s and 7d"));
         }
         let state = self.store.read().await?;
         let addresses: Vec<String> = state.members.values().map(|m| m.address.clone()).collect();

@@ -193,6 +193,13 @@ fn clusters_join_with_tokens_and_bad_tokens_are_refused() {
     let revoked = refused_join(dir, "d", &td);
     assert!(revoked.contains("was revoked"), "revoked token: {revoked}");
 
+    let out = trellis(&config, &["token", "create", "--ttl", "5s"]);
+    assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(dir.join("short"), &out.stdout).expect("write");
+    std::thread::sleep(Duration::from_secs(6));
+    let expired = refused_join(dir, "d", &dir.join("short"));
+    assert!(expired.contains(" expired "), "expired token: {expired}");
+
     let te = create_token(&config, dir, "token-e");
     let text = std::fs::read_to_string(&te).expect("token");
     let (prefix, body) = text.trim().split_once('.').expect("token shape");

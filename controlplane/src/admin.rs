@@ -265,7 +265,13 @@ impl pb::admin_server::Admin for AdminService {
             return Err(Status::invalid_argument("--ttl must be between 5s and 7d"));
         }
         let state = self.store.read().await?;
-        let addresses: Vec<String> = state.members.values().map(|m| m.address.clone()).collect();
+        // A new instance of a cluster is best admitted by an instance of the same cluster (which
+        // holds the cluster's CA key when the cluster joined): those come first.
+        let mut members: Vec<&crate::state::Member> = state.members.values().collect();
+        if let JoinKind::ControlPlane { cluster } = &kind {
+            members.sort_by_key(|m| m.cluster != *cluster);
+        }
+        let addresses: Vec<String> = members.iter().map(|m| m.address.clone()).collect();
         if addresses.is_empty() {
             return Err(Status::unavailable("the group has not recorded its members' addresses yet; retry"));
         }

@@ -260,8 +260,12 @@ pub async fn build_with_progress(cfg: CpConfig, progress: Progress<'_>) -> Resul
             status: raft.status(),
             state: store.subscribe(),
         };
-        let membership =
-            MembershipService { store: store.clone(), raft: raft.handle(), limiter: FailureLimiter::default() };
+        let membership = MembershipService {
+            store: store.clone(),
+            raft: raft.handle(),
+            limiter: FailureLimiter::default(),
+            signer: signer.clone(),
+        };
         (
             pb::peer_server::PeerServer::new(peer)
                 .max_decoding_message_size(crate::store::raft::transport::MAX_MESSAGE),
@@ -386,7 +390,12 @@ async fn open_store(
                     "{} presented the pinned root CA and accepted the token; this instance is member {:x}",
                     joined.answered_by, joined.id
                 ));
-                if let Some((_, key)) = &joined.cluster_ca {
+                if let Some((cert, key)) = &joined.cluster_ca
+                    && cert.is_empty()
+                {
+                    bootstrap::save_cluster_key(&cfg.data_dir, key)?;
+                    tracing::info!(cluster = %cfg.cluster, from = %joined.answered_by, "received the cluster's CA key from another instance of it");
+                } else if let Some((_, key)) = &joined.cluster_ca {
                     bootstrap::save_cluster_key(&cfg.data_dir, key)?;
                     tracing::info!(cluster = %cfg.cluster, region = %cfg.region, "cluster joined the federation");
                     progress(&format!(

@@ -44,6 +44,21 @@ impl Signer {
         Self { cluster: cluster.to_string(), key_file: Some(key_file), cached: Mutex::new(None) }
     }
 
+    /// The cluster this signer signs for.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// The cluster's CA key as kept on this instance, when the federation's state does not hold
+    /// it (a cluster that joined); what a new instance of the same cluster is handed.
+    pub fn local_key_pem(&self, state: &State) -> Option<String> {
+        let cluster = state.clusters.get(&self.cluster)?;
+        if !cluster.intermediate_key_pem.is_empty() {
+            return None;
+        }
+        std::fs::read_to_string(self.key_file.as_ref()?).ok()
+    }
+
     /// The cluster's CA at `state`.
     pub fn ca(&self, state: &State) -> Result<Arc<Ca>, Status> {
         let cluster = state.clusters.get(&self.cluster).ok_or_else(|| {

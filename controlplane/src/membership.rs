@@ -179,6 +179,9 @@ pub struct MembershipService {
     pub store: Arc<dyn Store>,
     pub raft: RaftHandle,
     pub limiter: FailureLimiter,
+    /// This instance's signer: its own cluster's CA, whose key a cluster that joined keeps on
+    /// its instances only.
+    pub signer: Arc<Signer>,
 }
 
 fn check_address(address: &str) -> Result<(), Status> {
@@ -356,7 +359,16 @@ impl MembershipService {
             }
             None => new_member_id_for(&state),
         };
-        let ca = Signer::new(&r.cluster).ca(&state)?;
+        // An instance of the same cluster signs with the key it keeps; any instance can sign for
+        // a cluster whose key the federation holds. Others send the joiner to the next address.
+        let own = r.cluster == self.signer.cluster();
+        let ca = if own { self.signer.ca(&state) } else { Signer::new(&r.cluster).ca(&state) }.map_err(|e| {
+            Status::failed_precondition(format!(
+                "this control plane cannot sign for cluster '{}' ({}); an instance of that cluster can",
+                r.cluster,
+                e.message()
+            ))
+        })?;
         let leaf = ca
             .sign_csr(&r.csr_pem, &id, trellis_federation::ca::LEAF_TTL)
             .map_err(|e| Status::invalid_argument(format!("certificate request: {e}")))?;
@@ -380,6 +392,7 @@ impl MembershipService {
             trust_bundle_pem: state.roots.iter().map(|r| r.cert_pem.as_str()).collect(),
             trust_domain: td.to_string(),
             members: state.members.values().map(member_to_pb).collect(),
+            cluster_ca_key_pem: if own { self.signer.local_key_pem(&state).unwrap_or_default() } else { String::new() },
         })
     }
 
@@ -500,7 +513,9 @@ impl Call {
                     trust_bundle_pem: r.trust_bundle_pem,
                     trust_domain: r.trust_domain,
                     members: members_from_pb(r.members),
-                    cluster_ca: None,
+                    // The cluster's key, from another instance of it (empty cert: it is in the
+                    // state already).
+                    cluster_ca: (!r.cluster_ca_key_pem.is_empty()).then(|| (String::new(), r.cluster_ca_key_pem)),
                     answered_by: String::new(),
                 })
             }

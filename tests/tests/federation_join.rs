@@ -94,6 +94,37 @@ fn warnings(config: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Starts another control-plane instance `node` of cluster `cluster` with a control-plane token;
+/// returns it with its ready file once serving.
+fn another_instance(dir: &Path, config: &Path, cluster: &str, node: &str, ip: &str) -> (Proc, Value) {
+    let out = trellis(config, &["controlplane", "token", "create", "--cluster", cluster, "--ttl", "10m"]);
+    assert!(out.status.success(), "controlplane token create: {}", String::from_utf8_lossy(&out.stderr));
+    let token = dir.join(format!("token-{cluster}-{node}"));
+    std::fs::write(&token, &out.stdout).expect("write token");
+    let ready = dir.join(format!("{cluster}-{node}.ready"));
+    let args: Vec<String> = [
+        "--data-dir",
+        &dir.join(format!("{cluster}-{node}")).display().to_string(),
+        "--cluster",
+        cluster,
+        "--node",
+        node,
+        "--listen",
+        &format!("{ip}:0"),
+        "--join-token-file",
+        &token.display().to_string(),
+        "--ready-file",
+        &ready.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = dir.join(format!("{cluster}-{node}.log"));
+    let mut p = Proc::spawn(node, &bin("trellis-cp"), &args, &log, &[]);
+    let v = wait_ready(&mut p, &ready, Duration::from_secs(60));
+    (p, v)
+}
+
 /// A join that must fail: returns its last line of output.
 fn refused_join(dir: &Path, cluster: &str, token: &Path) -> String {
     let data = dir.join(format!("refused-{cluster}"));
@@ -313,8 +344,9 @@ fn a_workload_in_one_cluster_calls_an_exported_service_of_another_with_mtls() {
     assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
     let tb = create_token(&config, dir, "token-b");
     let _b = join(dir, "b", "eu", "127.0.2.1", &tb);
-    let b_ready: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("b.ready")).unwrap_or_default()).expect("b ready file");
+    // A second control plane of B: the cluster's CA key is handed to it by B's first instance
+    // (it is in no replicated state), so it signs B's workloads too. B's client proxy uses it.
+    let (_b2, b_ready) = another_instance(dir, &config, "b", "cp-2", "127.0.2.2");
     let b_grpc = b_ready["grpc"].as_str().unwrap_or_default().to_string();
     let b_bundle = std::path::PathBuf::from(b_ready["trust_bundle"].as_str().unwrap_or_default());
     wait_for("b's trust bundle file", Duration::from_secs(30), || b_bundle.exists().then_some(()));

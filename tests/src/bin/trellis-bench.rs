@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use trellis_tests::bench::load::Proto;
 use trellis_tests::bench::report::Report;
-use trellis_tests::bench::scenarios::{self, join, proxy_latency, raft, tcp_throughput};
+use trellis_tests::bench::scenarios::{self, config_propagation, join, proxy_latency, raft, tcp_throughput};
 
 #[derive(Parser)]
 #[command(name = "trellis-bench", about = "Trellis benchmark scenarios (build the workspace in release mode first)")]
@@ -39,6 +39,9 @@ struct Args {
     /// Concurrent writers for the raft scenario's throughput figure.
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// Subscriber counts for config-propagation (spread over three clusters).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    subscribers: Vec<usize>,
     /// MiB per stream for tcp-throughput.
     #[arg(long, default_value_t = 256)]
     stream_mib: u64,
@@ -82,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
                 let r = tokio::task::spawn_blocking(move || join::run(rounds, &mut r).map(|()| r)).await??;
                 report.extend(r);
             }
+            "config-propagation" => config_propagation::run(&args.subscribers, &mut report).await?,
             "raft" => {
                 let opts = raft::Opts {
                     duration: Duration::from_secs(args.duration),

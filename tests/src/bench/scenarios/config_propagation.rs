@@ -1,0 +1,382 @@
+//! `config-propagation`: how fast one change reaches every subscriber of a federation, and what
+//! the control planes spend. Three clusters (A bootstraps, B and C join with tokens); each
+//! cluster has 100 exported services with one endpoint each, registered by 100 discovery
+//! streams that speak the real protocol with a workload certificate of that cluster (the
+//! "3 clusters × 100 services" memory figure is taken here). Then, for each subscriber count,
+//! that many lightweight subscribers (one process, spread evenly over the three clusters, each
+//! its own discovery stream acking every version) connect and load their view; one new endpoint
+//! of an exported service registers in cluster A; the time until every subscriber has received
+//! and acked it is measured, with the bytes each received for it and the control planes' CPU
+//! and memory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use trellis_proto::pb;
+use trellis_proto::pb::discovery_request::Kind;
+use trellis_proto::tls::{Identity, IdentityStore, client_config};
+use trellis_proto::verify::{IdMatcher, SharedBundle, TrustBundle};
+use trellis_proto::{SpiffeId, grpc};
+
+use crate::bench::procstat::{cpu_seconds, peak_rss_mib};
+use crate::bench::report::Report;
+use crate::harness::{ControlPlane, Proc, bin, trellis, wait_ready};
+use crate::mesh::workload_token;
+
+const SCENARIO: &str = "config-propagation";
+const CLUSTERS: [&str; 3] = ["a", "b", "c"];
+const SERVICES_PER_CLUSTER: usize = 100;
+/// Discovery streams per HTTP/2 connection.
+const STREAMS_PER_CONNECTION: usize = 200;
+
+/// One cluster's control plane and the TLS its subscribers use.
+struct Cluster {
+    name: &'static str,
+    grpc: String,
+    pid: u32,
+    tls: Arc<rustls::ClientConfig>,
+    identity: SpiffeId,
+}
+
+/// What a subscriber reports: when it received the awaited endpoint, and that response's size.
+type Seen = (Instant, usize);
+
+/// One discovery stream: sends Hello (registering `endpoint` if any), acks every version, and
+/// reports on `loaded` once its first response arrived and on `seen` when a response names
+/// `awaited` (an endpoint id). Ends when `stop` turns true.
+#[allow(clippy::too_many_arguments)]
+async fn subscriber(
+    channel: tonic::transport::Channel,
+    cluster: &'static str,
+    identity: String,
+    instance: String,
+    endpoint: Option<pb::EndpointRegistration>,
+    awaited: watch::Receiver<String>,
+    loaded: mpsc::UnboundedSender<()>,
+    seen: mpsc::UnboundedSender<Seen>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    let hello = pb::DiscoveryRequest {
+        kind: Some(Kind::Hello(pb::Hello {
+            node: Some(pb::Node { identity, cluster: cluster.into(), zone: format!("{cluster}-1"), instance }),
+            endpoints: endpoint.into_iter().collect(),
+            known_version: 0,
+        })),
+    };
+    if tx.send(hello).await.is_err() {
+        return;
+    }
+    let mut client = pb::discovery_client::DiscoveryClient::new(channel).max_decoding_message_size(64 << 20);
+    let Ok(resp) = client.stream(ReceiverStream::new(rx)).await else { return };
+    let mut stream = resp.into_inner();
+    let mut first = true;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            msg = stream.message() => {
+                let Ok(Some(r)) = msg else { return };
+                let now = Instant::now();
+                if first {
+                    first = false;
+                    let _ = loaded.send(());
+                }
+                let want = awaited.borrow().clone();
+                if !want.is_empty() && r.endpoints.iter().any(|e| e.id == want) {
+                    let _ = seen.send((now, prost::Message::encoded_len(&r)));
+                }
+                let ack = pb::DiscoveryRequest { kind: Some(Kind::Ack(pb::Ack { version: r.version })) };
+                if tx.send(ack).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A workload certificate of `cluster` for service account `bench`, from its control plane.
+async fn certificate(cp: &str, td: &str, bundle: &SharedBundle, token: &str) -> anyhow::Result<(Identity, SpiffeId)> {
+    let id = SpiffeId::new(td, "ns/default/sa/bench")?;
+    let (csr_pem, key_pem) = trellis_federation::ca::new_csr(&id)?;
+    let tls = client_config(None, bundle.clone(), IdMatcher::AnyControlPlane, &[b"h2"])?;
+    let mut client = pb::certificates_client::CertificatesClient::new(grpc::channel(cp, tls)?);
+    let r = client
+        .sign(pb::SignRequest {
+            csr_pem,
+            workload_token: token.to_string(),
+            namespace: "default".into(),
+            service_account: "bench".into(),
+            ttl_seconds: 0,
+        })
+        .await?
+        .into_inner();
+    let chain: String = std::iter::once(r.certificate_pem).chain(r.chain_pem).collect();
+    Ok((Identity::from_pem(&chain, &key_pem)?, id))
+}
+
+fn join_cluster(dir: &Path, config: &Path, name: &str, index: usize) -> anyhow::Result<(Proc, Value)> {
+    let out = trellis(config, &["token", "create", "--ttl", "10m"]);
+    anyhow::ensure!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+    let token = dir.join(format!("{name}.token"));
+    std::fs::write(&token, &out.stdout)?;
+    let ready = dir.join(format!("{name}-cp.ready"));
+    let args: Vec<String> = [
+        "--data-dir",
+        &dir.join(format!("{name}-cp")).display().to_string(),
+        "--cluster",
+        name,
+        "--region",
+        name,
+        "--listen",
+        &format!("127.0.{}.1:0", index + 1),
+        "--join-token-file",
+        &token.display().to_string(),
+        "--ready-file",
+        &ready.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = dir.join(format!("{name}-cp.log"));
+    let mut p = Proc::spawn(&format!("{name}-cp"), &bin("trellis-cp"), &args, &log, &[("RUST_LOG", "warn")]);
+    let v = wait_ready(&mut p, &ready, Duration::from_secs(60));
+    Ok((p, v))
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    loaded: mpsc::UnboundedReceiver<()>,
+    seen: mpsc::UnboundedReceiver<Seen>,
+    count: usize,
+}
+
+/// Starts `count` subscribers spread over the clusters; subscriber `i < with_endpoints` of each
+/// cluster registers one endpoint of `svc-<cluster>-<i>.default`.
+fn start(
+    clusters: &[Cluster],
+    count: usize,
+    with_endpoints: usize,
+    prefix: &str,
+    awaited: &watch::Receiver<String>,
+) -> anyhow::Result<Running> {
+    let (stop, stop_rx) = watch::channel(false);
+    let (loaded_tx, loaded) = mpsc::unbounded_channel();
+    let (seen_tx, seen) = mpsc::unbounded_channel();
+    let mut channels: Vec<Vec<tonic::transport::Channel>> = vec![Vec::new(); clusters.len()];
+    for i in 0..count {
+        let c = i % clusters.len();
+        let k = i / clusters.len();
+        let cl = &clusters[c];
+        if k % STREAMS_PER_CONNECTION == 0 {
+            channels[c].push(grpc::channel(&cl.grpc, cl.tls.clone())?);
+        }
+        let channel = channels[c].last().cloned().ok_or_else(|| anyhow::anyhow!("no channel"))?;
+        let endpoint = (k < with_endpoints).then(|| pb::EndpointRegistration {
+            service: format!("svc-{}-{k}.default", cl.name),
+            address: format!("127.0.{}.{}:{}", c + 1, 10 + k / 250, 10_000 + k),
+            protocol: "http".into(),
+            weight: 1,
+            ready: true,
+        });
+        tokio::spawn(subscriber(
+            channel,
+            cl.name,
+            cl.identity.to_string(),
+            format!("{prefix}-{k}"),
+            endpoint,
+            awaited.clone(),
+            loaded_tx.clone(),
+            seen_tx.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    Ok(Running { stop, loaded, seen, count })
+}
+
+async fn wait_loaded(r: &mut Running, deadline: Duration) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut n = 0;
+    while n < r.count {
+        match tokio::time::timeout(deadline.saturating_sub(start.elapsed()), r.loaded.recv()).await {
+            Ok(Some(())) => n += 1,
+            _ => anyhow::bail!("only {n} of {} subscribers loaded their view within {deadline:?}", r.count),
+        }
+    }
+    Ok(start.elapsed())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs the scenario for each subscriber count in `counts`.
+pub async fn run(counts: &[usize], report: &mut Report) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir: PathBuf = tmp.path().to_path_buf();
+    let config = dir.join("cli.yaml");
+    let (a, mut procs, readies) = {
+        let dir = dir.clone();
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(ControlPlane, Vec<Proc>, Vec<Value>)> {
+            let a = ControlPlane::start(&dir, "a", "127.0.1.1");
+            let out = trellis(&config, &["config", "import", &a.admin_context.display().to_string()]);
+            anyhow::ensure!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+            let mut procs = Vec::new();
+            let mut readies = Vec::new();
+            for (i, name) in CLUSTERS.iter().enumerate().skip(1) {
+                let (p, v) = join_cluster(&dir, &config, name, i)?;
+                procs.push(p);
+                readies.push(v);
+            }
+            Ok((a, procs, readies))
+        })
+        .await??
+    };
+    let td = a.trust_domain.clone();
+    let root = std::fs::read_to_string(&a.trust_bundle)?;
+    let bundle = SharedBundle::new(TrustBundle::from_pem(&td, std::slice::from_ref(&root))?);
+
+    // Exported services, 100 per cluster, and one for the change.
+    let ctx = trellis_controlplane::context::ConfigFile::load(&config)?.current()?.clone();
+    let mut admin = trellis_controlplane::cli::client::admin(&ctx)?;
+    let services = CLUSTERS
+        .iter()
+        .flat_map(|c| (0..SERVICES_PER_CLUSTER).map(move |k| format!("svc-{c}-{k}")))
+        .chain(counts.iter().map(|n| format!("probe-{n}")));
+    for name in services {
+        admin
+            .apply_service(pb::Service {
+                name,
+                namespace: "default".into(),
+                ports: vec![pb::ServicePort { name: "http".into(), port: 80 }],
+                protocol: "http".into(),
+                exported: true,
+                revision: 0,
+            })
+            .await?;
+    }
+    let token = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || workload_token(&config, "bench")).await??
+    };
+    let mut clusters = Vec::new();
+    let addrs: Vec<(String, u32)> = std::iter::once((a.grpc.clone(), a.proc.pid()))
+        .chain(readies.iter().zip(&procs).map(|(v, p)| (v["grpc"].as_str().unwrap_or_default().to_string(), p.pid())))
+        .collect();
+    for (name, (grpc, pid)) in CLUSTERS.iter().zip(addrs) {
+        let (identity, id) = certificate(&grpc, &td, &bundle, &token).await?;
+        let tls =
+            client_config(Some(IdentityStore::new(identity)), bundle.clone(), IdMatcher::AnyControlPlane, &[b"h2"])?;
+        clusters.push(Cluster { name, grpc, pid, tls, identity: id });
+    }
+
+    // The registry: 3 clusters × 100 services, each endpoint with its own stream.
+    let (awaited_tx, awaited) = watch::channel(String::new());
+    let mut base = start(&clusters, CLUSTERS.len() * SERVICES_PER_CLUSTER, SERVICES_PER_CLUSTER, "svc", &awaited)?;
+    wait_loaded(&mut base, Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for c in &clusters {
+        let labels = json!({"clusters": 3, "services_per_cluster": SERVICES_PER_CLUSTER, "instance": c.name});
+        report.figure(SCENARIO, "controlplane_rss", labels.clone(), rss_mib(c.pid), "MiB");
+    }
+
+    for &n in counts {
+        let mut subs = start(&clusters, n, 0, &format!("sub{n}"), &awaited)?;
+        let load_time = wait_loaded(&mut subs, Duration::from_secs(300)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let cpu0: Vec<f64> = clusters.iter().map(|c| cpu_seconds(c.pid)).collect();
+        // The change: one new endpoint of an exported service in cluster A.
+        let probe = format!("a/default/probe-{n}/probe-{n}");
+        awaited_tx.send_replace(probe.clone());
+        let t0 = Instant::now();
+        let (stop_probe, stop_rx) = watch::channel(false);
+        let (l_tx, _l_rx) = mpsc::unbounded_channel();
+        let (s_tx, _s_rx) = mpsc::unbounded_channel();
+        let (dummy_tx, dummy) = watch::channel(String::new());
+        tokio::spawn(subscriber(
+            grpc::channel(&clusters[0].grpc, clusters[0].tls.clone())?,
+            clusters[0].name,
+            clusters[0].identity.to_string(),
+            format!("probe-{n}"),
+            Some(pb::EndpointRegistration {
+                service: format!("probe-{n}.default"),
+                address: "127.0.1.250:9".into(),
+                protocol: "http".into(),
+                weight: 1,
+                ready: true,
+            }),
+            dummy,
+            l_tx,
+            s_tx,
+            stop_rx,
+        ));
+        let mut latencies = Vec::new();
+        let mut bytes = 0usize;
+        let deadline = Duration::from_secs(120);
+        while latencies.len() < n + base.count {
+            match tokio::time::timeout(deadline.saturating_sub(t0.elapsed()), async {
+                tokio::select! {
+                    s = subs.seen.recv() => s,
+                    s = base.seen.recv() => s,
+                }
+            })
+            .await
+            {
+                Ok(Some((at, size))) => {
+                    latencies.push(at.duration_since(t0).as_secs_f64() * 1000.0);
+                    bytes += size;
+                }
+                _ => break,
+            }
+        }
+        let total = n + base.count;
+        let missing = total - latencies.len();
+        latencies.sort_by(f64::total_cmp);
+        let labels = json!({"subscribers": total, "clusters": 3});
+        report.figure(SCENARIO, "propagation_p50", labels.clone(), percentile(&latencies, 0.5), "ms");
+        report.figure(SCENARIO, "propagation_p99", labels.clone(), percentile(&latencies, 0.99), "ms");
+        report.figure(SCENARIO, "propagation_max", labels.clone(), latencies.last().copied().unwrap_or(0.0), "ms");
+        report.figure(SCENARIO, "subscribers_missed", labels.clone(), missing as f64, "count");
+        report.figure(
+            SCENARIO,
+            "bytes_per_subscriber_per_change",
+            labels.clone(),
+            bytes as f64 / latencies.len().max(1) as f64,
+            "bytes",
+        );
+        report.figure(SCENARIO, "initial_load", labels.clone(), load_time.as_secs_f64(), "s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for (c, before) in clusters.iter().zip(cpu0) {
+            let l = json!({"subscribers": total, "instance": c.name});
+            report.figure(SCENARIO, "controlplane_cpu_for_change", l.clone(), cpu_seconds(c.pid) - before, "s");
+            report.figure(SCENARIO, "controlplane_rss", l.clone(), rss_mib(c.pid), "MiB");
+            report.figure(SCENARIO, "controlplane_peak_rss", l, peak_rss_mib(c.pid), "MiB");
+        }
+        let _ = subs.stop.send(true);
+        let _ = stop_probe.send(true);
+        drop(dummy_tx);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let _ = base.stop.send(true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    procs.clear();
+    drop(a);
+    Ok(())
+}

@@ -181,7 +181,7 @@ fn start(
         let c = i % clusters.len();
         let k = i / clusters.len();
         let cl = &clusters[c];
-        if k % STREAMS_PER_CONNECTION == 0 {
+        if k.is_multiple_of(STREAMS_PER_CONNECTION) {
             channels[c].push(grpc::channel(&cl.grpc, cl.tls.clone())?);
         }
         let channel = channels[c].last().cloned().ok_or_else(|| anyhow::anyhow!("no channel"))?;

@@ -391,6 +391,66 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::RemoveControlPlaneResponse {}))
     }
 
+    async fn rotate_root(
+        &self,
+        req: Request<pb::RotateRootRequest>,
+    ) -> Result<Response<pb::RotateRootResponse>, Status> {
+        use trellis_federation::ca::{Ca, MAX_LEAF_TTL, ROOT_TTL, root_name};
+        let who = require_admin(&req)?;
+        let r = req.into_inner();
+        let state = self.store.read().await?;
+        let mut reissued = 0;
+        if r.finish {
+            let min_age_secs = if r.force { 0 } else { MAX_LEAF_TTL.as_secs() };
+            self.store.propose(Command::FinishRootRotation { now: unix_now(), min_age_secs }).await?;
+            tracing::info!(admin = %who, forced = r.force, "root rotation finished: the old root is no longer trusted");
+        } else {
+            let td =
+                state.trust_domain().ok_or_else(|| Status::unavailable("the federation is not bootstrapped yet"))?;
+            let current =
+                state.roots.first().ok_or_else(|| Status::failed_precondition("the federation has no root"))?;
+            if state.roots.len() > 1 {
+                return Err(Status::failed_precondition(format!(
+                    "a rotation is under way ({} roots trusted); finish it first with `trellis ca rotate --finish`",
+                    state.roots.len()
+                )));
+            }
+            let old = Ca::from_pem(&current.cert_pem, &current.key_pem, Vec::new())
+                .map_err(|e| Status::internal(format!("the current root cannot be loaded: {e}")))?;
+            let generation = current.generation.max(1) + 1;
+            let new = Ca::new_root_generation(td, generation, ROOT_TTL).map_err(|e| Status::internal(e.to_string()))?;
+            let cross = old
+                .cross_sign(new.cert_pem(), &root_name(td, generation))
+                .map_err(|e| Status::internal(format!("cross-signing the new root: {e}")))?;
+            let mut intermediates = std::collections::BTreeMap::new();
+            for (name, c) in &state.clusters {
+                let cert = new.resign_intermediate(&c.intermediate_cert_pem, name).map_err(|e| {
+                    Status::internal(format!("issuing cluster {name}'s intermediate under the new root: {e}"))
+                })?;
+                intermediates.insert(name.clone(), cert);
+            }
+            reissued = intermediates.len() as u32;
+            let root = crate::state::RootCa {
+                cert_pem: new.cert_pem().to_string(),
+                key_pem: new.key_pem().to_string(),
+                created_at: unix_now(),
+                cross_cert_pem: cross,
+                generation,
+            };
+            self.store.propose(Command::RotateRoot { root, intermediates }).await?;
+            tracing::info!(admin = %who, generation, clusters = reissued, "root rotation started");
+        }
+        let state = self.store.read().await?;
+        let root_pins = state
+            .roots
+            .iter()
+            .filter_map(|r| {
+                trellis_proto::tls::certs_from_pem(&r.cert_pem).ok()?.first().map(trellis_proto::tls::cert_pin)
+            })
+            .collect();
+        Ok(Response::new(pb::RotateRootResponse { root_pins, intermediates_reissued: reissued }))
+    }
+
     async fn remove_cluster(
         &self,
         req: Request<pb::RemoveClusterRequest>,

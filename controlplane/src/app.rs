@@ -513,11 +513,38 @@ async fn renew_serving_identity(
     identity: Arc<IdentityStore>,
     cfg: CpConfig,
 ) {
+    // What the serving certificate depends on besides time: the cluster's CA certificate and
+    // the roots (a root rotation changes both).
+    let issuer_of = |s: &crate::state::State| {
+        let inter = s.clusters.get(&cfg.cluster).map(|c| c.intermediate_cert_pem.clone()).unwrap_or_default();
+        let roots: String = s.roots.iter().map(|r| r.cert_pem.as_str()).collect();
+        inter + &roots
+    };
+    let mut states = store.subscribe();
+    let mut issued_under = issuer_of(&store.current());
     loop {
         let at = identity.current().map(|i| i.renew_at()).unwrap_or_else(SystemTime::now);
         let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
-        tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
-        match bootstrap::serving_identity(&store.current(), &signer, &cfg) {
+        let sleep = tokio::time::sleep(wait.max(Duration::from_secs(1)));
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => break,
+                changed = states.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = issuer_of(&states.borrow_and_update());
+                    if now != issued_under {
+                        tracing::info!("the cluster's CA or the roots changed; renewing the serving certificate");
+                        break;
+                    }
+                }
+            }
+        }
+        let state = store.current();
+        issued_under = issuer_of(&state);
+        match bootstrap::serving_identity(&state, &signer, &cfg) {
             Ok(id) => {
                 tracing::info!(not_after = ?id.not_after, "serving certificate renewed");
                 identity.replace(id);

@@ -63,6 +63,8 @@ pub async fn ensure_federation(store: &dyn Store, cfg: &CpConfig) -> Result<bool
                 cert_pem: root.cert_pem().to_string(),
                 key_pem: root.key_pem().to_string(),
                 created_at: now,
+                cross_cert_pem: String::new(),
+                generation: 1,
             },
             cluster: Cluster {
                 name: cfg.cluster.clone(),

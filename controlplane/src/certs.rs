@@ -64,9 +64,16 @@ impl Signer {
         let cluster = state.clusters.get(&self.cluster).ok_or_else(|| {
             Status::failed_precondition(format!("cluster '{}' is not registered in the federation", self.cluster))
         })?;
+        // During a root rotation the new root's certificate cross-signed by the old one rides
+        // in every chain, so that peers which do not trust the new root yet accept it.
+        let mut chain = vec![cluster.intermediate_cert_pem.clone()];
+        if let Some(cross) = state.roots.first().map(|r| &r.cross_cert_pem).filter(|c| !c.is_empty()) {
+            chain.push(cross.clone());
+        }
+        let id: String = chain.concat();
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((pem, ca)) = cached.as_ref()
-            && *pem == cluster.intermediate_cert_pem
+            && *pem == id
         {
             return Ok(ca.clone());
         }
@@ -86,10 +93,10 @@ impl Signer {
         } else {
             &cluster.intermediate_key_pem
         };
-        let ca = Ca::from_pem(&cluster.intermediate_cert_pem, key_pem, vec![cluster.intermediate_cert_pem.clone()])
+        let ca = Ca::from_pem(&cluster.intermediate_cert_pem, key_pem, chain)
             .map_err(|e| Status::internal(format!("the cluster CA cannot be loaded: {e}")))?;
         let ca = Arc::new(ca);
-        *cached = Some((cluster.intermediate_cert_pem.clone(), ca.clone()));
+        *cached = Some((id, ca.clone()));
         Ok(ca)
     }
 }

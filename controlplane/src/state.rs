@@ -3,7 +3,9 @@
 //!
 //! `apply` is deterministic (every timestamp travels inside the command), validates before it
 //! changes anything, and leaves the state untouched when it refuses a command. The store that
-//! orders commands (single node today, Raft next) calls it; nothing else mutates a `State`.
+//! orders commands (the Raft group, or etcd) calls it; nothing else mutates a `State`.
+
+use std::collections::BTreeMap;
 
 use imbl::{OrdMap, Vector};
 use serde::{Deserialize, Serialize};
@@ -50,6 +52,13 @@ pub struct RootCa {
     /// Secret: kept only in the store, which is readable by the control plane alone.
     pub key_pem: String,
     pub created_at: u64,
+    /// This root's certificate issued by the root it replaced (empty for the first root): it
+    /// rides in certificate chains so that peers which trust only the old root accept them.
+    #[serde(default)]
+    pub cross_cert_pem: String,
+    /// 1 for the federation's first root, then one more per rotation (0 in older states: 1).
+    #[serde(default)]
+    pub generation: u32,
 }
 
 /// A cluster of the federation with its intermediate CA.
@@ -236,6 +245,19 @@ pub enum Command {
     /// tokens for its control planes are revoked, and its intermediate CA leaves the registry.
     RemoveCluster {
         name: String,
+    },
+    /// Starts a root rotation: `root` becomes the signing root (first in `roots`), the previous
+    /// ones stay trusted, and every cluster's intermediate CA gets `intermediates[cluster]`, a
+    /// certificate for its unchanged key issued by the new root.
+    RotateRoot {
+        root: RootCa,
+        intermediates: BTreeMap<String, String>,
+    },
+    /// Ends a rotation: only the signing root stays trusted. Refused before every leaf issued
+    /// under an older root can have expired (`now` is checked against the new root's age).
+    FinishRootRotation {
+        now: u64,
+        min_age_secs: u64,
     },
     /// Does nothing; used to check that the log is writable.
     Noop,
@@ -487,6 +509,55 @@ impl State {
                 self.spend_join_use(token_id);
                 Ok(())
             }
+            Command::RotateRoot { root, intermediates } => {
+                if self.roots.is_empty() {
+                    return Err(ApplyError::Invalid("the federation has no root to rotate".into()));
+                }
+                if self.roots.iter().any(|r| r.cert_pem == root.cert_pem) {
+                    return Err(ApplyError::Conflict("this root is already in the trust bundle".into()));
+                }
+                if self.roots.len() > 1 {
+                    return Err(ApplyError::Conflict(format!(
+                        "a rotation is under way ({} roots trusted); finish it first with `trellis ca rotate --finish`",
+                        self.roots.len()
+                    )));
+                }
+                let missing: Vec<&String> = self.clusters.keys().filter(|c| !intermediates.contains_key(*c)).collect();
+                if !missing.is_empty() || intermediates.keys().any(|c| !self.clusters.contains_key(c)) {
+                    return Err(ApplyError::Conflict(format!(
+                        "the clusters changed while the rotation was prepared (missing: {missing:?}); run it again"
+                    )));
+                }
+                for (name, cert) in intermediates {
+                    if let Some(c) = self.clusters.get_mut(name) {
+                        c.intermediate_cert_pem = cert.clone();
+                    }
+                }
+                self.roots.insert(0, root.clone());
+                self.record(ChangeKey::Trust);
+                Ok(())
+            }
+            Command::FinishRootRotation { now, min_age_secs } => {
+                let Some(current) = self.roots.first() else {
+                    return Err(ApplyError::Invalid("the federation has no root".into()));
+                };
+                if self.roots.len() == 1 {
+                    return Err(ApplyError::Invalid("no rotation is under way: only one root is trusted".into()));
+                }
+                let age = now.saturating_sub(current.created_at);
+                if age < *min_age_secs {
+                    return Err(ApplyError::Invalid(format!(
+                        "the new root is {age} s old; certificates issued under the old root may live {min_age_secs} \
+                         s, so dropping it now could break them. Finish after {} s more (or with --force once every \
+                         workload has renewed)",
+                        min_age_secs - age
+                    )));
+                }
+                self.roots.truncate(1);
+                self.roots[0].cross_cert_pem.clear();
+                self.record(ChangeKey::Trust);
+                Ok(())
+            }
             Command::RemoveCluster { name } => {
                 if !self.clusters.contains_key(name) {
                     return Err(ApplyError::NotFound(format!("cluster '{name}'")));
@@ -704,5 +775,45 @@ mod tests {
         assert!(changed.contains(&ChangeKey::Endpoint("b/default/web/1".into())), "{changed:?}");
         let missing = s.apply(8, &Command::RemoveCluster { name: "b".into() });
         assert!(matches!(missing, Err(ApplyError::NotFound(_))), "{missing:?}");
+    }
+
+    #[test]
+    fn a_root_rotation_covers_every_cluster_and_ends_only_when_old_leaves_can_have_expired() {
+        let root = |n: &str, created_at: u64| RootCa {
+            cert_pem: n.into(),
+            key_pem: String::new(),
+            created_at,
+            cross_cert_pem: String::new(),
+            generation: 1,
+        };
+        let mut s = State { roots: vec![root("r1", 0)], ..Default::default() };
+        for c in ["a", "b"] {
+            let cluster = Cluster {
+                name: c.into(),
+                region: "r".into(),
+                intermediate_cert_pem: format!("{c}-old"),
+                intermediate_key_pem: String::new(),
+                created_at: 0,
+                join_token: String::new(),
+            };
+            s.clusters.insert(c.into(), cluster);
+        }
+        let only_a: BTreeMap<String, String> = [("a".to_string(), "a-new".to_string())].into();
+        let partial = s.apply(1, &Command::RotateRoot { root: root("r2", 100), intermediates: only_a });
+        assert!(matches!(partial, Err(ApplyError::Conflict(_))), "{partial:?}");
+        assert_eq!(s.roots.len(), 1);
+        let both: BTreeMap<String, String> =
+            [("a".to_string(), "a-new".to_string()), ("b".to_string(), "b-new".to_string())].into();
+        s.apply(2, &Command::RotateRoot { root: root("r2", 100), intermediates: both.clone() }).unwrap();
+        assert_eq!(s.roots.iter().map(|r| r.cert_pem.as_str()).collect::<Vec<_>>(), ["r2", "r1"]);
+        assert_eq!(s.clusters["b"].intermediate_cert_pem, "b-new");
+        assert!(s.changes_since(1).unwrap_or_default().contains(&ChangeKey::Trust));
+        let again = s.apply(3, &Command::RotateRoot { root: root("r3", 200), intermediates: both });
+        assert!(matches!(again, Err(ApplyError::Conflict(_))), "one rotation at a time: {again:?}");
+        let early = s.apply(4, &Command::FinishRootRotation { now: 150, min_age_secs: 100 });
+        assert!(matches!(early, Err(ApplyError::Invalid(_))), "{early:?}");
+        s.apply(5, &Command::FinishRootRotation { now: 200, min_age_secs: 100 }).unwrap();
+        assert_eq!(s.roots.len(), 1);
+        assert_eq!(s.roots[0].cert_pem, "r2");
     }
 }

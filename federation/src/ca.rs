@@ -25,6 +25,47 @@ pub const MAX_LEAF_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Backdating of `notBefore`, for clocks slightly behind.
 const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
+/// The name of root number `generation` of `trust_domain` (the first has no number).
+pub fn root_name(trust_domain: &str, generation: u32) -> String {
+    if generation <= 1 {
+        format!("Trellis root CA {trust_domain}")
+    } else {
+        format!("Trellis root CA {trust_domain} #{generation}")
+    }
+}
+
+/// The P-256 public key of a certificate, to issue another certificate for the same key.
+struct CertPublicKey(Vec<u8>);
+
+impl CertPublicKey {
+    fn of(cert_pem: &str) -> Result<Self, CaError> {
+        use x509_parser::prelude::FromDer;
+        let der = trellis_proto::tls::certs_from_pem(cert_pem).map_err(|e| CaError::BadCa(e.to_string()))?;
+        let first = der.first().ok_or_else(|| CaError::BadCa("no certificate".into()))?;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(first)
+            .map_err(|e| CaError::BadCa(format!("certificate: {e}")))?;
+        let spki = &cert.tbs_certificate.subject_pki;
+        // id-ecPublicKey on prime256v1: the only keys Trellis makes.
+        let ec = spki.algorithm.algorithm.to_id_string() == "1.2.840.10045.2.1";
+        let p256 = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| o.to_id_string())
+            == Some("1.2.840.10045.3.1.7".to_string());
+        if !(ec && p256) {
+            return Err(CaError::BadCa("the certificate's key is not ECDSA P-256".into()));
+        }
+        Ok(Self(spki.subject_public_key.data.to_vec()))
+    }
+}
+
+impl rcgen::PublicKeyData for CertPublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
 /// Errors of certificate issuance.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -109,7 +150,7 @@ impl Ca {
     /// Creates a new self-signed federation root.
     pub fn new_root(trust_domain: &str, ttl: Duration) -> Result<Self, CaError> {
         let key = new_key()?;
-        let params = ca_params(&format!("Trellis root CA {trust_domain}"), ttl, None);
+        let params = ca_params(&root_name(trust_domain, 1), ttl, None);
         let cert = params.self_signed(&key)?;
         let not_after = SystemTime::now() + ttl;
         let key_pem = key.serialize_pem();
@@ -142,6 +183,40 @@ impl Ca {
             not_after: SystemTime::now() + ttl,
             issuer: Issuer::new(params, key),
         })
+    }
+
+    /// Creates root number `generation` (2, 3, ...) of a federation whose first root was made by
+    /// [`Ca::new_root`]: its own name, so that chains to either root are unambiguous.
+    pub fn new_root_generation(trust_domain: &str, generation: u32, ttl: Duration) -> Result<Self, CaError> {
+        let key = new_key()?;
+        let params = ca_params(&root_name(trust_domain, generation), ttl, None);
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key_pem,
+            chain_pem: Vec::new(),
+            not_after: SystemTime::now() + ttl,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Cross-signs another root (`root_pem`, named `name`): a certificate for its key and name,
+    /// issued by this root. A verifier that trusts only this root accepts chains that end in the
+    /// other one when this certificate rides along. Returns it, PEM.
+    pub fn cross_sign(&self, root_pem: &str, name: &str) -> Result<String, CaError> {
+        let key = CertPublicKey::of(root_pem)?;
+        let ttl = self.cap_ttl(ROOT_TTL)?;
+        Ok(ca_params(name, ttl, None).signed_by(&key, &self.issuer)?.pem())
+    }
+
+    /// Issues a new certificate for a cluster's existing intermediate CA key (taken from its
+    /// current certificate `intermediate_pem`), under this root: the key never moves.
+    pub fn resign_intermediate(&self, intermediate_pem: &str, cluster: &str) -> Result<String, CaError> {
+        let key = CertPublicKey::of(intermediate_pem)?;
+        let ttl = self.cap_ttl(INTERMEDIATE_TTL)?;
+        let params = ca_params(&format!("{}{cluster}", trellis_proto::tls::INTERMEDIATE_CN_PREFIX), ttl, Some(0));
+        Ok(params.signed_by(&key, &self.issuer)?.pem())
     }
 
     /// Signs a new cluster's intermediate CA from its CSR: only the public key is taken from the
@@ -307,6 +382,44 @@ mod tests {
 
     fn now() -> rustls_pki_types::UnixTime {
         rustls_pki_types::UnixTime::now()
+    }
+
+    #[test]
+    fn a_new_root_cross_signed_by_the_old_is_trusted_by_either_bundle() {
+        let td = "trellis.local";
+        let old = Ca::new_root(td, ROOT_TTL).unwrap();
+        let (csr, inter_key) = new_ca_csr("b").unwrap();
+        let inter_old = old.sign_intermediate_csr(&csr, "b", INTERMEDIATE_TTL).unwrap();
+        let new = Ca::new_root_generation(td, 2, ROOT_TTL).unwrap();
+        let cross = old.cross_sign(new.cert_pem(), &root_name(td, 2)).unwrap();
+        // The cluster's key does not move: only its certificate is issued again, by the new root.
+        let inter_new = new.resign_intermediate(&inter_old, "b").unwrap();
+        assert!(csr_key_matches_cert(&csr, &inter_new).unwrap());
+        let id = SpiffeId::workload(td, "default", "web").unwrap();
+        let chain_of = |inter: &str, extra: &[&str]| {
+            let ca = Ca::from_pem(inter, &inter_key, vec![inter.to_string()]).unwrap();
+            let (leaf, _) = ca.issue_leaf(&id, LEAF_TTL).unwrap();
+            let mut chain = certs_from_pem(&leaf.cert_pem).unwrap();
+            for c in leaf.chain_pem.iter().map(String::as_str).chain(extra.iter().copied()) {
+                chain.extend(certs_from_pem(c).unwrap());
+            }
+            chain
+        };
+        let bundle = |roots: &[&Ca]| {
+            TrustBundle::from_pem(td, &roots.iter().map(|r| r.cert_pem().to_string()).collect::<Vec<_>>()).unwrap()
+        };
+        let matcher = IdMatcher::Exact(id.clone());
+        let reissued = chain_of(&inter_new, &[&cross]);
+        // A peer that has not heard of the new root yet, one that has both, one with only the new.
+        for b in [bundle(&[&old]), bundle(&[&old, &new]), bundle(&[&new])] {
+            assert_eq!(b.verify(&reissued, Usage::Client, &matcher, now()).unwrap(), id);
+        }
+        // Leaves issued before the rotation stay valid while the old root is in the bundle.
+        let before = chain_of(&inter_old, &[]);
+        bundle(&[&old, &new]).verify(&before, Usage::Server, &matcher, now()).unwrap();
+        assert!(bundle(&[&new]).verify(&before, Usage::Server, &matcher, now()).is_err());
+        // Without the cross-signed certificate, the old bundle cannot place the new chain.
+        assert!(bundle(&[&old]).verify(&chain_of(&inter_new, &[]), Usage::Client, &matcher, now()).is_err());
     }
 
     #[test]

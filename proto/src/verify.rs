@@ -221,21 +221,35 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, VerifyError> 
 
 /// A trust bundle that can be replaced while connections use it (root rotation).
 #[derive(Debug, Clone)]
-pub struct SharedBundle(Arc<RwLock<Arc<TrustBundle>>>);
+pub struct SharedBundle(Arc<(RwLock<Arc<TrustBundle>>, tokio::sync::watch::Sender<u64>)>);
 
 impl SharedBundle {
     /// Wraps a bundle.
     pub fn new(bundle: TrustBundle) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(bundle))))
+        Self(Arc::new((RwLock::new(Arc::new(bundle)), tokio::sync::watch::channel(0).0)))
     }
 
     /// The current bundle.
     pub fn load(&self) -> Arc<TrustBundle> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Replaces the bundle; handshakes from now on use the new one.
+    /// Replaces the bundle; handshakes from now on use the new one. Subscribers hear of it when
+    /// its roots differ from the previous ones.
     pub fn store(&self, bundle: TrustBundle) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(bundle);
+        let changed = {
+            let mut current = self.0.0.write().unwrap_or_else(|p| p.into_inner());
+            let changed = current.roots() != bundle.roots();
+            *current = Arc::new(bundle);
+            changed
+        };
+        if changed {
+            self.0.1.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Changes whenever the set of roots changes (a root rotation began or ended).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.1.subscribe()
     }
 }

@@ -246,11 +246,19 @@ pub async fn renew_forever(
     token: String,
     drain: Drain,
 ) {
+    let mut roots = bundle.subscribe();
     loop {
         let Some(current) = store.current() else { return };
         let wait = current.renew_at().duration_since(SystemTime::now()).unwrap_or_default().max(MIN_RENEW_INTERVAL);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            // A root rotation: the control plane now issues under the new root; take a
+            // certificate with the new chain at once (hot reload, nothing restarts).
+            changed = roots.changed() => {
+                if changed.is_ok() {
+                    tracing::info!("the trust bundle's roots changed; renewing the certificate now");
+                }
+            }
             _ = drain.signaled() => return,
         }
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));

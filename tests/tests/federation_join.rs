@@ -417,13 +417,14 @@ fn the_demo_joins_three_clusters_and_every_route_crosses_clusters_over_mtls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("config");
     // Cluster a's control plane (the group's first member) is killed and restarted mid-run: the
-    // other two keep a quorum, and every proxy keeps serving.
+    // other two keep a quorum, and every proxy keeps serving. Then the root CA is rotated: every
+    // certificate is re-issued under the new root while the traffic goes on.
     let out = trellis(
         &config,
         &[
             "demo",
             "--duration",
-            "10",
+            "13",
             "--rate",
             "300",
             "-o",
@@ -431,7 +432,10 @@ fn the_demo_joins_three_clusters_and_every_route_crosses_clusters_over_mtls() {
             "--kill-controlplane-at",
             "3",
             "--restart-controlplane-at",
-            "6",
+            "5",
+            "--rotate-root-at",
+            "8",
+            "--keep",
         ],
     );
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -442,6 +446,20 @@ fn the_demo_joins_three_clusters_and_every_route_crosses_clusters_over_mtls() {
     assert_eq!(report["mtls"], true, "{report:#}");
     assert_eq!(report["cross_cluster"], true, "{report:#}");
     assert_eq!(report["endpoints_registered"], 3, "{report:#}");
+    assert_eq!(report["root_rotations"], 1, "{report:#}");
+    let workdir = std::path::PathBuf::from(report["workdir"].as_str().unwrap_or_default());
+    let log = |name: &str| std::fs::read_to_string(workdir.join("logs").join(name)).unwrap_or_default();
+    for proxy in ["web-proxy.log", "api-proxy.log", "db-proxy.log"] {
+        assert!(
+            log(proxy).contains("renewing the certificate now"),
+            "{proxy} did not take a certificate under the new root:\n{}",
+            log(proxy)
+        );
+    }
+    for cp in ["cp-a.log", "cp-b.log", "cp-c.log"] {
+        assert!(log(cp).contains("renewing the serving certificate"), "{cp} kept its old certificate");
+    }
+    let _ = std::fs::remove_dir_all(&workdir);
     let joined: Vec<&str> = report["joins"]
         .as_array()
         .map(|j| j.iter().filter_map(|x| x["cluster"].as_str()).collect())

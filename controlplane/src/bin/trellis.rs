@@ -67,6 +67,11 @@ enum Cmd {
         #[command(subcommand)]
         command: ControlPlaneCmd,
     },
+    /// The federation's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCmd,
+    },
     /// Clusters of the federation.
     Cluster {
         #[command(subcommand)]
@@ -178,6 +183,21 @@ enum TokenCmd {
     Workload {
         #[command(subcommand)]
         command: WorkloadTokenCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Rotate the root CA: a new root, cross-signed by the current one, is trusted next to it;
+    /// every cluster's intermediate CA is issued again under it (same keys); workloads and
+    /// control planes renew their certificates and reload them without restarting. With
+    /// --finish, stop trusting the old root once every certificate issued under it has expired.
+    Rotate {
+        #[arg(long)]
+        finish: bool,
+        /// With --finish: do not wait for certificates issued under the old root to expire.
+        #[arg(long, requires = "finish")]
+        force: bool,
     },
 }
 
@@ -756,6 +776,31 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Cmd::Cluster { command: ClusterCmd::Join(args) } => join::run(args.clone()).await,
+        Cmd::Ca { command: CaCmd::Rotate { finish, force } } => {
+            let (_, ctx) = load_context(&cli)?;
+            let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+            let r = admin
+                .rotate_root(pb::RotateRootRequest { finish: *finish, force: *force })
+                .await
+                .map_err(status(&ctx.server))?
+                .into_inner();
+            let pins: Vec<String> = r.root_pins.iter().map(|p| format!("sha256:{}", &p[..16.min(p.len())])).collect();
+            if *finish {
+                println!("Root rotation finished: only {} is trusted now.", pins.join(", "));
+            } else {
+                println!(
+                    "Root rotated: new root {} signs from now on; {} stays trusted during the overlap.\n\
+                     {} cluster intermediate CA(s) re-issued under the new root (same keys). Workloads and control \
+                     planes renew their certificates now and reload them without restarting.\n\
+                     Join tokens created from now on pin the new root. Run `trellis ca rotate --finish` once every \
+                     certificate issued under the old root has expired (30 days at most).",
+                    pins.first().cloned().unwrap_or_default(),
+                    pins[1..].join(", "),
+                    r.intermediates_reissued
+                );
+            }
+            Ok(())
+        }
         Cmd::Cluster { command: ClusterCmd::Describe { name, output } } => {
             let (_, ctx) = load_context(&cli)?;
             describe_cluster(&ctx, name, *output).await

@@ -33,7 +33,9 @@ pub fn from_status(server: &str, s: tonic::Status) -> CliError {
         {
             CliError::Unreachable { server: server.to_string(), reason: s.message().to_string() }
         }
-        tonic::Code::Unavailable => CliError::Unavailable(s.message().to_string()),
+        tonic::Code::Unavailable => CliError::Unavailable(
+            s.message().strip_prefix("the control plane cannot serve this now: ").unwrap_or(s.message()).to_string(),
+        ),
         _ => CliError::Refused(s.message().to_string()),
     }
 }

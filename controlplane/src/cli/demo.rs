@@ -48,6 +48,10 @@ pub struct DemoArgs {
     /// Restart the killed control plane this many seconds into the run.
     #[arg(long, requires = "kill_controlplane_at")]
     pub restart_controlplane_at: Option<u64>,
+    /// Rotate the federation's root CA (`trellis ca rotate`) this many seconds into the run, to
+    /// show that no request fails while every certificate is re-issued under the new root.
+    #[arg(long)]
+    pub rotate_root_at: Option<u64>,
     /// Keep the working directory (logs, data) after the demo ends.
     #[arg(long)]
     pub keep: bool,
@@ -70,6 +74,8 @@ pub struct Report {
     pub max_ms: f64,
     pub rps: f64,
     pub controlplane_restarts: u32,
+    /// Root rotations made during the run.
+    pub root_rotations: u32,
     /// Healthy endpoints known to the control plane at the end.
     pub endpoints_registered: usize,
     /// With several clusters: every route was served by another cluster than its caller's.
@@ -560,6 +566,7 @@ async fn drive(args: &DemoArgs, demo: &mut Demo, routes: &[Arc<Route>], live: bo
     let mut tasks = tokio::task::JoinSet::new();
     let mut n: u64 = 0;
     let mut restarts = 0u32;
+    let mut rotations = 0u32;
     let mut killed = false;
     let tty = std::io::stdout().is_terminal();
     loop {
@@ -590,6 +597,14 @@ async fn drive(args: &DemoArgs, demo: &mut Demo, routes: &[Arc<Route>], live: bo
                 if let Some(at) = args.restart_controlplane_at && secs >= at && killed && !demo.clusters[0].cp.running() {
                     demo.clusters[0].cp.start().map_err(|e| format!("cannot restart the control plane: {e}"))?;
                     restarts += 1;
+                }
+                if let Some(at) = args.rotate_root_at && secs >= at && rotations == 0 {
+                    let mut admin = client::admin(&demo.ctx).map_err(|e| e.to_string())?;
+                    admin
+                        .rotate_root(pb::RotateRootRequest { finish: false, force: false })
+                        .await
+                        .map_err(|s| format!("root rotation: {}", client::from_status(&demo.ctx.server, s)))?;
+                    rotations += 1;
                 }
                 let cp_state = demo
                     .clusters
@@ -671,6 +686,7 @@ async fn drive(args: &DemoArgs, demo: &mut Demo, routes: &[Arc<Route>], live: bo
         max_ms: all.last().map(|v| f64::from(*v) / 1000.0).unwrap_or(0.0),
         rps: requests as f64 / elapsed.as_secs_f64().max(0.001),
         controlplane_restarts: restarts,
+        root_rotations: rotations,
         endpoints_registered,
         cross_cluster: demo.clusters.len() > 1
             && route_reports

@@ -688,28 +688,50 @@ impl Driver {
         }
     }
 
+    /// Places the voters: up to five (they tolerate two failures; more slow every write), spread
+    /// over clusters and regions, the rest learners. One change at a time.
     fn promote_caught_up_learners(&mut self) {
-        // Five voters tolerate two failures; more slow every write. The rest stay learners.
-        if self.replica.conf_state().voters.len() >= MAX_VOTERS {
-            return;
-        }
+        use trellis_federation::placement::{Seat, Step, next_step};
         let raw = self.replica.raw();
         let commit = raw.raft.raft_log.committed;
+        let me = raw.raft.id;
         // Caught up: replicating normally (not probing, not taking a snapshot), recently heard
         // from, and within a few entries of the commit index.
-        let learner = self.replica.conf_state().learners.into_iter().find(|id| {
-            raw.raft.prs().get(*id).is_some_and(|p| {
+        let caught_up = |id: u64| {
+            raw.raft.prs().get(id).is_some_and(|p| {
                 p.recent_active
                     && p.state == raft::ProgressState::Replicate
                     && p.matched > 0
                     && p.matched + 16 >= commit
             })
-        });
-        if let Some(id) = learner {
-            match self.replica.propose_member_change(MemberChange::Promote(id), None) {
-                Ok(_) => tracing::info!(member = format!("{id:x}"), "learner caught up; promoting it to voter"),
-                Err(e) => tracing::debug!(error = %e, "promotion deferred"),
-            }
+        };
+        let conf = self.replica.conf_state();
+        if !conf.voters_outgoing.is_empty() {
+            return;
+        }
+        let state = self.replica.state();
+        let seat = |id: u64, voter: bool| {
+            let cluster = state.members.get(&id).map(|m| m.cluster.clone()).unwrap_or_default();
+            let region = state.clusters.get(&cluster).map(|c| c.region.clone()).unwrap_or_default();
+            Seat { id, cluster, region, voter, caught_up: voter || caught_up(id), leader: id == me }
+        };
+        let seats: Vec<Seat> = conf
+            .voters
+            .iter()
+            .map(|id| seat(*id, true))
+            .chain(conf.learners.iter().map(|id| seat(*id, false)))
+            .collect();
+        let (change, what) = match next_step(&seats, MAX_VOTERS) {
+            Some(Step::Promote(id)) => (MemberChange::Promote(id), "learner caught up; promoting it to voter"),
+            Some(Step::Demote(id)) => (
+                MemberChange::Demote(id),
+                "voter of a cluster with several voters made a learner, for a cluster without one",
+            ),
+            None => return,
+        };
+        match self.replica.propose_member_change(change, None) {
+            Ok(_) => tracing::info!(change = ?change, "{what}"),
+            Err(e) => tracing::debug!(error = %e, "voter placement deferred"),
         }
     }
 

@@ -73,6 +73,8 @@ pub struct ConfContext {
 pub enum MemberChange {
     AddLearner(u64),
     Promote(u64),
+    /// A voter becomes a learner (its seat goes to a better placed member).
+    Demote(u64),
     Remove(u64),
 }
 
@@ -242,6 +244,17 @@ impl<S: DurableLog> Replica<S> {
                     return Err(ProposeError::Membership(format!("member {id:x} is not a learner")));
                 }
                 (ConfChangeType::AddNode, id)
+            }
+            MemberChange::Demote(id) => {
+                if !voter(id) {
+                    return Err(ProposeError::Membership(format!("member {id:x} is not a voter")));
+                }
+                if conf.voters.len() <= 2 {
+                    return Err(ProposeError::Membership(
+                        "a group keeps at least two voters when it demotes one".into(),
+                    ));
+                }
+                (ConfChangeType::AddLearnerNode, id)
             }
             MemberChange::Remove(id) => {
                 if !voter(id) && !learner(id) {

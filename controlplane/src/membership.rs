@@ -506,9 +506,11 @@ impl Call {
         match self {
             Call::ControlPlane(req, key_pem) => {
                 let r = client.join_control_plane(req.clone()).await?.into_inner();
+                // The roots ride along, as on every control plane's serving chain, so that the
+                // next instance joining with a pinned token accepts this one too.
                 Ok(Joined {
                     id: r.id,
-                    chain_pem: r.cert_chain_pem,
+                    chain_pem: r.cert_chain_pem + &r.trust_bundle_pem,
                     key_pem: key_pem.clone(),
                     trust_bundle_pem: r.trust_bundle_pem,
                     trust_domain: r.trust_domain,
@@ -557,6 +559,7 @@ async fn join_once(
     call: &Call,
 ) -> Result<Joined, (String, bool)> {
     let mut errors = Vec::new();
+    let mut pin_mismatches = Vec::new();
     for addr in &ticket.addresses {
         let channel = match grpc::channel(addr, tls.clone()) {
             Ok(c) => c,
@@ -587,19 +590,23 @@ async fn join_once(
             {
                 return Err((s.message().to_string(), false));
             }
-            // The server is not of the federation the token names: no retry changes that.
-            Err(s) if s.message().contains(PIN_MISMATCH) => {
-                return Err((
-                    format!(
-                        "the control plane at {addr} does not present the root CA pinned by the join token: the \
-                         token belongs to another federation, or the address is not a Trellis control plane"
-                    ),
-                    false,
-                ));
-            }
+            // This server is not of the federation the token names: try the others.
+            Err(s) if s.message().contains(PIN_MISMATCH) => pin_mismatches.push(addr.clone()),
             Err(s) => errors.push(format!("{addr}: {}", s.message())),
         }
     }
+    if errors.is_empty() && !pin_mismatches.is_empty() {
+        // No address is of that federation: no retry changes that.
+        return Err((
+            format!(
+                "the control plane at {} does not present the root CA pinned by the join token: the token belongs \
+                 to another federation, or the address is not a Trellis control plane",
+                pin_mismatches.join(", ")
+            ),
+            false,
+        ));
+    }
+    errors.extend(pin_mismatches.iter().map(|a| format!("{a}: does not present the root CA pinned by the join token")));
     Err((format!("no member of the group admitted this instance: {}", errors.join("; ")), true))
 }
 

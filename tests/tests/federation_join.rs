@@ -484,3 +484,39 @@ fn the_demo_joins_three_clusters_and_every_route_crosses_clusters_over_mtls() {
     };
     assert_eq!(served, [expect("a", "api@b", "web"), expect("b", "db@c", "api"), expect("c", "web@a", "db")]);
 }
+
+#[test]
+fn a_new_cluster_gets_a_voter_seat_from_a_cluster_holding_all_five() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let config = dir.join("cli.yaml");
+    let a = ControlPlane::start(dir, "a", "127.0.1.1");
+    let out = trellis(&config, &["config", "import", &a.admin_context.display().to_string()]);
+    assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    let mut keep = Vec::new();
+    for i in 2..=5 {
+        keep.push(another_instance(dir, &config, "a", &format!("cp-{i}"), &format!("127.0.1.{i}")).0);
+    }
+    let voters_by_cluster = || {
+        let v = json(&config, &["get", "controlplanes", "-o", "json"]);
+        let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+        for m in v["members"].as_array().cloned().unwrap_or_default() {
+            if m["membership"] == "voter" {
+                *by.entry(m["cluster"].as_str().unwrap_or_default().to_string()).or_default() += 1;
+            }
+        }
+        by
+    };
+    wait_for("five voters in a", Duration::from_secs(60), || (voters_by_cluster().get("a") == Some(&5)).then_some(()));
+    let tb = create_token(&config, dir, "token-b");
+    let _b = join(dir, "b", "eu", "127.0.2.1", &tb);
+    // The leader moves one of a's seats to b: four voters in a, one in b, still five in all.
+    let spread = wait_for("a voter seat for b", Duration::from_secs(60), || {
+        let by = voters_by_cluster();
+        (by.get("b") == Some(&1) && by.get("a") == Some(&4)).then_some(by)
+    });
+    assert_eq!(spread.values().sum::<usize>(), 5);
+    // Losing b leaves a quorum; losing a does not: status names a alone.
+    let w = warnings(&config);
+    assert!(w.len() == 1 && w[0].starts_with("cluster a holds 4 of the 5 voters"), "{w:?}");
+}

@@ -309,6 +309,8 @@ pub async fn run(counts: &[usize], report: &mut Report) -> anyhow::Result<()> {
         let (loaded, load_time) = wait_loaded(&mut subs, Duration::from_secs(600)).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let cpu0: Vec<f64> = clusters.iter().map(|c| cpu_seconds(c.pid)).collect();
+        // Nothing seen before the change counts.
+        while subs.seen.try_recv().is_ok() || base.seen.try_recv().is_ok() {}
         // The change: one new endpoint of an exported service in cluster A.
         let probe = format!("a/default/probe-{n}/probe-{n}");
         awaited_tx.send_replace(probe.clone());
@@ -377,6 +379,9 @@ pub async fn run(counts: &[usize], report: &mut Report) -> anyhow::Result<()> {
             report.figure(SCENARIO, "controlplane_rss", l.clone(), rss_mib(c.pid), "MiB");
             report.figure(SCENARIO, "controlplane_peak_rss", l, peak_rss_mib(c.pid), "MiB");
         }
+        // The next round awaits its own endpoint; this one stays registered (unhealthy once its
+        // stream ends) and would otherwise be "seen" in every new subscriber's first view.
+        awaited_tx.send_replace(String::new());
         let _ = subs.stop.send(true);
         let _ = stop_probe.send(true);
         drop(dummy_tx);

@@ -297,7 +297,11 @@ pub async fn run(counts: &[usize], report: &mut Report) -> anyhow::Result<()> {
     let (awaited_tx, awaited) = watch::channel(String::new());
     let mut base = start(&clusters, CLUSTERS.len() * SERVICES_PER_CLUSTER, SERVICES_PER_CLUSTER, "svc", &awaited)?;
     let (loaded, _) = wait_loaded(&mut base, Duration::from_secs(60)).await;
-    anyhow::ensure!(loaded == base.count, "only {loaded} of {} registering streams were served within 60 s", base.count);
+    anyhow::ensure!(
+        loaded == base.count,
+        "only {loaded} of {} registering streams were served within 60 s",
+        base.count
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     for c in &clusters {
         let labels = json!({"clusters": 3, "services_per_cluster": SERVICES_PER_CLUSTER, "instance": c.name});

@@ -63,6 +63,7 @@ fn token_info(t: &WorkloadToken) -> pb::WorkloadTokenInfo {
         created_at: t.created_at,
         description: t.description.clone(),
         revoked: t.revoked,
+        gateway: t.gateway,
     }
 }
 
@@ -135,15 +136,19 @@ impl pb::admin_server::Admin for AdminService {
         }
         let (parts, text) = TokenParts::generate(WORKLOAD_PREFIX).map_err(|e| Status::internal(e.to_string()))?;
         let now = unix_now();
+        if r.gateway && (!r.namespace.is_empty() || !r.service_account.is_empty()) {
+            return Err(Status::invalid_argument("a gateway token names no namespace or service account"));
+        }
         let token = WorkloadToken {
             id: parts.id.clone(),
             secret_hash: parts.secret_hash(),
-            namespace: if r.namespace.is_empty() { "default".into() } else { r.namespace },
+            namespace: if r.gateway || !r.namespace.is_empty() { r.namespace } else { "default".into() },
             service_account: r.service_account,
             expires_at: now + ttl.as_secs(),
             created_at: now,
             description: r.description,
             revoked: false,
+            gateway: r.gateway,
         };
         self.store.propose(Command::CreateWorkloadToken(token.clone())).await?;
         tracing::info!(admin = %who, token = %token.id, namespace = %token.namespace, service_account = %token.service_account, "workload token created");

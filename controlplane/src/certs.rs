@@ -151,7 +151,24 @@ pub struct CertificateService {
 
 /// Checks a workload token against the store for `ns`/`sa`. Pure over the state and `now`.
 pub fn check_token(state: &State, token: &str, ns: &str, sa: &str, now: u64) -> Result<(), Status> {
-    let create = format!("create one with `trellis token workload create --namespace {ns} --service-account {sa}`");
+    check_any_token(state, token, Some((ns, sa)), now)
+}
+
+/// Checks a gateway token (`trellis token gateway create`).
+pub fn check_gateway_token(state: &State, token: &str, now: u64) -> Result<(), Status> {
+    check_any_token(state, token, None, now)
+}
+
+/// A workload token for `who` (namespace, service account), or a gateway token when `None`.
+fn check_any_token(state: &State, token: &str, who: Option<(&str, &str)>, now: u64) -> Result<(), Status> {
+    let create = match who {
+        Some((ns, sa)) => {
+            format!("create one with `trellis token workload create --namespace {ns} --service-account {sa}`")
+        }
+        None => {
+            "create one with `trellis token gateway create` against a control plane of the gateway's cluster".into()
+        }
+    };
     let parts = TokenParts::parse(token, WORKLOAD_PREFIX)
         .map_err(|e| Status::unauthenticated(format!("workload token refused: {e}; {create}")))?;
     let stored = state
@@ -174,13 +191,24 @@ pub fn check_token(state: &State, token: &str, ns: &str, sa: &str, now: u64) -> 
             now - stored.expires_at
         )));
     }
-    if stored.namespace != ns || stored.service_account != sa {
-        return Err(Status::permission_denied(format!(
-            "workload token {} is for namespace '{}' service account '{}', not '{ns}'/'{sa}'",
-            parts.id, stored.namespace, stored.service_account
-        )));
+    match who {
+        None if !stored.gateway => Err(Status::permission_denied(format!(
+            "token {} is a workload token, not a gateway token; {create}",
+            parts.id
+        ))),
+        None => Ok(()),
+        Some(_) if stored.gateway => Err(Status::permission_denied(format!(
+            "token {} is a gateway token; a workload needs a workload token",
+            parts.id
+        ))),
+        Some((ns, sa)) if stored.namespace != ns || stored.service_account != sa => {
+            Err(Status::permission_denied(format!(
+                "workload token {} is for namespace '{}' service account '{}', not '{ns}'/'{sa}'",
+                parts.id, stored.namespace, stored.service_account
+            )))
+        }
+        Some(_) => Ok(()),
     }
-    Ok(())
 }
 
 #[tonic::async_trait]
@@ -209,14 +237,18 @@ impl CertificateService {
     fn sign_inner(&self, peer: Option<SpiffeId>, r: &pb::SignRequest) -> Result<pb::SignResponse, Status> {
         let state = self.store.current();
         let td = state.trust_domain().ok_or_else(|| Status::unavailable("the federation is not bootstrapped yet"))?;
-        let id = SpiffeId::workload(td, &r.namespace, &r.service_account)
-            .map_err(|e| Status::invalid_argument(format!("namespace/service account: {e}")))?;
+        let id = if r.gateway {
+            SpiffeId::gateway(td, self.signer.cluster()).map_err(|e| Status::internal(e.to_string()))?
+        } else {
+            SpiffeId::workload(td, &r.namespace, &r.service_account)
+                .map_err(|e| Status::invalid_argument(format!("namespace/service account: {e}")))?
+        };
         if r.workload_token.is_empty() {
             // Renewal: the caller's verified certificate must be this same workload.
             match peer {
                 Some(p) if p == id => {}
                 Some(p) => {
-                    if let Principal::Workload { .. } = p.principal() {
+                    if let Principal::Workload { .. } | Principal::Gateway { .. } = p.principal() {
                         return Err(Status::permission_denied(format!("{p} cannot renew the certificate of {id}")));
                     }
                     return Err(Status::permission_denied(format!("{p} is not a workload")));
@@ -230,6 +262,8 @@ impl CertificateService {
                     )));
                 }
             }
+        } else if r.gateway {
+            check_gateway_token(&state, &r.workload_token, unix_now())?;
         } else {
             check_token(&state, &r.workload_token, &r.namespace, &r.service_account, unix_now())?;
         }
@@ -267,6 +301,7 @@ mod tests {
             created_at: 0,
             description: String::new(),
             revoked: false,
+            gateway: false,
         };
         s.apply(1, &Command::CreateWorkloadToken(t)).unwrap();
         type Case<'a> = (&'a str, &'a str, &'a str, u64, Option<(tonic::Code, &'a str)>);

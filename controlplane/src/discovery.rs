@@ -114,8 +114,19 @@ pub fn registrations(hello: &pb::Hello, peer: &SpiffeId, cluster: &str) -> Resul
     }
     trellis_proto::identity::validate_name(&node.instance)
         .map_err(|e| Status::invalid_argument(format!("Hello.node.instance: {e}")))?;
-    let Principal::Workload { namespace, .. } = peer.principal() else {
-        return Err(Status::permission_denied(format!("{peer} is not a workload identity")));
+    let namespace = match peer.principal() {
+        Principal::Workload { namespace, .. } => namespace,
+        // An east-west gateway of this cluster subscribes to route to its cluster's endpoints;
+        // it serves none itself.
+        Principal::Gateway { cluster: c } if c == cluster => {
+            if !hello.endpoints.is_empty() {
+                return Err(Status::invalid_argument("a gateway registers no endpoints"));
+            }
+            return Ok(Vec::new());
+        }
+        _ => {
+            return Err(Status::permission_denied(format!("{peer} is not a workload or gateway of cluster {cluster}")));
+        }
     };
     hello
         .endpoints

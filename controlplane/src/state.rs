@@ -138,6 +138,10 @@ pub struct WorkloadToken {
     pub created_at: u64,
     pub description: String,
     pub revoked: bool,
+    /// A token for an east-west gateway (namespace and service account empty): it proves the
+    /// gateway identity of the cluster whose control plane signs.
+    #[serde(default)]
+    pub gateway: bool,
 }
 
 /// A member of the control-plane Raft group.
@@ -451,8 +455,16 @@ impl State {
                 Ok(())
             }
             Command::CreateWorkloadToken(t) => {
-                validate_name(&t.namespace).map_err(|e| ApplyError::Invalid(e.to_string()))?;
-                validate_name(&t.service_account).map_err(|e| ApplyError::Invalid(e.to_string()))?;
+                if t.gateway {
+                    if !t.namespace.is_empty() || !t.service_account.is_empty() {
+                        return Err(ApplyError::Invalid(
+                            "a gateway token names no namespace or service account".into(),
+                        ));
+                    }
+                } else {
+                    validate_name(&t.namespace).map_err(|e| ApplyError::Invalid(e.to_string()))?;
+                    validate_name(&t.service_account).map_err(|e| ApplyError::Invalid(e.to_string()))?;
+                }
                 if self.workload_tokens.contains_key(&t.id) {
                     return Err(ApplyError::Conflict(format!("workload token {} already exists", t.id)));
                 }

@@ -104,6 +104,8 @@ pub struct Signer {
     service_account: String,
     ttl_seconds: u32,
     bundle: SharedBundle,
+    /// Asks for the gateway identity of the control plane's cluster (with a gateway token).
+    gateway: bool,
 }
 
 impl Signer {
@@ -125,7 +127,13 @@ impl Signer {
             service_account: service_account.to_string(),
             ttl_seconds,
             bundle,
+            gateway: false,
         }
+    }
+
+    /// The same signer asking for the east-west gateway identity (`id` must be it).
+    pub fn for_gateway(self) -> Self {
+        Self { gateway: true, ..self }
     }
 
     /// The same signer over another channel (after the first certificate, to present it).
@@ -167,6 +175,7 @@ impl Signer {
             namespace: self.namespace.clone(),
             service_account: self.service_account.clone(),
             ttl_seconds: self.ttl_seconds,
+            gateway: self.gateway,
         });
         req.set_timeout(SIGN_TIMEOUT);
         let resp = match self.client.clone().sign(req).await {

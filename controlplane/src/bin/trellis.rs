@@ -184,6 +184,24 @@ enum TokenCmd {
         #[command(subcommand)]
         command: WorkloadTokenCmd,
     },
+    /// Tokens with which an east-west gateway of this control plane's cluster gets its first
+    /// certificate (`trellis-gateway --token-file`).
+    Gateway {
+        #[command(subcommand)]
+        command: GatewayTokenCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum GatewayTokenCmd {
+    /// Create a gateway token; prints it once. List and revoke with `trellis token workload`.
+    Create {
+        /// Lifetime, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -904,6 +922,29 @@ async fn run(cli: Cli) -> Result<(), String> {
             println!("join token {id} revoked");
             Ok(())
         }
+        Cmd::Token { command: TokenCmd::Gateway { command: GatewayTokenCmd::Create { ttl, description } } } => {
+            let (_, ctx) = load_context(&cli)?;
+            let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+            let ttl_seconds = parse_ttl(ttl)?;
+            let r = admin
+                .create_workload_token(pb::CreateWorkloadTokenRequest {
+                    namespace: String::new(),
+                    service_account: String::new(),
+                    ttl_seconds,
+                    description: description.clone(),
+                    gateway: true,
+                })
+                .await
+                .map_err(status(&ctx.server))?
+                .into_inner();
+            eprintln!(
+                "Gateway token, valid {}: a gateway started with it (`trellis-gateway --token-file FILE`) gets the \
+                 gateway identity of this control plane's cluster. It is shown only now:",
+                human_duration(ttl_seconds)
+            );
+            println!("{}", r.token);
+            Ok(())
+        }
         Cmd::Token { command: TokenCmd::Workload { command } } => {
             let (_, ctx) = load_context(&cli)?;
             let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
@@ -916,6 +957,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                             service_account: service_account.clone(),
                             ttl_seconds,
                             description: description.clone(),
+                            gateway: false,
                         })
                         .await
                         .map_err(status(&ctx.server))?

@@ -322,6 +322,7 @@ async fn start(workdir: &Path, n: usize, live: bool) -> Result<(Demo, Vec<Arc<Ro
                 service_account: name.into(),
                 ttl_seconds: 3600,
                 description: "trellis demo".into(),
+                gateway: false,
             })
             .await
             .map_err(status)?

@@ -90,6 +90,7 @@ fn token(id: &str) -> Command {
         created_at: 1_700_000_000,
         description: "conformance".into(),
         revoked: false,
+        gateway: false,
     })
 }
 

@@ -111,6 +111,7 @@ async fn certificate(cp: &str, td: &str, bundle: &SharedBundle, token: &str) -> 
             namespace: "default".into(),
             service_account: "bench".into(),
             ttl_seconds: 0,
+            gateway: false,
         })
         .await?
         .into_inner();

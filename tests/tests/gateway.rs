@@ -1,0 +1,241 @@
+//! The east-west gateway with real processes: cluster A bootstraps, B joins; B runs `api`
+//! (exported), `secret` (cluster-local) and a gateway with a gateway token. A caller with a
+//! workload certificate of cluster A opens an mTLS HTTP/2 connection to B's gateway, sends
+//! `CONNECT api.default:80`, and runs its own mTLS (the mesh's HTTP/2) through the tunnel to the
+//! server proxy, which sees the caller's identity: the gateway never terminates it. `secret` and
+//! an unknown service are refused with their reasons, a plain request is refused, a caller
+//! without a certificate cannot even connect, and the gateway's metrics count each outcome.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use trellis_proto::pb;
+use trellis_proto::tls::{Identity, IdentityStore, client_config};
+use trellis_proto::verify::{IdMatcher, SharedBundle, TrustBundle};
+use trellis_proto::{ALPN_MESH_HTTP, SpiffeId, grpc};
+use trellis_tests::harness::{ControlPlane, Proc, bin, trellis, wait_for, wait_ready};
+use trellis_tests::mesh::workload_token;
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+fn spawn(dir: &Path, name: &str, program: &str, mut args: Vec<String>) -> (Proc, Value) {
+    let ready = dir.join(format!("{name}.ready"));
+    args.extend(["--ready-file".to_string(), ready.display().to_string()]);
+    let mut p = Proc::spawn(name, &bin(program), &args, &dir.join(format!("{name}.log")), &[]);
+    let v = wait_ready(&mut p, &ready, Duration::from_secs(60));
+    (p, v)
+}
+
+/// A workload certificate of the cluster whose control plane is `cp`.
+async fn certificate(cp: &str, bundle: &SharedBundle, token: &str, sa: &str) -> Arc<IdentityStore> {
+    let id = SpiffeId::workload("trellis.local", "default", sa).expect("id");
+    let (csr_pem, key_pem) = trellis_federation::ca::new_csr(&id).expect("csr");
+    let tls = client_config(None, bundle.clone(), IdMatcher::AnyControlPlane, &[b"h2"]).expect("tls");
+    let mut client = pb::certificates_client::CertificatesClient::new(grpc::channel(cp, tls).expect("channel"));
+    let r = client
+        .sign(pb::SignRequest {
+            csr_pem,
+            workload_token: token.to_string(),
+            namespace: "default".into(),
+            service_account: sa.into(),
+            ttl_seconds: 0,
+            gateway: false,
+        })
+        .await
+        .expect("sign")
+        .into_inner();
+    let chain: String = std::iter::once(r.certificate_pem).chain(r.chain_pem).collect();
+    IdentityStore::new(Identity::from_pem(&chain, &key_pem).expect("identity"))
+}
+
+type Outer = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+
+/// An mTLS HTTP/2 connection to the gateway, presenting `identity` (or nothing).
+async fn dial_gateway(
+    addr: &str,
+    bundle: &SharedBundle,
+    identity: Option<Arc<IdentityStore>>,
+) -> Result<Outer, String> {
+    let gateway = SpiffeId::gateway("trellis.local", "b").expect("id");
+    let tls =
+        client_config(identity, bundle.clone(), IdMatcher::Exact(gateway), &[b"h2"]).map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(trellis_proto::tls::mesh_server_name(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut send = send;
+    send.ready().await.map_err(|e| e.to_string())?;
+    Ok(send)
+}
+
+async fn connect(outer: &mut Outer, authority: &str) -> hyper::Response<hyper::body::Incoming> {
+    let req = hyper::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority)
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    outer.send_request(req).await.expect("CONNECT answered")
+}
+
+async fn body_text(resp: hyper::Response<hyper::body::Incoming>) -> String {
+    String::from_utf8_lossy(&resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default()).to_string()
+}
+
+fn metrics(admin: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).expect("admin");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+#[test]
+fn a_caller_of_another_cluster_reaches_an_exported_service_through_the_gateway_with_end_to_end_mtls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let config = dir.join("cli.yaml");
+    let a = ControlPlane::start(dir, "a", "127.0.1.1");
+    assert!(trellis(&config, &["config", "import", &a.admin_context.display().to_string()]).status.success());
+    let out = trellis(&config, &["token", "create", "--ttl", "10m"]);
+    assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(dir.join("token-b"), &out.stdout).expect("token");
+    let (_b, b) = spawn(
+        dir,
+        "cp-b",
+        "trellis-cp",
+        s(&["--data-dir", &dir.join("cp-b").display().to_string(), "--cluster", "b", "--region", "eu"])
+            .into_iter()
+            .chain(s(&["--listen", "127.0.2.1:0", "--join-token-file", &dir.join("token-b").display().to_string()]))
+            .collect(),
+    );
+    let b_cp = b["grpc"].as_str().unwrap_or_default().to_string();
+    let b_bundle = std::path::PathBuf::from(b["trust_bundle"].as_str().unwrap_or_default());
+    wait_for("b's trust bundle", Duration::from_secs(30), || b_bundle.exists().then_some(()));
+    for (svc, exported) in [("api.default", true), ("secret.default", false)] {
+        let mut args = vec!["create-service", svc, "--port", "80"];
+        if exported {
+            args.push("--exported");
+        }
+        assert!(trellis(&config, &args).status.success());
+    }
+
+    // In B: the two services (one application, two proxies) and the gateway.
+    let (_app, app) =
+        spawn(dir, "app", "trellis", s(&["demo-app", "--name", "api", "--cluster", "b", "--listen", "127.0.2.10:0"]));
+    let app_addr = app["addr"].as_str().unwrap_or_default().to_string();
+    let mut keep = Vec::new();
+    for (sa, svc, inbound) in [("api", "api.default", "127.0.2.2:0"), ("secret", "secret.default", "127.0.2.3:0")] {
+        let token = workload_token(&config, sa).expect("token");
+        let (p, _) = spawn(
+            dir,
+            &format!("{sa}-proxy"),
+            "trellis-proxy",
+            s(&["--control-plane", &b_cp, "--trust-bundle", &b_bundle.display().to_string(), "--token", &token])
+                .into_iter()
+                .chain(s(&["--service-account", sa, "--cluster", "b", "--service", svc, "--app", &app_addr]))
+                .chain(s(&["--inbound", inbound]))
+                .collect(),
+        );
+        keep.push(p);
+    }
+    let out = trellis(&config, &["token", "gateway", "create", "--ttl", "1h"]);
+    assert!(out.status.success(), "gateway token: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(dir.join("gateway-token"), &out.stdout).expect("token");
+    let (_gw, gw) = spawn(
+        dir,
+        "gateway-b",
+        "trellis-gateway",
+        s(&["--control-plane", &b_cp, "--trust-bundle", &b_bundle.display().to_string(), "--cluster", "b"])
+            .into_iter()
+            .chain(s(&["--listen", "127.0.2.9:0", "--token-file", &dir.join("gateway-token").display().to_string()]))
+            .collect(),
+    );
+    let gw_addr = gw["listen"].as_str().unwrap_or_default().to_string();
+    let gw_admin = gw["admin"].as_str().unwrap_or_default().to_string();
+    assert_eq!(gw["identity"], "spiffe://trellis.local/trellis/cluster/b/gateway");
+
+    let client_token = workload_token(&config, "client").expect("token");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let root = std::fs::read_to_string(&a.trust_bundle).expect("bundle");
+        let bundle = SharedBundle::new(TrustBundle::from_pem("trellis.local", &[root]).expect("bundle"));
+        // The caller is a workload of cluster A.
+        let client = certificate(&a.grpc, &bundle, &client_token, "client").await;
+
+        // Without a certificate there is no connection at all.
+        let refused = match dial_gateway(&gw_addr, &bundle, None).await {
+            Ok(mut o) => o.send_request(hyper::Request::new(Empty::new())).await.is_err(),
+            Err(_) => true,
+        };
+        assert!(refused, "the gateway served a caller without a certificate");
+
+        let mut outer = dial_gateway(&gw_addr, &bundle, Some(client.clone())).await.expect("mTLS to the gateway");
+        // A plain request, a cluster-local service, an unknown service: refused with reasons.
+        let resp = outer.send_request(hyper::Request::get("/").body(Empty::new()).expect("req")).await.expect("answer");
+        assert_eq!(resp.status(), 405);
+        let resp = connect(&mut outer, "secret.default:80").await;
+        assert_eq!(resp.status(), 403);
+        assert!(body_text(resp).await.contains("not exported"));
+        let resp = connect(&mut outer, "nope.default:80").await;
+        assert_eq!(resp.status(), 404);
+
+        // The exported service: the API's endpoint may take a moment to reach the gateway.
+        let mut attempts = 0;
+        let resp = loop {
+            let resp = connect(&mut outer, "api.default:80").await;
+            if resp.status() == 200 || attempts > 100 {
+                break resp;
+            }
+            attempts += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(resp.status(), 200, "CONNECT api.default: {}", body_text(resp).await);
+        let tunnel = hyper::upgrade::on(resp).await.expect("tunnel");
+        // The caller's own mTLS, to the server proxy, inside the tunnel.
+        let api_id = SpiffeId::workload("trellis.local", "default", "api").expect("id");
+        let inner_tls =
+            client_config(Some(client), bundle.clone(), IdMatcher::Exact(api_id), &[ALPN_MESH_HTTP]).expect("tls");
+        let inner = tokio_rustls::TlsConnector::from(inner_tls)
+            .connect(trellis_proto::tls::mesh_server_name(), TokioIo::new(tunnel))
+            .await
+            .expect("end-to-end mTLS through the gateway");
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(inner)).await.expect("h2");
+        tokio::spawn(conn);
+        let req = hyper::Request::get("http://api.default/hello").body(Empty::<Bytes>::new()).expect("req");
+        let resp = send.send_request(req).await.expect("answer through the tunnel");
+        assert_eq!(resp.status(), 200);
+        let v: Value = serde_json::from_str(&body_text(resp).await).expect("json");
+        assert_eq!(v["cluster"], "b", "{v}");
+        assert_eq!(v["caller"], "spiffe://trellis.local/ns/default/sa/client", "the server sees the real caller: {v}");
+    });
+
+    let m = metrics(&gw_admin);
+    for (service, result) in
+        [("api.default", "opened"), ("secret.default", "not_exported"), ("nope.default", "unknown_service")]
+    {
+        let line = m
+            .lines()
+            .find(|l| {
+                l.starts_with("trellis_gateway_tunnels_total")
+                    && l.contains(&format!("service=\"{service}\""))
+                    && l.contains(&format!("result=\"{result}\""))
+                    && l.contains("peer_cluster=\"a\"")
+            })
+            .unwrap_or_else(|| panic!("no {service}/{result} tunnel count from cluster a in:\n{m}"));
+        assert!(!line.ends_with(" 0"), "{line}");
+    }
+}

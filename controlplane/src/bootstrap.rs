@@ -73,6 +73,7 @@ pub async fn ensure_federation(store: &dyn Store, cfg: &CpConfig) -> Result<bool
                 intermediate_key_pem: inter.key_pem().to_string(),
                 created_at: now,
                 join_token: String::new(),
+                gateways: Default::default(),
             },
         })
         .await?;

@@ -52,6 +52,7 @@ pub fn endpoint_to_pb(state: &State, e: &Endpoint) -> pb::Endpoint {
         weight: e.weight,
         revision: e.revision,
         region: state.clusters.get(&e.cluster).map(|c| c.region.clone()).unwrap_or_default(),
+        gateways: state.clusters.get(&e.cluster).map(|c| c.gateways.values().cloned().collect()).unwrap_or_default(),
     }
 }
 

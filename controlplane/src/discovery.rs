@@ -201,6 +201,26 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             self.overlay.observe(Command::UpsertEndpoint { endpoint: endpoint.clone(), protocol: *protocol }).await?;
         }
         let node = hello.node.clone().unwrap_or_default();
+        // An east-west gateway of this cluster: other clusters' proxies reach this cluster's
+        // endpoints through it while its stream is open.
+        let gateway = match (peer.principal(), hello.gateway_address.as_str()) {
+            (Principal::Gateway { .. }, "") => None,
+            (Principal::Gateway { .. }, addr) => {
+                addr.parse::<SocketAddr>().map_err(|_| {
+                    Status::invalid_argument(format!("gateway address '{addr}' must be ip:port (use --advertise)"))
+                })?;
+                let cmd = Command::SetGateway {
+                    cluster: self.cluster.clone(),
+                    instance: node.instance.clone(),
+                    address: Some(addr.to_string()),
+                };
+                self.overlay.observe(cmd).await?;
+                tracing::info!(instance = %node.instance, address = %addr, "gateway registered");
+                Some(node.instance.clone())
+            }
+            (_, "") => None,
+            (_, _) => return Err(Status::permission_denied(format!("{peer} is not a gateway"))),
+        };
         let session = self.proxies.open(ProxyInfo {
             identity: peer.to_string(),
             cluster: self.cluster.clone(),
@@ -224,6 +244,12 @@ impl pb::discovery_server::Discovery for DiscoveryService {
                 };
                 if let Err(e) = this.overlay.observe(cmd).await {
                     tracing::warn!(endpoint = %id, error = %e, "could not update endpoint after disconnect");
+                }
+            }
+            if let Some(instance) = gateway {
+                let cmd = Command::SetGateway { cluster: this.cluster.clone(), instance, address: None };
+                if let Err(e) = this.overlay.observe(cmd).await {
+                    tracing::warn!(error = %e, "could not forget a gateway that went away");
                 }
             }
             this.metrics.proxies_connected.set(this.proxies.connected() as i64);
@@ -346,6 +372,7 @@ mod tests {
                 ready: true,
             }],
             known_version: 0,
+            gateway_address: String::new(),
         }
     }
 
@@ -454,6 +481,7 @@ mod tests {
                 intermediate_key_pem: String::new(),
                 created_at: 0,
                 join_token: String::new(),
+                gateways: Default::default(),
             };
             s.clusters.insert(name.into(), c);
         }

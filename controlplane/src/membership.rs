@@ -293,6 +293,7 @@ impl MembershipService {
             intermediate_key_pem: String::new(),
             created_at: now,
             join_token: token_id.clone(),
+            gateways: Default::default(),
         };
         // One write consumes the token and registers the cluster: two joins racing for the last
         // use cannot both win, whatever member they reach.

@@ -73,6 +73,9 @@ pub struct Cluster {
     /// The join token it joined with (empty for the first cluster).
     #[serde(default)]
     pub join_token: String,
+    /// Its east-west gateways that are connected: instance name → address other clusters dial.
+    #[serde(default)]
+    pub gateways: BTreeMap<String, String>,
 }
 
 /// Federation-wide settings, set once at bootstrap.
@@ -262,6 +265,13 @@ pub enum Command {
     FinishRootRotation {
         now: u64,
         min_age_secs: u64,
+    },
+    /// Records (or with no address, forgets) an east-west gateway of a cluster, as its control
+    /// plane observes it connect and go away.
+    SetGateway {
+        cluster: String,
+        instance: String,
+        address: Option<String>,
     },
     /// Does nothing; used to check that the log is writable.
     Noop,
@@ -570,6 +580,24 @@ impl State {
                 self.record(ChangeKey::Trust);
                 Ok(())
             }
+            Command::SetGateway { cluster, instance, address } => {
+                let Some(c) = self.clusters.get_mut(cluster) else {
+                    return Err(ApplyError::NotFound(format!("cluster '{cluster}'")));
+                };
+                let changed = match address {
+                    Some(a) => c.gateways.insert(instance.clone(), a.clone()).as_ref() != Some(a),
+                    None => c.gateways.remove(instance).is_some(),
+                };
+                if changed {
+                    // Every endpoint of the cluster is reached through its gateways: resend them.
+                    let ids: Vec<String> =
+                        self.endpoints.values().filter(|e| e.cluster == *cluster).map(|e| e.id.clone()).collect();
+                    for id in ids {
+                        self.record(ChangeKey::Endpoint(id));
+                    }
+                }
+                Ok(())
+            }
             Command::RemoveCluster { name } => {
                 if !self.clusters.contains_key(name) {
                     return Err(ApplyError::NotFound(format!("cluster '{name}'")));
@@ -759,6 +787,7 @@ mod tests {
             intermediate_key_pem: String::new(),
             created_at: 0,
             join_token: String::new(),
+            gateways: Default::default(),
         };
         let mut s = State::default();
         s.clusters.insert("a".into(), cluster("a"));
@@ -807,6 +836,7 @@ mod tests {
                 intermediate_key_pem: String::new(),
                 created_at: 0,
                 join_token: String::new(),
+                gateways: Default::default(),
             };
             s.clusters.insert(c.into(), cluster);
         }

@@ -73,6 +73,10 @@ pub struct Config {
     /// The mTLS HTTP/2 listener other clusters' proxies connect to.
     #[arg(long, default_value = "0.0.0.0:15443")]
     pub listen: SocketAddr,
+    /// The address other clusters' proxies dial (default: the bound listener, unless it is
+    /// unspecified such as 0.0.0.0, when this is required).
+    #[arg(long, env = "TRELLIS_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
     /// Health (`/live`, `/ready`) and metrics (`/metrics`); must be loopback.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub admin: SocketAddr,
@@ -353,6 +357,19 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
     let listen_addr = listener.local_addr().map_err(|source| GatewayError::Bind { addr: config.listen, source })?;
     let admin_addr = admin_l.local_addr().map_err(|source| GatewayError::Bind { addr: config.admin, source })?;
 
+    let advertise = match config.advertise {
+        Some(a) => a,
+        None if listen_addr.ip().is_unspecified() => {
+            return Err(GatewayError::Config {
+                flag: "advertise",
+                reason: format!(
+                    "--listen {listen_addr} is not an address other clusters can dial; give the one they use with \
+                     --advertise IP:PORT"
+                ),
+            });
+        }
+        None => listen_addr,
+    };
     let drain = Drain::new();
     let node = NodeInfo {
         identity: id.clone(),
@@ -360,6 +377,7 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         zone: String::new(),
         instance: config.instance.clone(),
         serves: None,
+        gateway_address: Some(advertise.to_string()),
     };
     let (discovery, routes) = DiscoveryTask::new(channel, node, bundle.clone(), proxy_metrics.clone(), drain.clone());
     let discovery = tokio::spawn(discovery.run());
@@ -386,7 +404,12 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         drain: drain.clone(),
     });
     if let Some(path) = &config.ready_file {
-        let v = serde_json::json!({"listen": listen_addr.to_string(), "admin": admin_addr.to_string(), "identity": id.to_string()});
+        let v = serde_json::json!({
+            "listen": listen_addr.to_string(),
+            "advertise": advertise.to_string(),
+            "admin": admin_addr.to_string(),
+            "identity": id.to_string(),
+        });
         let _ = std::fs::write(path, v.to_string());
     }
     tracing::info!(listen = %listen_addr, admin = %admin_addr, identity = %id, "gateway serving");

@@ -52,6 +52,8 @@ pub enum IdMatcher {
     AnyWorkload,
     /// Any control-plane instance of the trust domain.
     AnyControlPlane,
+    /// Any east-west gateway of the trust domain.
+    AnyGateway,
     /// Any of these matchers.
     AnyOf(Vec<IdMatcher>),
 }
@@ -64,6 +66,7 @@ impl IdMatcher {
             IdMatcher::AnyInTrustDomain => true,
             IdMatcher::AnyWorkload => id.is_workload(),
             IdMatcher::AnyControlPlane => matches!(id.principal(), Principal::ControlPlane { .. }),
+            IdMatcher::AnyGateway => matches!(id.principal(), Principal::Gateway { .. }),
             IdMatcher::AnyOf(ms) => ms.iter().any(|m| m.matches(id)),
         }
     }
@@ -74,6 +77,7 @@ impl IdMatcher {
             IdMatcher::AnyInTrustDomain => "any identity of the trust domain".into(),
             IdMatcher::AnyWorkload => "a workload identity".into(),
             IdMatcher::AnyControlPlane => "a control-plane identity".into(),
+            IdMatcher::AnyGateway => "an east-west gateway identity".into(),
             IdMatcher::AnyOf(ms) => ms.iter().map(Self::describe).collect::<Vec<_>>().join(" or "),
         }
     }

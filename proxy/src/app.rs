@@ -166,6 +166,7 @@ pub async fn build(config: Config) -> Result<App, AppError> {
             address: advertise,
             protocol: config.protocol,
         }),
+        gateway_address: None,
     };
     let (discovery, routes) = DiscoveryTask::new(channel, node, bundle.clone(), metrics.clone(), drain.clone());
     let discovery = tokio::spawn(discovery.run());
@@ -202,10 +203,15 @@ pub async fn build(config: Config) -> Result<App, AppError> {
         .map_err(tls_err)?;
     let tcp_tls = client_config(Some(store.clone()), bundle.clone(), IdMatcher::AnyWorkload, &[ALPN_MESH_TCP])
         .map_err(tls_err)?;
+    // Other clusters' gateways: this proxy's identity, gateway servers, HTTP/2 for CONNECT.
+    let gateway_tls =
+        client_config(Some(store.clone()), bundle.clone(), IdMatcher::AnyGateway, &[b"h2"]).map_err(tls_err)?;
     let outbound = Outbound::new(
         routes.clone(),
-        MeshConnector::new(h2_tls, ALPN_MESH_HTTP, config.connect_timeout(), metrics.clone()),
-        MeshConnector::new(tcp_tls, ALPN_MESH_TCP, config.connect_timeout(), metrics.clone()),
+        MeshConnector::new(h2_tls, ALPN_MESH_HTTP, config.connect_timeout(), metrics.clone())
+            .with_gateways(gateway_tls.clone()),
+        MeshConnector::new(tcp_tls, ALPN_MESH_TCP, config.connect_timeout(), metrics.clone())
+            .with_gateways(gateway_tls),
         metrics.clone(),
         OutboundTimeouts { request: config.request_timeout(), per_try: config.per_try_timeout(), sniff: SNIFF_TIMEOUT },
         Locality { cluster: config.cluster.clone(), zone: config.zone.clone() },

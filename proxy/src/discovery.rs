@@ -46,6 +46,8 @@ pub struct NodeInfo {
     pub instance: String,
     /// The endpoint it serves, if any.
     pub serves: Option<Registration>,
+    /// An east-west gateway: the address other clusters' proxies dial.
+    pub gateway_address: Option<String>,
 }
 
 /// The endpoint a proxy registers for its workload.
@@ -82,6 +84,7 @@ impl NodeInfo {
                 }),
                 endpoints,
                 known_version,
+                gateway_address: self.gateway_address.clone().unwrap_or_default(),
             })),
         }
     }

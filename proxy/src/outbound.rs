@@ -27,7 +27,7 @@ use crate::detect::{FirstByte, Protocol, sniff};
 use crate::drain::Drain;
 use crate::headers::strip_hop_by_hop;
 use crate::metrics::{Direction, Metrics, ServiceLabels};
-use crate::pool::{H2Pool, MeshConnector, Target};
+use crate::pool::{H2Pool, MeshConnector, Target, Via};
 use crate::retry::{self, Failure, MAX_REPLAY_BODY, MAX_RETRIES, RetryBudget, should_retry};
 use crate::routes::{AppProtocol, Endpoint, Routes, ServiceName};
 
@@ -45,9 +45,26 @@ pub struct OutboundTimeouts {
     pub sniff: Duration,
 }
 
+/// Where a proxy of `cluster` dials `ep`: through one of the gateways of the endpoint's cluster
+/// when it is in another cluster that has any (always the same gateway for the same endpoint, so
+/// the pooled connection is reused, and endpoints spread over the gateways), directly otherwise.
+pub fn target_for(ep: &Endpoint, cluster: &str, routes: &Routes) -> Target {
+    let via = (!cluster.is_empty() && ep.cluster != cluster && !ep.gateways.is_empty()).then(|| {
+        let mut gateways = ep.gateways.clone();
+        gateways.sort();
+        let h = ep.id.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        let gateway = gateways[(h % gateways.len() as u64) as usize].clone();
+        let port = routes.services.get(&ep.service).and_then(|s| s.ports.first().map(|p| p.1)).unwrap_or(80);
+        Via { gateway, authority: format!("{}:{port}", ep.service), endpoint: ep.id.clone() }
+    });
+    Target { addr: ep.address.clone(), identity: ep.identity.clone(), via }
+}
+
 /// The outbound side, shared by every upstream listener.
 pub struct Outbound {
     routes: watch::Receiver<Arc<Routes>>,
+    /// This proxy's cluster: endpoints of other clusters are reached through their gateways.
+    cluster: String,
     balancer: Balancer,
     pool: H2Pool,
     tcp: MeshConnector,
@@ -113,18 +130,16 @@ impl Outbound {
         timeouts: OutboundTimeouts,
         locality: Locality,
     ) -> Arc<Self> {
+        let cluster = locality.cluster.clone();
         let balancer = Balancer::with_locality(locality);
-        Arc::new(Self { routes, balancer, pool: H2Pool::new(h2), tcp, metrics, timeouts })
+        Arc::new(Self { routes, cluster, balancer, pool: H2Pool::new(h2), tcp, metrics, timeouts })
     }
 
     /// Forgets load and pooled connections of endpoints that left the configuration.
     pub fn prune(&self, routes: &Routes) {
         self.balancer.retain(&|id| routes.endpoints.contains_key(id));
-        let live: std::collections::HashSet<Target> = routes
-            .endpoints
-            .values()
-            .map(|e| Target { addr: e.address.clone(), identity: e.identity.clone() })
-            .collect();
+        let live: std::collections::HashSet<Target> =
+            routes.endpoints.values().map(|e| target_for(e, &self.cluster, routes)).collect();
         self.pool.retain(&|t| live.contains(t));
     }
 
@@ -334,7 +349,7 @@ impl Outbound {
         body: &mut ReqBody,
         deadline: Instant,
     ) -> Result<Response<Incoming>, AttemptError> {
-        let target = Target { addr: ep.address.clone(), identity: ep.identity.clone() };
+        let target = target_for(ep, &self.cluster, &self.routes.borrow());
         let before_write = |message: String| AttemptError { failure: Failure::BeforeWrite, message };
         let mut sender = match tokio::time::timeout_at(deadline, self.pool.get(&target)).await {
             Ok(Ok(s)) => s,
@@ -399,7 +414,7 @@ impl Outbound {
                 self.metrics.retries.get_or_create(&ServiceLabels { service: up.label.clone() }).inc();
             }
             tried.push(ep.id.clone());
-            let target = Target { addr: ep.address.clone(), identity: ep.identity.clone() };
+            let target = target_for(&ep, &self.cluster, &self.routes.borrow());
             let guard = load.start();
             match self.tcp.connect(&target).await {
                 Ok(mut tls) => {

@@ -1,5 +1,9 @@
 //! Dialing peers over mTLS, and a pool of HTTP/2 connections (one per endpoint, multiplexed).
 //!
+//! A peer of another cluster with east-west gateways is reached through one of them: an mTLS
+//! HTTP/2 connection to the gateway (pooled, one per gateway) carries one `CONNECT` per
+//! connection to the peer, and the mTLS with the peer runs inside that tunnel, end to end.
+//!
 //! The handshake proves the peer chains to the trust bundle and is a workload; right after it, and
 //! before a single byte of the request, the peer's SPIFFE ID is compared with the identity the
 //! control plane announced for the endpoint. A mismatch is a connection failure like a refused
@@ -36,6 +40,140 @@ pub enum ConnectError {
     Alpn { addr: String, alpn: String },
     #[error("HTTP/2 handshake with {addr} failed: {source}")]
     Http2 { addr: String, source: hyper::Error },
+    #[error("tunnel through gateway {gateway} to {addr} failed: {reason}")]
+    Tunnel { gateway: String, addr: String, reason: String },
+}
+
+/// How to reach a peer of another cluster: through one of its cluster's gateways.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Via {
+    /// `host:port` of the gateway.
+    pub gateway: String,
+    /// `CONNECT` authority: `<service>.<namespace>:<port>`.
+    pub authority: String,
+    /// The endpoint chosen (the gateway splices to it).
+    pub endpoint: String,
+}
+
+/// The transport under a peer's TLS: a TCP connection, or a tunnel through a gateway.
+pub enum MeshIo {
+    Tcp(TcpStream),
+    Tunnel(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl tokio::io::AsyncRead for MeshIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MeshIo::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            MeshIo::Tunnel(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for MeshIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MeshIo::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            MeshIo::Tunnel(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MeshIo::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            MeshIo::Tunnel(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MeshIo::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            MeshIo::Tunnel(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+type Outer = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// Pooled mTLS HTTP/2 connections to gateways, one per gateway address.
+#[derive(Clone)]
+struct Gateways {
+    tls: TlsConnector,
+    conns: Arc<tokio::sync::Mutex<HashMap<String, Outer>>>,
+}
+
+impl Gateways {
+    async fn outer(&self, gateway: &str, timeout: Duration) -> Result<Outer, String> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(gateway)
+            && !c.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(gateway))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(timeout, self.tls.connect(mesh_server_name(), tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        let gw = gateway.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(gateway = %gw, error = %e, "gateway connection ended");
+            }
+        });
+        conns.insert(gateway.to_string(), send.clone());
+        Ok(send)
+    }
+
+    /// A tunnel to `via.endpoint` through `via.gateway`.
+    async fn tunnel(&self, via: &Via, timeout: Duration) -> Result<TokioIo<hyper::upgrade::Upgraded>, String> {
+        let mut outer = self.outer(&via.gateway, timeout).await?;
+        outer.ready().await.map_err(|e| format!("gateway connection: {e}"))?;
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(via.authority.as_str())
+            .header("trellis-endpoint", via.endpoint.as_str())
+            .body(http_body_util::Empty::new())
+            .map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(timeout, outer.send_request(req))
+            .await
+            .map_err(|_| "CONNECT not answered in time".to_string())?
+            .map_err(|e| format!("CONNECT: {e}"))?;
+        if resp.status() != http::StatusCode::OK {
+            let status = resp.status();
+            let body =
+                http_body_util::BodyExt::collect(resp.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
+            return Err(format!("{status}: {}", String::from_utf8_lossy(&body).trim()));
+        }
+        let upgraded = hyper::upgrade::on(resp).await.map_err(|e| format!("upgrade: {e}"))?;
+        Ok(TokioIo::new(upgraded))
+    }
 }
 
 /// Where to connect and who must answer.
@@ -45,6 +183,8 @@ pub struct Target {
     pub addr: String,
     /// Required peer identity; `None` accepts any identity the TLS config accepts.
     pub identity: Option<SpiffeId>,
+    /// Through a gateway of the peer's cluster, or directly.
+    pub via: Option<Via>,
 }
 
 /// Dials peers with one rustls client configuration (one ALPN).
@@ -54,6 +194,7 @@ pub struct MeshConnector {
     alpn: &'static [u8],
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
+    gateways: Option<Gateways>,
 }
 
 impl std::fmt::Debug for MeshConnector {
@@ -70,18 +211,33 @@ impl MeshConnector {
         connect_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { tls: TlsConnector::from(config), alpn, connect_timeout, metrics }
+        Self { tls: TlsConnector::from(config), alpn, connect_timeout, metrics, gateways: None }
+    }
+
+    /// The same connector, able to reach peers through gateways: `outer` is the client
+    /// configuration for gateways (this proxy's identity, gateway servers, ALPN `h2`).
+    pub fn with_gateways(self, outer: Arc<rustls::ClientConfig>) -> Self {
+        let gateways = Gateways { tls: TlsConnector::from(outer), conns: Arc::default() };
+        Self { gateways: Some(gateways), ..self }
     }
 
     /// Connects, completes the handshake and checks ALPN and the peer identity.
-    pub async fn connect(&self, target: &Target) -> Result<TlsStream<TcpStream>, ConnectError> {
+    pub async fn connect(&self, target: &Target) -> Result<TlsStream<MeshIo>, ConnectError> {
         let addr = target.addr.clone();
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&target.addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(ConnectError::Connect { addr, source }),
-            Err(_) => return Err(ConnectError::Timeout { addr }),
+        let tcp = match (&target.via, &self.gateways) {
+            (Some(via), Some(gw)) => match gw.tunnel(via, self.connect_timeout).await {
+                Ok(t) => MeshIo::Tunnel(t),
+                Err(reason) => return Err(ConnectError::Tunnel { gateway: via.gateway.clone(), addr, reason }),
+            },
+            _ => match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&target.addr)).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    MeshIo::Tcp(s)
+                }
+                Ok(Err(source)) => return Err(ConnectError::Connect { addr, source }),
+                Err(_) => return Err(ConnectError::Timeout { addr }),
+            },
         };
-        let _ = tcp.set_nodelay(true);
         let tls = match tokio::time::timeout(self.connect_timeout, self.tls.connect(mesh_server_name(), tcp)).await {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => {

@@ -172,6 +172,8 @@ pub struct Endpoint {
     pub zone: String,
     /// Region of the workload's cluster (empty when unknown).
     pub region: String,
+    /// Gateways of the workload's cluster (reached through them from other clusters).
+    pub gateways: Vec<String>,
     /// `host:port` of the workload proxy's inbound mTLS listener.
     pub address: String,
     /// The identity it must present; `None` accepts any workload of the trust domain.
@@ -202,6 +204,7 @@ impl Endpoint {
             cluster: pb.cluster.clone(),
             zone: pb.zone.clone(),
             region: pb.region.clone(),
+            gateways: pb.gateways.clone(),
             address: pb.address.clone(),
             identity,
             healthy: pb.healthy,
@@ -342,6 +345,7 @@ mod tests {
             weight: 0,
             revision: 1,
             region: String::new(),
+            gateways: Vec::new(),
         }
     }
 

@@ -93,6 +93,17 @@ async fn body_text(resp: hyper::Response<hyper::body::Incoming>) -> String {
     String::from_utf8_lossy(&resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default()).to_string()
 }
 
+/// One HTTP/1.1 GET through a proxy's local listener; the body of a 200.
+fn get(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /hello HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1.1 200").then(|| out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
 fn metrics(admin: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(admin).expect("admin");
@@ -222,6 +233,39 @@ fn a_caller_of_another_cluster_reaches_an_exported_service_through_the_gateway_w
         assert_eq!(v["cluster"], "b", "{v}");
         assert_eq!(v["caller"], "spiffe://trellis.local/ns/default/sa/client", "the server sees the real caller: {v}");
     });
+
+    // A proxy of cluster A learns B's gateway with B's endpoints and goes through it: its
+    // requests reach the server with its own identity, and the gateway counts the tunnel.
+    let opened = || {
+        metrics(&gw_admin)
+            .lines()
+            .find(|l| {
+                l.starts_with("trellis_gateway_tunnels_total")
+                    && l.contains("service=\"api.default\"")
+                    && l.contains("result=\"opened\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = opened();
+    let token = workload_token(&config, "web").expect("token");
+    let (_web, web) = spawn(
+        dir,
+        "web-proxy",
+        "trellis-proxy",
+        s(&["--control-plane", &a.grpc, "--trust-bundle", &a.trust_bundle.display().to_string(), "--token", &token])
+            .into_iter()
+            .chain(s(&["--service-account", "web", "--cluster", "a", "--upstream", "api.default=127.0.1.20:0"]))
+            .collect(),
+    );
+    let upstream = web["upstreams"]["api.default"].as_str().unwrap_or_default().to_string();
+    let body = wait_for("a call from A's proxy through B's gateway", Duration::from_secs(30), || {
+        let body = get(&upstream)?;
+        (opened() > before).then_some(body)
+    });
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["cluster"], "b", "{v}");
+    assert_eq!(v["caller"], "spiffe://trellis.local/ns/default/sa/web", "{v}");
 
     let m = metrics(&gw_admin);
     for (service, result) in

@@ -267,6 +267,7 @@ impl Discovery for FakeDiscovery {
                     weight: reg.weight,
                     revision: 1,
                     region: String::new(),
+                    gateways: Vec::new(),
                 },
             );
             state.services.lock().unwrap().insert(

@@ -66,6 +66,7 @@ async fn subscriber(
             node: Some(pb::Node { identity, cluster: cluster.into(), zone: format!("{cluster}-1"), instance }),
             endpoints: endpoint.into_iter().collect(),
             known_version: 0,
+            gateway_address: String::new(),
         })),
     };
     if tx.send(hello).await.is_err() {

@@ -447,6 +447,8 @@ fn the_demo_joins_three_clusters_and_every_route_crosses_clusters_over_mtls() {
     assert_eq!(report["cross_cluster"], true, "{report:#}");
     assert_eq!(report["endpoints_registered"], 3, "{report:#}");
     assert_eq!(report["root_rotations"], 1, "{report:#}");
+    // Every route crosses clusters through the callee's gateway (one pooled tunnel per route).
+    assert!(report["gateway_tunnels"].as_u64().unwrap_or(0) >= 3, "{report:#}");
     let workdir = std::path::PathBuf::from(report["workdir"].as_str().unwrap_or_default());
     let log = |name: &str| std::fs::read_to_string(workdir.join("logs").join(name)).unwrap_or_default();
     for proxy in ["web-proxy.log", "api-proxy.log", "db-proxy.log"] {

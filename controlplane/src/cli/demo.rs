@@ -2,7 +2,8 @@
 //! clusters (three in all by default, each on its own loopback block) join with a join token each,
 //! as an operator would. Every cluster runs one sample service with its proxy; each calls the next
 //! cluster's exported service (web@a → api, api@b → db, db@c → web), so every request crosses
-//! clusters over mTLS and the server reports the caller it saw. A live table shows the traffic;
+//! clusters, through the callee's east-west gateway (one per cluster), with the proxies' mTLS end
+//! to end inside the tunnel, and the server reports the caller it saw. A live table shows the traffic;
 //! with `--duration` it stops by itself and `-o json` prints one final report. While it runs, the
 //! `trellis-demo` context is current, so `trellis cluster list` in another terminal talks to it.
 
@@ -82,6 +83,8 @@ pub struct Report {
     pub cross_cluster: bool,
     /// The clusters that joined, and how long each took.
     pub joins: Vec<JoinReport>,
+    /// Tunnels the east-west gateways opened (every cross-cluster connection is one).
+    pub gateway_tunnels: u64,
     pub routes: Vec<RouteReport>,
     pub workdir: Option<PathBuf>,
 }
@@ -170,6 +173,8 @@ struct Demo {
     clusters: Vec<DemoCluster>,
     others: Vec<Proc>,
     joins: Vec<JoinReport>,
+    /// Admin (metrics) addresses of the east-west gateways.
+    gateway_admins: Vec<String>,
     _context: ContextGuard,
     ctx: crate::context::Context,
 }
@@ -295,6 +300,53 @@ async fn start(workdir: &Path, n: usize, live: bool) -> Result<(Demo, Vec<Arc<Ro
         clusters.push(cluster);
     }
 
+    // With several clusters, each runs an east-west gateway (its own gateway token): calls
+    // between clusters go through the callee's gateway, the proxies' mTLS inside the tunnel.
+    let mut gateway_admins = Vec::new();
+    let mut gateways = Vec::new();
+    if n > 1 {
+        let gateway_bin = sibling_binary("trellis-gateway")?;
+        for (i, c) in clusters.iter().enumerate() {
+            let token = admin
+                .create_workload_token(pb::CreateWorkloadTokenRequest {
+                    ttl_seconds: 3600,
+                    description: format!("trellis demo: gateway of cluster {}", c.name),
+                    gateway: true,
+                    ..Default::default()
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .token;
+            let token_file = workdir.join(format!("gateway-{}.token", c.name));
+            write_private(&token_file, token.as_bytes()).map_err(io)?;
+            let ready_file = workdir.join(format!("gateway-{}.ready", c.name));
+            let args = vec![
+                "--control-plane".into(),
+                c.grpc.clone(),
+                "--trust-bundle".into(),
+                c.bundle.display().to_string(),
+                "--cluster".into(),
+                c.name.clone(),
+                "--listen".into(),
+                format!("{}:0", ip(i, 9)),
+                "--token-file".into(),
+                token_file.display().to_string(),
+                "--ready-file".into(),
+                ready_file.display().to_string(),
+            ];
+            let log = logs.join(format!("gateway-{}.log", c.name));
+            let mut gw =
+                Proc::spawn(&format!("gateway of cluster {}", c.name), &gateway_bin, args, &log).map_err(io)?;
+            let ready = wait_ready(&mut gw, &ready_file, Duration::from_secs(30)).await?;
+            gateway_admins.push(ready["admin"].as_str().unwrap_or_default().to_string());
+            if live {
+                println!("  cluster {}: east-west gateway on {}", c.name, ready["listen"].as_str().unwrap_or_default());
+            }
+            gateways.push(gw);
+        }
+    }
+
     // The services: with one cluster, web and api call each other; with several, each cluster runs
     // one exported service that calls the next cluster's, in a ring.
     let count = n.max(2);
@@ -404,7 +456,8 @@ async fn start(workdir: &Path, n: usize, live: bool) -> Result<(Demo, Vec<Arc<Ro
             stats: Mutex::new(RouteStats::default()),
         }));
     }
-    Ok((Demo { workdir: workdir.to_path_buf(), clusters, others, joins, _context: guard, ctx }, routes))
+    others.extend(gateways);
+    Ok((Demo { workdir: workdir.to_path_buf(), clusters, others, joins, gateway_admins, _context: guard, ctx }, routes))
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -492,6 +545,22 @@ fn render(routes: &[Arc<Route>], elapsed: Duration, total: Option<u64>, clusters
         elapsed.as_secs_f64(),
         table(&["ROUTE", "REQUESTS", "FAILED", "RPS", "P50 MS", "P99 MS", "SERVED BY", "CALLER SEEN BY SERVER"], &rows)
     )
+}
+
+/// Tunnels a gateway opened, from its metrics (0 if it does not answer).
+fn tunnels_opened(admin: &str) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(admin) else { return 0 };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /metrics HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\n\r\n").is_err() {
+        return 0;
+    }
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines()
+        .filter(|l| l.starts_with("trellis_gateway_tunnels_total") && l.contains("result=\"opened\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 async fn stop_signal() {
@@ -694,6 +763,7 @@ async fn drive(args: &DemoArgs, demo: &mut Demo, routes: &[Arc<Route>], live: bo
                 .iter()
                 .all(|r| !r.served_by.is_empty() && !r.served_by.ends_with(&format!("@{}", r.cluster))),
         joins: demo.joins.clone(),
+        gateway_tunnels: demo.gateway_admins.iter().map(|a| tunnels_opened(a)).sum(),
         routes: route_reports,
         workdir: None,
     })

@@ -27,6 +27,8 @@ fn s(v: &[&str]) -> Vec<String> {
 
 fn spawn(dir: &Path, name: &str, program: &str, mut args: Vec<String>) -> (Proc, Value) {
     let ready = dir.join(format!("{name}.ready"));
+    // A restarted process must not be taken for ready by its predecessor's file.
+    let _ = std::fs::remove_file(&ready);
     args.extend(["--ready-file".to_string(), ready.display().to_string()]);
     let mut p = Proc::spawn(name, &bin(program), &args, &dir.join(format!("{name}.log")), &[]);
     let v = wait_ready(&mut p, &ready, Duration::from_secs(60));
@@ -105,9 +107,13 @@ fn get(addr: &str) -> Option<String> {
 }
 
 fn metrics(admin: &str) -> String {
+    metrics_path(admin, "/metrics")
+}
+
+fn metrics_path(admin: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(admin).expect("admin");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").expect("write");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");
     out
@@ -282,4 +288,167 @@ fn a_caller_of_another_cluster_reaches_an_exported_service_through_the_gateway_w
             .unwrap_or_else(|| panic!("no {service}/{result} tunnel count from cluster a in:\n{m}"));
         assert!(!line.ends_with(" 0"), "{line}");
     }
+}
+
+/// One request's outcome: when it ended, and the cluster that served it (None: failed).
+type Outcome = (std::time::Instant, Option<String>);
+
+#[test]
+fn when_every_backend_in_the_callers_cluster_dies_requests_fail_over_through_the_gateway_and_come_back() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc as StdArc, Mutex};
+    use std::time::Instant;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    let config = dir.join("cli.yaml");
+    let a = ControlPlane::start(dir, "a", "127.0.1.1");
+    assert!(trellis(&config, &["config", "import", &a.admin_context.display().to_string()]).status.success());
+    let out = trellis(&config, &["token", "create", "--ttl", "10m"]);
+    assert!(out.status.success());
+    std::fs::write(dir.join("token-b"), &out.stdout).expect("token");
+    let (_b, b) = spawn(
+        dir,
+        "cp-b",
+        "trellis-cp",
+        s(&["--data-dir", &dir.join("cp-b").display().to_string(), "--cluster", "b", "--region", "eu"])
+            .into_iter()
+            .chain(s(&["--listen", "127.0.2.1:0", "--join-token-file", &dir.join("token-b").display().to_string()]))
+            .collect(),
+    );
+    let b_cp = b["grpc"].as_str().unwrap_or_default().to_string();
+    let b_bundle = std::path::PathBuf::from(b["trust_bundle"].as_str().unwrap_or_default());
+    wait_for("b's trust bundle", Duration::from_secs(30), || b_bundle.exists().then_some(()));
+    assert!(trellis(&config, &["create-service", "api.default", "--port", "80", "--exported"]).status.success());
+    let out = trellis(&config, &["token", "gateway", "create", "--ttl", "1h"]);
+    std::fs::write(dir.join("gateway-token"), &out.stdout).expect("token");
+    let (_gw, _) = spawn(
+        dir,
+        "gateway-b",
+        "trellis-gateway",
+        s(&["--control-plane", &b_cp, "--trust-bundle", &b_bundle.display().to_string(), "--cluster", "b"])
+            .into_iter()
+            .chain(s(&["--listen", "127.0.2.9:0", "--token-file", &dir.join("gateway-token").display().to_string()]))
+            .collect(),
+    );
+    // api runs in both clusters; A's instance is the one A's callers prefer.
+    let api_token = workload_token(&config, "api").expect("token");
+    let backend = |cluster: &str, ip: &str, cp: &str, bundle: &Path, name: &str| -> (Proc, Proc) {
+        let (app, ready) = spawn(
+            dir,
+            &format!("{name}-app"),
+            "trellis",
+            s(&["demo-app", "--name", "api", "--cluster", cluster, "--listen", &format!("{ip}:0")]),
+        );
+        let (proxy, _) = spawn(
+            dir,
+            &format!("{name}-proxy"),
+            "trellis-proxy",
+            s(&["--control-plane", cp, "--trust-bundle", &bundle.display().to_string(), "--token", &api_token])
+                .into_iter()
+                .chain(s(&["--service-account", "api", "--cluster", cluster, "--service", "api.default"]))
+                .chain(s(&[
+                    "--instance",
+                    name,
+                    "--app",
+                    ready["addr"].as_str().unwrap_or_default(),
+                    "--inbound",
+                    &format!("{ip}:0"),
+                ]))
+                .collect(),
+        );
+        (app, proxy)
+    };
+    let _in_b = backend("b", "127.0.2.2", &b_cp, &b_bundle, "api-b");
+    let (mut a_app, mut a_proxy) = backend("a", "127.0.1.2", &a.grpc, &a.trust_bundle, "api-a");
+    let token = workload_token(&config, "web").expect("token");
+    let (_web, web) = spawn(
+        dir,
+        "web-proxy",
+        "trellis-proxy",
+        s(&["--control-plane", &a.grpc, "--trust-bundle", &a.trust_bundle.display().to_string(), "--token", &token])
+            .into_iter()
+            .chain(s(&["--service-account", "web", "--cluster", "a", "--upstream", "api.default=127.0.1.20:0"]))
+            .collect(),
+    );
+    let upstream = web["upstreams"]["api.default"].as_str().unwrap_or_default().to_string();
+    wait_for("api served by A", Duration::from_secs(30), || {
+        get(&upstream).filter(|b| b.contains("\"cluster\":\"a\"")).map(|_| ())
+    });
+
+    // Constant load: one request every 5 ms, each outcome recorded.
+    let outcomes: StdArc<Mutex<Vec<Outcome>>> = StdArc::default();
+    let stop = StdArc::new(AtomicBool::new(false));
+    let load = {
+        let (outcomes, stop, upstream) = (outcomes.clone(), stop.clone(), upstream.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let served = get(&upstream)
+                    .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+                    .map(|v| v["cluster"].as_str().unwrap_or_default().to_string());
+                outcomes.lock().unwrap_or_else(|p| p.into_inner()).push((Instant::now(), served));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Every backend of A dies.
+    let killed = Instant::now();
+    a_proxy.kill();
+    a_app.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    // They come back (same instance name, new ports).
+    let restarting = Instant::now();
+    let (new_app, new_proxy) = backend("a", "127.0.1.2", &a.grpc, &a.trust_bundle, "api-a");
+    let back = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = outcomes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let recent: Vec<&Outcome> = o.iter().filter(|(t, _)| *t > back).collect();
+        if recent.len() > 20 && recent.iter().rev().take(20).all(|(_, c)| c.as_deref() == Some("a")) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+            for (_, c) in &recent {
+                *by.entry(c.clone().unwrap_or_else(|| "failed".into())).or_default() += 1;
+            }
+            let eps = trellis(&config, &["get", "endpoints", "-o", "json"]);
+            let view = web["admin"].as_str().map(|a| metrics_path(a, "/config")).unwrap_or_default();
+            let tail = vec![view.as_str()];
+            panic!(
+                "traffic did not come back to A within 30 s: since the restart {by:?}; endpoints: {}; web proxy log:\n{}",
+                String::from_utf8_lossy(&eps.stdout),
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().expect("load");
+    drop((new_app, new_proxy));
+
+    let o = outcomes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let failed = o.iter().filter(|(_, c)| c.is_none()).count();
+    // Failover: from the kill to the first request after which A served nothing until it came back.
+    let during: Vec<&Outcome> = o.iter().filter(|(t, _)| *t > killed && *t < restarting).collect();
+    let last_a = during.iter().rev().find(|(_, c)| c.as_deref() == Some("a")).map(|(t, _)| *t).unwrap_or(killed);
+    let failover = last_a.duration_since(killed);
+    let on_b = during.iter().filter(|(_, c)| c.as_deref() == Some("b")).count();
+    // Failback: from A's proxy being ready again to the first request A served (0 when A served
+    // one before the proxy's ready file was read).
+    let failback = o
+        .iter()
+        .filter(|(t, _)| *t > restarting)
+        .find(|(_, c)| c.as_deref() == Some("a"))
+        .map(|(t, _)| t.saturating_duration_since(back))
+        .unwrap_or_default();
+    eprintln!(
+        "{} requests, {failed} failed; after the kill {on_b} served by B, failover {failover:?}, failback {failback:?}",
+        o.len()
+    );
+    assert_eq!(failed, 0, "requests failed while A's backends died and came back");
+    assert!(on_b > 100, "B should have served the traffic while A's backends were gone ({on_b})");
+    assert!(failover < Duration::from_secs(3), "A kept being chosen after its backends died ({failover:?})");
 }

@@ -137,7 +137,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 /// Restores the previous CLI context when the demo ends, however it ends.
-struct ContextGuard {
+pub(super) struct ContextGuard {
     path: PathBuf,
     previous: Option<String>,
     name: String,
@@ -160,7 +160,7 @@ const CLUSTERS: [(&str, &str); 5] =
 const SERVICES: [&str; 5] = ["web", "api", "db", "cache", "auth"];
 
 /// One cluster of the demo: its control plane and where its proxies find it.
-struct DemoCluster {
+pub(super) struct DemoCluster {
     name: String,
     region: String,
     cp: Proc,
@@ -240,9 +240,20 @@ async fn start_controlplane(
     Ok((DemoCluster { name: name.into(), region: region.into(), cp, grpc, bundle }, ready))
 }
 
-async fn start(workdir: &Path, n: usize, live: bool) -> Result<(Demo, Vec<Arc<Route>>), String> {
-    let proxy_bin = sibling_binary("trellis-proxy")?;
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+/// A federation of the demo: its clusters' control planes and gateways, and the context.
+pub(super) struct Federation {
+    pub(super) clusters: Vec<DemoCluster>,
+    pub(super) joins: Vec<JoinReport>,
+    pub(super) gateways: Vec<Proc>,
+    pub(super) gateway_admins: Vec<String>,
+    pub(super) guard: ContextGuard,
+    pub(super) ctx: crate::context::Context,
+    pub(super) td: String,
+}
+
+/// Starts `n` clusters: a bootstraps, the others join with a token each, and with several
+/// clusters each runs an east-west gateway. The demo's context becomes current.
+pub(super) async fn start_federation(workdir: &Path, n: usize, live: bool) -> Result<Federation, String> {
     let logs = workdir.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
     let io = |e: std::io::Error| e.to_string();
@@ -347,6 +358,152 @@ async fn start(workdir: &Path, n: usize, live: bool) -> Result<(Demo, Vec<Arc<Ro
         }
     }
 
+    Ok(Federation { clusters, joins, gateways, gateway_admins, guard, ctx, td })
+}
+
+/// Creates (or updates) service `name.default` and a workload token for service account `sa`;
+/// returns the token file.
+pub(super) async fn service_and_token(
+    workdir: &Path,
+    ctx: &crate::context::Context,
+    name: &str,
+    sa: &str,
+    exported: bool,
+) -> Result<PathBuf, String> {
+    let status = |s: tonic::Status| client::from_status(&ctx.server, s).to_string();
+    let mut admin = client::admin(ctx).map_err(|e| e.to_string())?;
+    admin
+        .apply_service(pb::Service {
+            name: name.into(),
+            namespace: "default".into(),
+            ports: vec![pb::ServicePort { name: "http".into(), port: 80 }],
+            protocol: "http".into(),
+            exported,
+            revision: 0,
+        })
+        .await
+        .map_err(status)?;
+    let token = admin
+        .create_workload_token(pb::CreateWorkloadTokenRequest {
+            namespace: "default".into(),
+            service_account: sa.into(),
+            ttl_seconds: 3600,
+            description: "trellis demo".into(),
+            gateway: false,
+        })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .token;
+    let token_file = workdir.join(format!("{sa}.token"));
+    write_private(&token_file, token.as_bytes()).map_err(|e| e.to_string())?;
+    Ok(token_file)
+}
+
+/// A sample workload in `cluster` (index `home`) at host `host` of its loopback block: its
+/// application (when it serves `service`) and proxy, with a local listener for `upstream`.
+/// Returns the processes and the upstream listener's address.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn start_workload(
+    workdir: &Path,
+    cluster: &DemoCluster,
+    home: usize,
+    host: u8,
+    td: &str,
+    token_file: &Path,
+    instance: &str,
+    sa: &str,
+    service: Option<&str>,
+    upstream: Option<&str>,
+) -> Result<(Vec<Proc>, Option<String>), String> {
+    let logs = workdir.join("logs");
+    let io = |e: std::io::Error| e.to_string();
+    let addr = ip(home, host);
+    let mut procs = Vec::new();
+    let mut proxy_args = vec![
+        "--control-plane".into(),
+        cluster.grpc.clone(),
+        "--trust-bundle".into(),
+        cluster.bundle.display().to_string(),
+        "--trust-domain".into(),
+        td.to_string(),
+        "--token-file".into(),
+        token_file.display().to_string(),
+        "--namespace".into(),
+        "default".into(),
+        "--service-account".into(),
+        sa.into(),
+        "--cluster".into(),
+        cluster.name.clone(),
+        "--zone".into(),
+        format!("{}-1", cluster.name),
+        "--instance".into(),
+        instance.into(),
+    ];
+    if let Some(svc) = service {
+        let me = std::env::current_exe().map_err(|e| e.to_string())?;
+        let app_ready = workdir.join(format!("{instance}-app.ready"));
+        let _ = std::fs::remove_file(&app_ready);
+        let mut app = Proc::spawn(
+            &format!("{instance} app"),
+            &me,
+            vec![
+                "demo-app".into(),
+                "--name".into(),
+                sa.into(),
+                "--cluster".into(),
+                cluster.name.clone(),
+                "--listen".into(),
+                format!("{addr}:0"),
+                "--ready-file".into(),
+                app_ready.display().to_string(),
+            ],
+            &logs.join(format!("{instance}-app.log")),
+        )
+        .map_err(io)?;
+        let app_addr = wait_ready(&mut app, &app_ready, Duration::from_secs(30)).await?["addr"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        procs.push(app);
+        proxy_args.extend([
+            "--service".into(),
+            format!("{svc}.default"),
+            "--protocol".into(),
+            "http".into(),
+            "--inbound".into(),
+            format!("{addr}:0"),
+            "--app".into(),
+            app_addr,
+        ]);
+    }
+    if let Some(peer) = upstream {
+        proxy_args.extend(["--upstream".into(), format!("{peer}.default={addr}:0")]);
+    }
+    let ready_file = workdir.join(format!("{instance}-proxy.ready"));
+    let _ = std::fs::remove_file(&ready_file);
+    proxy_args.extend(["--ready-file".into(), ready_file.display().to_string()]);
+    let proxy_bin = sibling_binary("trellis-proxy")?;
+    let mut proxy =
+        Proc::spawn(&format!("{instance} proxy"), &proxy_bin, proxy_args, &logs.join(format!("{instance}-proxy.log")))
+            .map_err(io)?;
+    let ready = wait_ready(&mut proxy, &ready_file, Duration::from_secs(30)).await?;
+    procs.push(proxy);
+    let up = match upstream {
+        Some(peer) => {
+            let up = ready["upstreams"][format!("{peer}.default")].as_str().unwrap_or_default().to_string();
+            if up.parse::<SocketAddr>().is_err() {
+                return Err(format!("{instance} proxy did not report its {peer}.default listener: {ready}"));
+            }
+            Some(up)
+        }
+        None => None,
+    };
+    Ok((procs, up))
+}
+
+async fn start(workdir: &Path, n: usize, live: bool) -> Result<(Demo, Vec<Arc<Route>>), String> {
+    let fed = start_federation(workdir, n, live).await?;
     // The services: with one cluster, web and api call each other; with several, each cluster runs
     // one exported service that calls the next cluster's, in a ring.
     let count = n.max(2);
@@ -356,108 +513,42 @@ async fn start(workdir: &Path, n: usize, live: bool) -> Result<(Demo, Vec<Arc<Ro
         let name = SERVICES[k];
         let peer = SERVICES[(k + 1) % count];
         let home = k % n;
-        let cluster = &clusters[home];
-        admin
-            .apply_service(pb::Service {
-                name: name.into(),
-                namespace: "default".into(),
-                ports: vec![pb::ServicePort { name: "http".into(), port: 80 }],
-                protocol: "http".into(),
-                exported: n > 1,
-                revision: 0,
-            })
-            .await
-            .map_err(status)?;
-        let token = admin
-            .create_workload_token(pb::CreateWorkloadTokenRequest {
-                namespace: "default".into(),
-                service_account: name.into(),
-                ttl_seconds: 3600,
-                description: "trellis demo".into(),
-                gateway: false,
-            })
-            .await
-            .map_err(status)?
-            .into_inner()
-            .token;
-        let token_file = workdir.join(format!("{name}.token"));
-        write_private(&token_file, token.as_bytes()).map_err(io)?;
-        let addr = ip(home, 10 + k as u8);
-        let app_ready = workdir.join(format!("{name}-app.ready"));
-        let mut app = Proc::spawn(
-            &format!("{name} app"),
-            &me,
-            vec![
-                "demo-app".into(),
-                "--name".into(),
-                name.into(),
-                "--cluster".into(),
-                cluster.name.clone(),
-                "--listen".into(),
-                format!("{addr}:0"),
-                "--ready-file".into(),
-                app_ready.display().to_string(),
-            ],
-            &logs.join(format!("{name}-app.log")),
+        let cluster = &fed.clusters[home];
+        let token_file = service_and_token(workdir, &fed.ctx, name, name, n > 1).await?;
+        let instance = format!("{name}-1");
+        let (procs, up) = start_workload(
+            workdir,
+            cluster,
+            home,
+            10 + k as u8,
+            &fed.td,
+            &token_file,
+            &instance,
+            name,
+            Some(name),
+            Some(peer),
         )
-        .map_err(io)?;
-        let app_addr = wait_ready(&mut app, &app_ready, Duration::from_secs(30)).await?["addr"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        others.push(app);
-        let ready_file = workdir.join(format!("{name}-proxy.ready"));
-        let proxy_args = vec![
-            "--control-plane".into(),
-            cluster.grpc.clone(),
-            "--trust-bundle".into(),
-            cluster.bundle.display().to_string(),
-            "--trust-domain".into(),
-            td.clone(),
-            "--token-file".into(),
-            token_file.display().to_string(),
-            "--namespace".into(),
-            "default".into(),
-            "--service-account".into(),
-            name.into(),
-            "--cluster".into(),
-            cluster.name.clone(),
-            "--zone".into(),
-            format!("{}-1", cluster.name),
-            "--instance".into(),
-            format!("{name}-1"),
-            "--service".into(),
-            format!("{name}.default"),
-            "--protocol".into(),
-            "http".into(),
-            "--inbound".into(),
-            format!("{addr}:0"),
-            "--app".into(),
-            app_addr.clone(),
-            "--upstream".into(),
-            format!("{peer}.default={addr}:0"),
-            "--ready-file".into(),
-            ready_file.display().to_string(),
-        ];
-        let mut proxy =
-            Proc::spawn(&format!("{name} proxy"), &proxy_bin, proxy_args, &logs.join(format!("{name}-proxy.log")))
-                .map_err(io)?;
-        let ready = wait_ready(&mut proxy, &ready_file, Duration::from_secs(30)).await?;
-        let up = ready["upstreams"][format!("{peer}.default")].as_str().unwrap_or_default().to_string();
-        if up.parse::<SocketAddr>().is_err() {
-            return Err(format!("{name} proxy did not report its {peer}.default listener: {ready}"));
-        }
-        others.push(proxy);
+        .await?;
+        others.extend(procs);
         routes.push(Arc::new(Route {
             name: format!("{name}@{} → {peer}.default", cluster.name),
             cluster: cluster.name.clone(),
-            url: format!("http://{up}/hello"),
-            expected_caller: format!("spiffe://{td}/ns/default/sa/{name}"),
+            url: format!("http://{}/hello", up.unwrap_or_default()),
+            expected_caller: format!("spiffe://{}/ns/default/sa/{name}", fed.td),
             stats: Mutex::new(RouteStats::default()),
         }));
     }
-    others.extend(gateways);
-    Ok((Demo { workdir: workdir.to_path_buf(), clusters, others, joins, gateway_admins, _context: guard, ctx }, routes))
+    others.extend(fed.gateways);
+    let demo = Demo {
+        workdir: workdir.to_path_buf(),
+        clusters: fed.clusters,
+        others,
+        joins: fed.joins,
+        gateway_admins: fed.gateway_admins,
+        _context: fed.guard,
+        ctx: fed.ctx,
+    };
+    Ok((demo, routes))
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;

@@ -451,3 +451,35 @@ fn when_every_backend_in_the_callers_cluster_dies_requests_fail_over_through_the
     assert!(on_b > 100, "B should have served the traffic while A's backends were gone ({on_b})");
     assert!(failover < Duration::from_secs(3), "A kept being chosen after its backends died ({failover:?})");
 }
+
+#[test]
+fn the_failover_demo_moves_traffic_to_the_other_cluster_and_back_with_no_failed_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config");
+    let out = trellis(
+        &config,
+        &[
+            "demo",
+            "--scenario",
+            "failover",
+            "--rate",
+            "200",
+            "--kill-backends-at",
+            "3",
+            "--restore-backends-at",
+            "6",
+            "--duration",
+            "13",
+            "-o",
+            "json",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "demo failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(r["failed"], 0, "{r:#}");
+    assert_eq!(r["served_by_a_while_down"], 0, "{r:#}");
+    assert!(r["served_by"]["b"].as_u64().unwrap_or(0) > 300, "b served the traffic while a was down: {r:#}");
+    assert!(r["served_by"]["a"].as_u64().unwrap_or(0) > 300, "{r:#}");
+    assert!(r["failback_ms"].as_f64().is_some(), "traffic came back to a: {r:#}");
+}

@@ -399,6 +399,25 @@ async fn run(cli: Cli) -> Result<(), String> {
         move |s: tonic::Status| client::from_status(&server, s).to_string()
     };
     match &cli.command {
+        Cmd::Demo(args) if args.scenario == demo::Scenario::Failover => {
+            let report = trellis_controlplane::cli::failover::run(args).await?;
+            match args.output {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default()),
+                Format::Yaml => print!("{}", serde_saphyr::to_string(&report).unwrap_or_default()),
+                Format::Table => println!(
+                    "\nFailover demo finished: {} requests, {} failed, served by {:?}; failover {:.0} ms, failback {}",
+                    report.requests,
+                    report.failed,
+                    report.served_by,
+                    report.failover_ms,
+                    report.failback_ms.map(|m| format!("{m:.0} ms")).unwrap_or_else(|| "not seen".into())
+                ),
+            }
+            if report.failed > 0 {
+                return Err(format!("{} requests failed", report.failed));
+            }
+            Ok(())
+        }
         Cmd::Demo(args) => {
             let report = demo::run(args.clone()).await?;
             match args.output {

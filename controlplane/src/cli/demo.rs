@@ -26,9 +26,28 @@ use super::output::{Format, table};
 use super::procs::{Proc, sibling_binary, wait_ready};
 use crate::context::{ConfigFile, default_path, write_private};
 
+/// What the demo shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Clusters calling each other's exported services through their gateways.
+    Mesh,
+    /// Every backend of a service in cluster a dies under load: its callers are served by
+    /// another cluster through its gateway, and come back when a's backends return.
+    Failover,
+}
+
 /// Options of `trellis demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
+    /// What to show.
+    #[arg(long, value_enum, default_value_t = Scenario::Mesh)]
+    pub scenario: Scenario,
+    /// Failover: kill every backend of `api` in cluster a this many seconds into the run.
+    #[arg(long, default_value_t = 4)]
+    pub kill_backends_at: u64,
+    /// Failover: bring them back this many seconds into the run.
+    #[arg(long, default_value_t = 9)]
+    pub restore_backends_at: u64,
     /// Number of clusters (1 to 5): the first bootstraps the federation, the others join it with
     /// a join token each.
     #[arg(long, default_value_t = 3)]
@@ -143,6 +162,12 @@ pub(super) struct ContextGuard {
     name: String,
 }
 
+impl DemoCluster {
+    pub(super) fn home(&self) -> Home {
+        Home { name: self.name.clone(), grpc: self.grpc.clone(), bundle: self.bundle.clone() }
+    }
+}
+
 impl Drop for ContextGuard {
     fn drop(&mut self) {
         if let Ok(mut cfg) = ConfigFile::load(&self.path) {
@@ -160,12 +185,20 @@ const CLUSTERS: [(&str, &str); 5] =
 const SERVICES: [&str; 5] = ["web", "api", "db", "cache", "auth"];
 
 /// One cluster of the demo: its control plane and where its proxies find it.
+/// Where a workload finds its cluster's control plane.
+#[derive(Debug, Clone)]
+pub(super) struct Home {
+    pub(super) name: String,
+    pub(super) grpc: String,
+    pub(super) bundle: PathBuf,
+}
+
 pub(super) struct DemoCluster {
-    name: String,
-    region: String,
-    cp: Proc,
-    grpc: String,
-    bundle: PathBuf,
+    pub(super) name: String,
+    pub(super) region: String,
+    pub(super) cp: Proc,
+    pub(super) grpc: String,
+    pub(super) bundle: PathBuf,
 }
 
 struct Demo {
@@ -361,28 +394,30 @@ pub(super) async fn start_federation(workdir: &Path, n: usize, live: bool) -> Re
     Ok(Federation { clusters, joins, gateways, gateway_admins, guard, ctx, td })
 }
 
-/// Creates (or updates) service `name.default` and a workload token for service account `sa`;
-/// returns the token file.
+/// Creates (or updates) service `name.default` (when `exported` is given: whether it is) and a
+/// workload token for service account `sa`; returns the token file.
 pub(super) async fn service_and_token(
     workdir: &Path,
     ctx: &crate::context::Context,
     name: &str,
     sa: &str,
-    exported: bool,
+    exported: Option<bool>,
 ) -> Result<PathBuf, String> {
     let status = |s: tonic::Status| client::from_status(&ctx.server, s).to_string();
     let mut admin = client::admin(ctx).map_err(|e| e.to_string())?;
-    admin
-        .apply_service(pb::Service {
-            name: name.into(),
-            namespace: "default".into(),
-            ports: vec![pb::ServicePort { name: "http".into(), port: 80 }],
-            protocol: "http".into(),
-            exported,
-            revision: 0,
-        })
-        .await
-        .map_err(status)?;
+    if let Some(exported) = exported {
+        admin
+            .apply_service(pb::Service {
+                name: name.into(),
+                namespace: "default".into(),
+                ports: vec![pb::ServicePort { name: "http".into(), port: 80 }],
+                protocol: "http".into(),
+                exported,
+                revision: 0,
+            })
+            .await
+            .map_err(status)?;
+    }
     let token = admin
         .create_workload_token(pb::CreateWorkloadTokenRequest {
             namespace: "default".into(),
@@ -406,7 +441,7 @@ pub(super) async fn service_and_token(
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn start_workload(
     workdir: &Path,
-    cluster: &DemoCluster,
+    cluster: &Home,
     home: usize,
     host: u8,
     td: &str,
@@ -514,11 +549,11 @@ async fn start(workdir: &Path, n: usize, live: bool) -> Result<(Demo, Vec<Arc<Ro
         let peer = SERVICES[(k + 1) % count];
         let home = k % n;
         let cluster = &fed.clusters[home];
-        let token_file = service_and_token(workdir, &fed.ctx, name, name, n > 1).await?;
+        let token_file = service_and_token(workdir, &fed.ctx, name, name, Some(n > 1)).await?;
         let instance = format!("{name}-1");
         let (procs, up) = start_workload(
             workdir,
-            cluster,
+            &cluster.home(),
             home,
             10 + k as u8,
             &fed.td,
@@ -654,7 +689,7 @@ fn tunnels_opened(admin: &str) -> u64 {
         .sum()
 }
 
-async fn stop_signal() {
+pub(super) async fn stop_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod demo;
 pub mod demo_app;
+pub mod failover;
 pub mod join;
 pub mod output;
 pub mod procs;

@@ -1,6 +1,6 @@
 //! A cluster cut off from the federation, with real processes in network namespaces: clusters
 //! A, B and C each in their own namespace on one bridge; C's link is taken down under constant
-//! load. C keeps serving its own traffic, A keeps calling B, a workload that starts in C during
+//! load. C keeps serving its own traffic, A and B keep calling each other, a workload that starts in C during
 //! the cut is served to C's callers at once, and it reaches A and B after the link comes back.
 //!
 //! Needs root and iproute2 (network namespaces); `.ci/run` runs it with `--ignored`.
@@ -271,21 +271,27 @@ fn a_cluster_cut_off_keeps_serving_itself_and_its_changes_reach_the_others_after
     // api is exported and runs in B; local is C's own; late is exported and starts in C during
     // the cut. Tokens are made now: creating one is a write, and C cannot write during the cut.
     w.cli_ok(&["create-service", "api.default", "--port", "80", "--exported"]);
+    w.cli_ok(&["create-service", "home.default", "--port", "80", "--exported"]);
     w.cli_ok(&["create-service", "local.default", "--port", "80"]);
     w.cli_ok(&["create-service", "late.default", "--port", "80", "--exported"]);
     let token = |sa: &str| {
         w.cli_ok(&["token", "workload", "create", "--service-account", sa, "--ttl", "2h"]).trim().to_string()
     };
-    let tokens: BTreeMap<&str, String> = ["api", "local", "late", "web", "client"].map(|sa| (sa, token(sa))).into();
+    let tokens: BTreeMap<&str, String> =
+        ["api", "home", "local", "late", "web", "visitor", "client"].map(|sa| (sa, token(sa))).into();
     w.workload(B, "api", &tokens["api"], Some("api.default"), &[]);
+    w.workload(A, "home", &tokens["home"], Some("home.default"), &[]);
+    let in_b = w.workload(B, "visitor", &tokens["visitor"], None, &["home.default"]);
     w.workload(C, "local", &tokens["local"], Some("local.default"), &[]);
     let in_a = w.workload(A, "web", &tokens["web"], None, &["api.default", "late.default"]);
     let in_c = w.workload(C, "client", &tokens["client"], None, &["local.default", "late.default"]);
     served_from(&w.fabric, A, &in_a["api.default"], "b", Duration::from_secs(30)).expect("A → api in B");
+    served_from(&w.fabric, B, &in_b["home.default"], "a", Duration::from_secs(30)).expect("B → home in A");
     served_from(&w.fabric, C, &in_c["local.default"], "c", Duration::from_secs(30)).expect("C → local in C");
 
     // Constant load: A → B and C → C.
     let (a_to_b, ta) = load(&w.fabric, A, in_a["api.default"].clone());
+    let (b_to_a, tb) = load(&w.fabric, B, in_b["home.default"].clone());
     let (c_local, tc) = load(&w.fabric, C, in_c["local.default"].clone());
     std::thread::sleep(Duration::from_secs(2));
 
@@ -320,12 +326,13 @@ fn a_cluster_cut_off_keeps_serving_itself_and_its_changes_reach_the_others_after
     assert!(healed.elapsed() < Duration::from_secs(60));
 
     std::thread::sleep(Duration::from_secs(1));
-    for l in [&a_to_b, &c_local] {
+    for l in [&a_to_b, &b_to_a, &c_local] {
         l.stop.store(true, Ordering::Relaxed);
     }
     ta.join().expect("load thread");
+    tb.join().expect("load thread");
     tc.join().expect("load thread");
-    for (name, l) in [("A → api (B)", &a_to_b), ("C → local (C)", &c_local)] {
+    for (name, l) in [("A → api (B)", &a_to_b), ("B → home (A)", &b_to_a), ("C → local (C)", &c_local)] {
         let (ok, failed) = (l.ok.load(Ordering::Relaxed), l.failed.load(Ordering::Relaxed));
         let by = l.served_by.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let errors = l.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();

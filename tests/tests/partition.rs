@@ -1,7 +1,8 @@
 //! A cluster cut off from the federation, with real processes in network namespaces: clusters
 //! A, B and C each in their own namespace on one bridge; C's link is taken down under constant
-//! load. C keeps serving its own traffic, A and B keep calling each other, a workload that starts in C during
-//! the cut is served to C's callers at once, and it reaches A and B after the link comes back.
+//! load. C keeps serving its own traffic, A and B keep calling each other, a workload that
+//! starts in C during the cut is served to C's callers at once, and it reaches A and B after the
+//! link comes back.
 //!
 //! Needs root and iproute2 (network namespaces); `.ci/run` runs it with `--ignored`.
 

@@ -149,6 +149,7 @@ impl pb::admin_server::Admin for AdminService {
             description: r.description,
             revoked: false,
             gateway: r.gateway,
+            cluster: if r.gateway { self.cluster.clone() } else { String::new() },
         };
         self.store.propose(Command::CreateWorkloadToken(token.clone())).await?;
         tracing::info!(admin = %who, token = %token.id, namespace = %token.namespace, service_account = %token.service_account, "workload token created");

@@ -154,9 +154,19 @@ pub fn check_token(state: &State, token: &str, ns: &str, sa: &str, now: u64) -> 
     check_any_token(state, token, Some((ns, sa)), now)
 }
 
-/// Checks a gateway token (`trellis token gateway create`).
-pub fn check_gateway_token(state: &State, token: &str, now: u64) -> Result<(), Status> {
-    check_any_token(state, token, None, now)
+/// Checks a gateway token (`trellis token gateway create`) for a gateway of `cluster`.
+pub fn check_gateway_token(state: &State, token: &str, cluster: &str, now: u64) -> Result<(), Status> {
+    check_any_token(state, token, None, now)?;
+    let id = TokenParts::parse(token, WORKLOAD_PREFIX).map(|p| p.id).unwrap_or_default();
+    match state.workload_tokens.get(&id) {
+        Some(t) if t.cluster == cluster => Ok(()),
+        Some(t) => Err(Status::permission_denied(format!(
+            "gateway token {id} is for a gateway of cluster '{}', and this control plane serves cluster '{cluster}'; \
+             create one against a control plane of '{cluster}'",
+            t.cluster
+        ))),
+        None => Err(Status::unauthenticated(format!("gateway token {id} is unknown"))),
+    }
 }
 
 /// A workload token for `who` (namespace, service account), or a gateway token when `None`.
@@ -263,7 +273,7 @@ impl CertificateService {
                 }
             }
         } else if r.gateway {
-            check_gateway_token(&state, &r.workload_token, unix_now())?;
+            check_gateway_token(&state, &r.workload_token, self.signer.cluster(), unix_now())?;
         } else {
             check_token(&state, &r.workload_token, &r.namespace, &r.service_account, unix_now())?;
         }
@@ -302,6 +312,7 @@ mod tests {
             description: String::new(),
             revoked: false,
             gateway: false,
+            cluster: String::new(),
         };
         s.apply(1, &Command::CreateWorkloadToken(t)).unwrap();
         type Case<'a> = (&'a str, &'a str, &'a str, u64, Option<(tonic::Code, &'a str)>);

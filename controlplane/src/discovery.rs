@@ -213,10 +213,11 @@ impl pb::discovery_server::Discovery for DiscoveryService {
                     cluster: self.cluster.clone(),
                     instance: node.instance.clone(),
                     address: Some(addr.to_string()),
+                    only_if: None,
                 };
                 self.overlay.observe(cmd).await?;
                 tracing::info!(instance = %node.instance, address = %addr, "gateway registered");
-                Some(node.instance.clone())
+                Some((node.instance.clone(), addr.to_string()))
             }
             (_, "") => None,
             (_, _) => return Err(Status::permission_denied(format!("{peer} is not a gateway"))),
@@ -246,8 +247,9 @@ impl pb::discovery_server::Discovery for DiscoveryService {
                     tracing::warn!(endpoint = %id, error = %e, "could not update endpoint after disconnect");
                 }
             }
-            if let Some(instance) = gateway {
-                let cmd = Command::SetGateway { cluster: this.cluster.clone(), instance, address: None };
+            if let Some((instance, addr)) = gateway {
+                let cmd =
+                    Command::SetGateway { cluster: this.cluster.clone(), instance, address: None, only_if: Some(addr) };
                 if let Err(e) = this.overlay.observe(cmd).await {
                     tracing::warn!(error = %e, "could not forget a gateway that went away");
                 }

@@ -20,8 +20,9 @@ use crate::store::{Store, StoreError};
 const COMMIT_WAIT: Duration = Duration::from_secs(2);
 /// How often kept observations are retried.
 const RETRY_EVERY: Duration = Duration::from_millis(500);
-/// Observations kept at most; beyond, the oldest are dropped (the proxies' next reconnection
-/// observes them again).
+/// Observations kept at most; beyond, the oldest are dropped with a warning (an endpoint whose
+/// unhealthy mark was dropped stays as last committed until its proxy reconnects or the
+/// orphan check after a restart).
 const MAX_PENDING: usize = 50_000;
 
 /// Observations of this cluster that wait for the quorum.
@@ -80,6 +81,7 @@ impl Overlay {
             p.push_back(cmd);
             while p.len() > MAX_PENDING {
                 p.pop_front();
+                tracing::warn!("more than {MAX_PENDING} observations wait for the quorum; the oldest is dropped");
             }
         }
         self.changed();
@@ -115,7 +117,8 @@ impl Overlay {
         Some(view)
     }
 
-    /// Commits kept observations in order, until the first the group cannot take yet.
+    /// Commits kept observations in order, until the first the group cannot take yet (a store
+    /// that fails with I/O or damage stops the instance; its head stays until then).
     pub async fn flush(&self) {
         loop {
             let Some(cmd) = self.lock().front().cloned() else { return };

@@ -142,9 +142,12 @@ pub struct WorkloadToken {
     pub description: String,
     pub revoked: bool,
     /// A token for an east-west gateway (namespace and service account empty): it proves the
-    /// gateway identity of the cluster whose control plane signs.
+    /// gateway identity of `cluster`, and only a control plane of that cluster accepts it.
     #[serde(default)]
     pub gateway: bool,
+    /// The cluster of a gateway token.
+    #[serde(default)]
+    pub cluster: String,
 }
 
 /// A member of the control-plane Raft group.
@@ -272,6 +275,10 @@ pub enum Command {
         cluster: String,
         instance: String,
         address: Option<String>,
+        /// With no address: forget the gateway only if it is still registered at this address
+        /// (a gateway that reconnected meanwhile keeps its new registration).
+        #[serde(default)]
+        only_if: Option<String>,
     },
     /// Does nothing; used to check that the log is writable.
     Noop,
@@ -580,12 +587,13 @@ impl State {
                 self.record(ChangeKey::Trust);
                 Ok(())
             }
-            Command::SetGateway { cluster, instance, address } => {
+            Command::SetGateway { cluster, instance, address, only_if } => {
                 let Some(c) = self.clusters.get_mut(cluster) else {
                     return Err(ApplyError::NotFound(format!("cluster '{cluster}'")));
                 };
                 let changed = match address {
                     Some(a) => c.gateways.insert(instance.clone(), a.clone()).as_ref() != Some(a),
+                    None if only_if.as_ref().is_some_and(|o| c.gateways.get(instance) != Some(o)) => false,
                     None => c.gateways.remove(instance).is_some(),
                 };
                 if changed {

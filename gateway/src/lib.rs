@@ -124,7 +124,7 @@ impl GatewayMetrics {
         let tunnels = Family::<TunnelLabels, Counter>::default();
         registry.register(
             "tunnels",
-            "CONNECT requests by peer cluster, service and result (opened, not_exported, unknown_service, no_endpoint, dial_failed, bad_request)",
+            "CONNECT requests by peer cluster, service and result (opened, not_exported, unknown_service, no_endpoint, dial_failed, bad_request, draining); unknown and malformed names count under an empty service",
             tunnels.clone(),
         );
         let open = Gauge::default();
@@ -173,6 +173,13 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let peer_cluster = peer.as_ref().map(|(_, c)| c.clone()).unwrap_or_default();
+    if shared.drain.is_draining() {
+        shared.metrics.count(&peer_cluster, "", "draining");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this gateway is shutting down; use another gateway of the cluster\n",
+        );
+    }
     if req.method() != Method::CONNECT {
         shared.metrics.count(&peer_cluster, "", "bad_request");
         return text(
@@ -188,14 +195,15 @@ async fn handle(
     let service: ServiceName = match host.parse() {
         Ok(s) => s,
         Err(e) => {
-            shared.metrics.count(&peer_cluster, host, "bad_request");
+            // Names the caller made up are not metric labels (they would grow without bound).
+            shared.metrics.count(&peer_cluster, "", "bad_request");
             return text(StatusCode::BAD_REQUEST, format!("'{host}' is not <service>.<namespace>: {e}\n"));
         }
     };
     let svc = service.to_string();
     let routes = shared.routes.borrow().clone();
     let Some(s) = routes.services.get(&service) else {
-        shared.metrics.count(&peer_cluster, &svc, "unknown_service");
+        shared.metrics.count(&peer_cluster, "", "unknown_service");
         return text(StatusCode::NOT_FOUND, format!("service {svc} is unknown in cluster {}\n", shared.cluster));
     };
     if !s.exported {
@@ -446,7 +454,7 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         () = accept => {}
         () = wait_signal() => {}
     }
-    tracing::info!(open = drain.active(), "draining: no new tunnels; waiting for open ones");
+    tracing::info!(open = drain.active(), "draining: new tunnels are refused (503); waiting for open ones");
     drain.start();
     let deadline = Duration::from_secs(config.drain_timeout);
     let _ = tokio::time::timeout(deadline, async {

@@ -168,7 +168,11 @@ fn a_caller_of_another_cluster_reaches_an_exported_service_through_the_gateway_w
         );
         keep.push(p);
     }
-    let out = trellis(&config, &["token", "gateway", "create", "--ttl", "1h"]);
+    // A gateway token is for the cluster of the control plane that creates it: ask B's.
+    let config_b = dir.join("cli-b.yaml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config_b, text.replace(&a.grpc, &b_cp)).expect("config for B");
+    let out = trellis(&config_b, &["token", "gateway", "create", "--ttl", "1h"]);
     assert!(out.status.success(), "gateway token: {}", String::from_utf8_lossy(&out.stderr));
     std::fs::write(dir.join("gateway-token"), &out.stdout).expect("token");
     let (_gw, gw) = spawn(
@@ -183,6 +187,16 @@ fn a_caller_of_another_cluster_reaches_an_exported_service_through_the_gateway_w
     let gw_addr = gw["listen"].as_str().unwrap_or_default().to_string();
     let gw_admin = gw["admin"].as_str().unwrap_or_default().to_string();
     assert_eq!(gw["identity"], "spiffe://trellis.local/trellis/cluster/b/gateway");
+    // A gateway token made by A's control plane does not buy B's gateway identity.
+    let out = trellis(&config, &["token", "gateway", "create", "--ttl", "1h"]);
+    std::fs::write(dir.join("gateway-token-a"), &out.stdout).expect("token");
+    let refused = std::process::Command::new(bin("trellis-gateway"))
+        .args(["--control-plane", &b_cp, "--trust-bundle", &b_bundle.display().to_string(), "--cluster", "b"])
+        .args(["--listen", "127.0.2.8:0", "--token-file", &dir.join("gateway-token-a").display().to_string()])
+        .output()
+        .expect("run trellis-gateway");
+    let err = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(!refused.status.success() && err.contains("is for a gateway of cluster 'a'"), "{err}");
 
     let client_token = workload_token(&config, "client").expect("token");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -274,9 +288,7 @@ fn a_caller_of_another_cluster_reaches_an_exported_service_through_the_gateway_w
     assert_eq!(v["caller"], "spiffe://trellis.local/ns/default/sa/web", "{v}");
 
     let m = metrics(&gw_admin);
-    for (service, result) in
-        [("api.default", "opened"), ("secret.default", "not_exported"), ("nope.default", "unknown_service")]
-    {
+    for (service, result) in [("api.default", "opened"), ("secret.default", "not_exported"), ("", "unknown_service")] {
         let line = m
             .lines()
             .find(|l| {
@@ -320,7 +332,11 @@ fn when_every_backend_in_the_callers_cluster_dies_requests_fail_over_through_the
     let b_bundle = std::path::PathBuf::from(b["trust_bundle"].as_str().unwrap_or_default());
     wait_for("b's trust bundle", Duration::from_secs(30), || b_bundle.exists().then_some(()));
     assert!(trellis(&config, &["create-service", "api.default", "--port", "80", "--exported"]).status.success());
-    let out = trellis(&config, &["token", "gateway", "create", "--ttl", "1h"]);
+    // A gateway token is for the cluster of the control plane that creates it: ask B's.
+    let config_b = dir.join("cli-b.yaml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config_b, text.replace(&a.grpc, &b_cp)).expect("config for B");
+    let out = trellis(&config_b, &["token", "gateway", "create", "--ttl", "1h"]);
     std::fs::write(dir.join("gateway-token"), &out.stdout).expect("token");
     let (_gw, _) = spawn(
         dir,

@@ -184,8 +184,9 @@ enum TokenCmd {
         #[command(subcommand)]
         command: WorkloadTokenCmd,
     },
-    /// Tokens with which an east-west gateway of this control plane's cluster gets its first
-    /// certificate (`trellis-gateway --token-file`).
+    /// Tokens with which an east-west gateway gets its first certificate
+    /// (`trellis-gateway --token-file`); a token is for the cluster of the control plane that
+    /// creates it (use `--context` to choose).
     Gateway {
         #[command(subcommand)]
         command: GatewayTokenCmd,

@@ -351,7 +351,10 @@ pub(super) async fn start_federation(workdir: &Path, n: usize, live: bool) -> Re
     if n > 1 {
         let gateway_bin = sibling_binary("trellis-gateway")?;
         for (i, c) in clusters.iter().enumerate() {
-            let token = admin
+            // A gateway token is for the cluster of the control plane that creates it.
+            let c_ctx = crate::context::Context { server: c.grpc.clone(), ..ctx.clone() };
+            let token = client::admin(&c_ctx)
+                .map_err(|e| e.to_string())?
                 .create_workload_token(pb::CreateWorkloadTokenRequest {
                     ttl_seconds: 3600,
                     description: format!("trellis demo: gateway of cluster {}", c.name),

@@ -91,6 +91,7 @@ fn token(id: &str) -> Command {
         description: "conformance".into(),
         revoked: false,
         gateway: false,
+        cluster: String::new(),
     })
 }
 

@@ -310,8 +310,13 @@ pub async fn build_with_progress(cfg: CpConfig, progress: Progress<'_>) -> Resul
     ];
     if let Some(raft) = &opened.raft {
         tasks.push(tokio::spawn(opened.peers.clone().follow(store.subscribe())));
-        let me =
-            Member { id: raft.id(), name: cfg.node.clone(), cluster: cfg.cluster.clone(), address: advertise.clone() };
+        let me = Member {
+            id: raft.id(),
+            name: cfg.node.clone(),
+            cluster: cfg.cluster.clone(),
+            address: advertise.clone(),
+            key_pin: String::new(),
+        };
         tasks.push(tokio::spawn(keep_member_record(store.clone(), me)));
     }
     if let Some(expiry) = crate::certs::ca_not_after(&state, &cfg.cluster) {

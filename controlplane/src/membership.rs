@@ -324,6 +324,8 @@ impl MembershipService {
                     name: r.node.clone(),
                     cluster: r.cluster.clone(),
                     address: r.address.clone(),
+                    // A retry of this join is bound to the cluster's CA key instead.
+                    key_pin: String::new(),
                 };
                 self.raft.add_learner(member).await?;
                 member_id
@@ -348,9 +350,19 @@ impl MembershipService {
         let id = SpiffeId::control_plane(td, &r.cluster, &r.node)
             .map_err(|e| Status::invalid_argument(format!("cluster/node name: {e}")))?;
         check_address(&r.address)?;
+        let key_pin = trellis_federation::ca::csr_key_pin(&r.csr_pem)
+            .map_err(|e| Status::invalid_argument(format!("certificate request: {e}")))?;
         let member_id = match state.member_named(&r.cluster, &r.node) {
-            // A retry of a join whose answer was lost: the learner is still waiting.
-            Some(m) if self.is_learner(m.id) => m.id,
+            // A retry of a join whose answer was lost: the learner is still waiting, and the retry
+            // comes with the key it joined with (a spent token buys nothing else).
+            Some(m) if self.is_learner(m.id) && m.key_pin == key_pin => m.id,
+            Some(m) if self.is_learner(m.id) => {
+                return Err(Status::permission_denied(format!(
+                    "control plane {}/{} already joined with another key; only that instance may retry. To replace \
+                     it, remove it (`trellis controlplane remove {}/{}`) and use a new token",
+                    r.cluster, r.node, r.cluster, r.node
+                )));
+            }
             Some(m) => {
                 return Err(Status::already_exists(format!(
                     "control plane {}/{} is already a voting member ({:x}); a restarted instance keeps its data \
@@ -381,8 +393,13 @@ impl MembershipService {
                 crate::store::StoreError::Rejected(a) => Status::unauthenticated(format!("join refused: {a}")),
                 other => other.into(),
             })?;
-            let member =
-                Member { id: member_id, name: r.node.clone(), cluster: r.cluster.clone(), address: r.address.clone() };
+            let member = Member {
+                id: member_id,
+                name: r.node.clone(),
+                cluster: r.cluster.clone(),
+                address: r.address.clone(),
+                key_pin: key_pin.clone(),
+            };
             self.raft.add_learner(member).await?;
         }
         tracing::info!(cluster = %r.cluster, node = %r.node, id = format!("{member_id:x}"), "control plane joined as learner");
@@ -496,7 +513,10 @@ enum Call {
 }
 
 fn members_from_pb(members: Vec<pb::GroupMember>) -> Vec<Member> {
-    members.into_iter().map(|m| Member { id: m.id, name: m.name, cluster: m.cluster, address: m.address }).collect()
+    members
+        .into_iter()
+        .map(|m| Member { id: m.id, name: m.name, cluster: m.cluster, address: m.address, key_pin: String::new() })
+        .collect()
 }
 
 impl Call {

@@ -122,6 +122,18 @@ impl Overlay {
     pub async fn flush(&self) {
         loop {
             let Some(cmd) = self.lock().front().cloned() else { return };
+            // A registration kept here is stale if another instance of the cluster registered the
+            // same endpoint meanwhile (its proxy moved there): that one stands.
+            if let Command::UpsertEndpoint { endpoint, .. } = &cmd
+                && self.store.current().endpoints.get(&endpoint.id).is_some_and(|e| e.registrar != endpoint.registrar)
+            {
+                tracing::info!(endpoint = %endpoint.id, "another instance registered this endpoint meanwhile; dropping ours");
+                let mut p = self.lock();
+                if p.front() == Some(&cmd) {
+                    p.pop_front();
+                }
+                continue;
+            }
             let result = tokio::time::timeout(COMMIT_WAIT, self.store.propose(cmd.clone())).await;
             match result {
                 Ok(Ok(_)) | Ok(Err(StoreError::Rejected(_))) => {
@@ -233,6 +245,22 @@ mod tests {
         // With nothing kept, a write goes straight to the store.
         overlay.observe(upsert("c/default/web/3")).await.unwrap();
         assert!(overlay.is_empty() && store.current().endpoints.contains_key("c/default/web/3"));
+    }
+
+    #[tokio::test]
+    async fn a_kept_registration_does_not_take_back_an_endpoint_another_instance_registered() {
+        let store =
+            Arc::new(Flaky { down: AtomicBool::new(true), state: watch::channel(Arc::new(State::default())).0 });
+        let overlay = Overlay::new(store.clone(), None);
+        overlay.observe(upsert("c/default/web/1")).await.unwrap();
+        // Meanwhile the proxy moved to cp-2, which committed its registration.
+        store.down.store(false, Ordering::SeqCst);
+        let Command::UpsertEndpoint { mut endpoint, protocol } = upsert("c/default/web/1") else { unreachable!() };
+        endpoint.registrar = "c/cp-2".into();
+        store.propose(Command::UpsertEndpoint { endpoint, protocol }).await.unwrap();
+        overlay.flush().await;
+        assert!(overlay.is_empty());
+        assert_eq!(store.current().endpoints["c/default/web/1"].registrar, "c/cp-2");
     }
 
     #[tokio::test]

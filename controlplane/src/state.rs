@@ -160,6 +160,10 @@ pub struct Member {
     pub cluster: String,
     /// Where the other members reach its gRPC listener.
     pub address: String,
+    /// SHA-256 of the public key it joined with (control-plane token joins): a retry of a join
+    /// whose answer was lost must come with the same key.
+    #[serde(default)]
+    pub key_pin: String,
 }
 
 /// What a join token admits.
@@ -810,7 +814,8 @@ mod tests {
             &Command::UpsertEndpoint { endpoint: ep("a/default/web/1", "web.default"), protocol: Protocol::Http },
         )
         .unwrap();
-        let m = Member { id: 7, name: "cp-1".into(), cluster: "b".into(), address: "x:1".into() };
+        let m =
+            Member { id: 7, name: "cp-1".into(), cluster: "b".into(), address: "x:1".into(), key_pin: String::new() };
         s.apply(4, &Command::SetMember(m)).unwrap();
         let busy = s.apply(5, &Command::RemoveCluster { name: "b".into() });
         assert!(matches!(busy, Err(ApplyError::Conflict(_))), "{busy:?}");

@@ -336,6 +336,14 @@ pub fn csr_key_matches_cert(csr_pem: &str, cert_pem: &str) -> Result<bool, CaErr
     Ok(cert.public_key().subject_public_key.data.as_ref() == csr.public_key.der_bytes())
 }
 
+/// SHA-256 (hex) of the public key a CSR asks to certify; the CSR's signature is checked.
+pub fn csr_key_pin(csr_pem: &str) -> Result<String, CaError> {
+    use rcgen::PublicKeyData as _;
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, csr.public_key.der_bytes());
+    Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Generates a P-256 key and a CSR for a cluster's intermediate CA; returns (csr_pem, key_pem).
 /// The key stays with the cluster that asks.
 pub fn new_ca_csr(cluster: &str) -> Result<(String, String), CaError> {
@@ -420,6 +428,22 @@ mod tests {
         assert!(bundle(&[&new]).verify(&before, Usage::Server, &matcher, now()).is_err());
         // Without the cross-signed certificate, the old bundle cannot place the new chain.
         assert!(bundle(&[&old]).verify(&chain_of(&inter_new, &[]), Usage::Client, &matcher, now()).is_err());
+    }
+
+    #[test]
+    fn a_csr_key_pin_names_the_key_not_the_request() {
+        let id = SpiffeId::control_plane("trellis.local", "b", "cp-2").unwrap();
+        let (csr, key) = new_csr(&id).unwrap();
+        let (other, _) = new_csr(&id).unwrap();
+        let pin = csr_key_pin(&csr).unwrap();
+        assert_eq!(pin.len(), 64);
+        assert_eq!(pin, csr_key_pin(&csr).unwrap());
+        assert_ne!(pin, csr_key_pin(&other).unwrap(), "another key, another pin");
+        // A second request signed with the same key has the same pin.
+        let params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        let again = params.serialize_request(&rcgen::KeyPair::from_pem(&key).unwrap()).unwrap().pem().unwrap();
+        assert_eq!(pin, csr_key_pin(&again).unwrap());
+        assert!(csr_key_pin("garbage").is_err());
     }
 
     #[test]

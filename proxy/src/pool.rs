@@ -108,18 +108,22 @@ impl tokio::io::AsyncWrite for MeshIo {
 }
 
 type Outer = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+/// One gateway's pooled connection, dialled by one task at a time.
+type OuterSlot = Arc<tokio::sync::Mutex<Option<Outer>>>;
 
-/// Pooled mTLS HTTP/2 connections to gateways, one per gateway address.
+/// Pooled mTLS HTTP/2 connections to gateways, one per gateway address. Each gateway has its
+/// own slot: dialling one that does not answer holds up only the tunnels through it.
 #[derive(Clone)]
 struct Gateways {
     tls: TlsConnector,
-    conns: Arc<tokio::sync::Mutex<HashMap<String, Outer>>>,
+    conns: Arc<Mutex<HashMap<String, OuterSlot>>>,
 }
 
 impl Gateways {
     async fn outer(&self, gateway: &str, timeout: Duration) -> Result<Outer, String> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(gateway)
+        let slot = self.conns.lock().unwrap_or_else(|p| p.into_inner()).entry(gateway.to_string()).or_default().clone();
+        let mut pooled = slot.lock().await;
+        if let Some(c) = pooled.as_ref()
             && !c.is_closed()
         {
             return Ok(c.clone());
@@ -147,7 +151,7 @@ impl Gateways {
                 tracing::debug!(gateway = %gw, error = %e, "gateway connection ended");
             }
         });
-        conns.insert(gateway.to_string(), send.clone());
+        *pooled = Some(send.clone());
         Ok(send)
     }
 

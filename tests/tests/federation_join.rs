@@ -451,7 +451,7 @@ fn the_demo_joins_three_clusters_and_every_route_crosses_clusters_over_mtls() {
     assert!(report["gateway_tunnels"].as_u64().unwrap_or(0) >= 3, "{report:#}");
     let workdir = std::path::PathBuf::from(report["workdir"].as_str().unwrap_or_default());
     let log = |name: &str| std::fs::read_to_string(workdir.join("logs").join(name)).unwrap_or_default();
-    for proxy in ["web-proxy.log", "api-proxy.log", "db-proxy.log"] {
+    for proxy in ["web-1-proxy.log", "api-1-proxy.log", "db-1-proxy.log"] {
         assert!(
             log(proxy).contains("renewing the certificate now"),
             "{proxy} did not take a certificate under the new root:\n{}",

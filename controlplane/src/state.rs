@@ -256,7 +256,8 @@ pub enum Command {
         cluster: Cluster,
     },
     /// Removes a cluster whose control planes have left the group: its endpoints go, unused join
-    /// tokens for its control planes are revoked, and its intermediate CA leaves the registry.
+    /// tokens for its control planes are revoked, and its intermediate CA leaves the registry (its
+    /// certificates still chain to the root until a root rotation re-issues only the others).
     RemoveCluster {
         name: String,
     },

@@ -72,14 +72,18 @@ pub fn next_step(seats: &[Seat], max_voters: usize) -> Option<Step> {
     let voters_in = |f: &dyn Fn(&Seat) -> bool| seats.iter().filter(|s| s.voter && f(s)).count();
     let voters = voters_in(&|_| true);
     // Learners worth a seat, best first: fewest voters in their cluster, then in their region.
-    let mut learners: Vec<(usize, usize, u64)> = seats
-        .iter()
-        .filter(|s| !s.voter && s.caught_up)
-        .map(|s| (voters_in(&|o| o.cluster == s.cluster), voters_in(&|o| o.region == s.region), s.id))
-        .collect();
-    learners.sort_unstable();
-    let best = learners.first().copied()?;
+    let rank = |s: &Seat| (voters_in(&|o| o.cluster == s.cluster), voters_in(&|o| o.region == s.region), s.id);
+    let mut all: Vec<((usize, usize, u64), bool)> =
+        seats.iter().filter(|s| !s.voter).map(|s| (rank(s), s.caught_up)).collect();
+    all.sort_unstable();
+    let best = all.iter().find(|(_, caught_up)| *caught_up).map(|(r, _)| *r)?;
     if voters < max_voters {
+        // A learner of a less represented domain that is still catching up is waited for (with
+        // a quorum of three already), rather than filling the seat with one of a crowded
+        // cluster (which would then have to give it back).
+        if voters >= 3 && all.first().is_some_and(|(r, caught_up)| !caught_up && r.0 < best.0) {
+            return None;
+        }
         return Some(Step::Promote(best.2));
     }
     if best.0 > 0 {
@@ -145,6 +149,15 @@ mod tests {
         assert_eq!(next_step(&seats, 5), Some(Step::Promote(6)));
         seats[5].voter = true;
         // Every cluster has a voter now; a's learner stays a learner.
+        assert_eq!(next_step(&seats, 5), None);
+        // After the demotion, a newcomer that lags for a moment is waited for: the demoted voter
+        // does not take its seat back.
+        seats[5].voter = false;
+        seats[5].caught_up = false;
+        assert_eq!(next_step(&seats, 5), None, "wait for d rather than re-promote a");
+        seats[5].caught_up = true;
+        assert_eq!(next_step(&seats, 5), Some(Step::Promote(6)));
+        seats[5].voter = true;
         assert_eq!(next_step(&seats, 5), None);
         // With one voter per cluster there is nobody to move for a sixth cluster.
         let spread: Vec<Seat> = ["a", "b", "c", "d", "e"]

@@ -167,10 +167,24 @@ fn clusters_join_with_tokens_and_bad_tokens_are_refused() {
     let tc = create_token(&config, dir, "token-c");
     let _b = join(dir, "b", "eu", "127.0.2.1", &tb);
     // Two failure domains: losing either stops writes, and status says so with what to do.
-    let w = wait_for("the two-cluster warning", Duration::from_secs(30), || {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let w = loop {
         let w = warnings(&config);
-        (!w.is_empty()).then_some(w)
-    });
+        if !w.is_empty() {
+            break w;
+        }
+        if std::time::Instant::now() > deadline {
+            let members = trellis(&config, &["get", "controlplanes"]);
+            let log = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap_or_default();
+            panic!(
+                "no two-cluster warning within 60 s:\n{}\n--- a ---\n{}\n--- b ---\n{}",
+                String::from_utf8_lossy(&members.stdout),
+                log("a-cp.log").lines().rev().take(25).collect::<Vec<_>>().join("\n"),
+                log("b.log").lines().rev().take(25).collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(w[0].contains("only two clusters") && w[0].contains("witness"), "{w:?}");
     let mut c = join_with_cli(dir, "c", "ap", "127.0.3.1", &tc);
 
@@ -513,10 +527,28 @@ fn a_new_cluster_gets_a_voter_seat_from_a_cluster_holding_all_five() {
     let tb = create_token(&config, dir, "token-b");
     let _b = join(dir, "b", "eu", "127.0.2.1", &tb);
     // The leader moves one of a's seats to b: four voters in a, one in b, still five in all.
-    let spread = wait_for("a voter seat for b", Duration::from_secs(60), || {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let spread = loop {
         let by = voters_by_cluster();
-        (by.get("b") == Some(&1) && by.get("a") == Some(&4)).then_some(by)
-    });
+        if by.get("b") == Some(&1) && by.get("a") == Some(&4) {
+            break by;
+        }
+        if std::time::Instant::now() > deadline {
+            let members = trellis(&config, &["get", "controlplanes"]);
+            let mut placement = String::new();
+            for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                for l in text.lines().filter(|l| l.contains("voter") || l.contains("promot")) {
+                    placement.push_str(&format!("{}: {l}\n", entry.file_name().to_string_lossy()));
+                }
+            }
+            panic!(
+                "no voter seat for b within 60 s: {by:?}\n{}\n{placement}",
+                String::from_utf8_lossy(&members.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert_eq!(spread.values().sum::<usize>(), 5);
     // Losing b leaves a quorum; losing a does not: status names a alone.
     let w = warnings(&config);

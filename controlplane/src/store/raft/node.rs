@@ -459,6 +459,9 @@ struct Driver {
     last_promote_check: Instant,
 }
 
+/// How often the leader reconsiders which members vote.
+const PLACEMENT_EVERY: Duration = Duration::from_millis(700);
+
 /// Most voters the leader promotes learners to.
 const MAX_VOTERS: usize = 5;
 
@@ -682,7 +685,10 @@ impl Driver {
                 "this instance is behind the leader and did not catch up in time; retry".into(),
             )));
         }
-        if self.replica.is_leader() && now.duration_since(self.last_promote_check) >= Duration::from_secs(1) {
+        // Not a multiple of the election timeout: check-quorum clears each peer's "recently
+        // active" flag once per election timeout, and a check in step with it would always see
+        // the flag cleared and never find a learner caught up.
+        if self.replica.is_leader() && now.duration_since(self.last_promote_check) >= PLACEMENT_EVERY {
             self.last_promote_check = now;
             self.promote_caught_up_learners();
         }

@@ -82,7 +82,25 @@ fn join_with_cli(dir: &Path, cluster: &str, region: &str, ip: &str, token: &Path
         text.contains("Running; Ctrl-C stops it.").then_some(text)
     });
     for step in ["[1/5] token read", "[2/5]", "[3/5] cluster", "[4/5] caught up", "[5/5] placed as a voter"] {
-        assert!(text.contains(step), "`trellis cluster join` did not show '{step}':\n{text}");
+        if !text.contains(step) {
+            let leader_log = std::fs::read_to_string(dir.join("a-cp.log")).unwrap_or_default();
+            let id = text
+                .split("this instance is member ")
+                .nth(1)
+                .and_then(|r| u64::from_str_radix(r.split_whitespace().next().unwrap_or(""), 16).ok())
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "none".into());
+            let placement: Vec<&str> = leader_log
+                .lines()
+                .filter(|l| l.contains("placement") || l.contains("promot") || l.contains(&id))
+                .collect();
+            let members = trellis(&dir.join("cli.yaml"), &["get", "controlplanes"]);
+            panic!(
+                "`trellis cluster join` did not show '{step}':\n{text}\n{}\nleader's placement log:\n{}",
+                String::from_utf8_lossy(&members.stdout),
+                placement[placement.len().saturating_sub(30)..].join("\n")
+            );
+        }
     }
     p
 }
@@ -179,8 +197,8 @@ fn clusters_join_with_tokens_and_bad_tokens_are_refused() {
             panic!(
                 "no two-cluster warning within 60 s:\n{}\n--- a ---\n{}\n--- b ---\n{}",
                 String::from_utf8_lossy(&members.stdout),
-                log("a-cp.log").lines().rev().take(25).collect::<Vec<_>>().join("\n"),
-                log("b.log").lines().rev().take(25).collect::<Vec<_>>().join("\n")
+                log("a-cp.log").lines().filter(|l| !l.contains("DEBUG")).collect::<Vec<_>>().join("\n"),
+                log("b.log").lines().filter(|l| !l.contains("DEBUG")).collect::<Vec<_>>().join("\n")
             );
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -254,8 +272,11 @@ fn clusters_join_with_tokens_and_bad_tokens_are_refused() {
     let encode = |t: &Value| format!("{prefix}.{}", b64.encode(t.to_string()));
     let mut tampered = ticket.clone();
     let secret = tampered["token"].as_str().unwrap_or_default().to_string();
-    let flipped = if secret.ends_with('A') { 'B' } else { 'A' };
-    tampered["token"] = Value::from(format!("{}{flipped}", &secret[..secret.len() - 1]));
+    // A character inside the secret (every bit of it counts, unlike the last base64 character,
+    // whose low bits are padding: changing those makes the token malformed, not wrong).
+    let at = secret.len() - 5;
+    let flipped = if &secret[at..at + 1] == "A" { 'B' } else { 'A' };
+    tampered["token"] = Value::from(format!("{}{flipped}{}", &secret[..at], &secret[at + 1..]));
     std::fs::write(dir.join("tampered"), encode(&tampered)).expect("write");
     let msg = refused_join(dir, "e", &dir.join("tampered"));
     assert!(msg.contains("wrong secret"), "tampered token: {msg}");

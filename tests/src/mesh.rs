@@ -81,3 +81,37 @@ impl OneHop {
         Ok(Self { cp, server_proxy, client_proxy, outbound, config })
     }
 }
+
+/// A workload certificate for `ns/default/sa/<sa>` from the control plane at `cp`, paid for with
+/// a workload `token` (the key is made here); the identity and its SPIFFE ID.
+pub async fn workload_certificate(
+    cp: &str,
+    td: &str,
+    bundle: &trellis_proto::verify::SharedBundle,
+    token: &str,
+    sa: &str,
+) -> anyhow::Result<(trellis_proto::tls::Identity, trellis_proto::SpiffeId)> {
+    use trellis_proto::pb;
+    let id = trellis_proto::SpiffeId::workload(td, "default", sa)?;
+    let (csr_pem, key_pem) = trellis_federation::ca::new_csr(&id)?;
+    let tls = trellis_proto::tls::client_config(
+        None,
+        bundle.clone(),
+        trellis_proto::verify::IdMatcher::AnyControlPlane,
+        &[b"h2"],
+    )?;
+    let mut client = pb::certificates_client::CertificatesClient::new(trellis_proto::grpc::channel(cp, tls)?);
+    let r = client
+        .sign(pb::SignRequest {
+            csr_pem,
+            workload_token: token.to_string(),
+            namespace: "default".into(),
+            service_account: sa.into(),
+            ttl_seconds: 0,
+            gateway: false,
+        })
+        .await?
+        .into_inner();
+    let chain: String = std::iter::once(r.certificate_pem).chain(r.chain_pem).collect();
+    Ok((trellis_proto::tls::Identity::from_pem(&chain, &key_pem)?, id))
+}

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
-use trellis_tests::harness::{ControlPlane, Proc, bin, trellis, wait_for, wait_ready};
+use trellis_tests::harness::{ControlPlane, Proc, bin, http_get, trellis, wait_for, wait_ready};
 
 fn json(config: &Path, args: &[&str]) -> Value {
     let out = trellis(config, args);
@@ -358,17 +358,6 @@ fn proxy(
     (p, v)
 }
 
-/// One HTTP/1.1 GET through `addr`; the response body.
-fn get(addr: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /hello HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.starts_with("HTTP/1.1 200").then(|| out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
-}
-
 #[test]
 fn a_workload_in_one_cluster_calls_an_exported_service_of_another_with_mtls() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -435,7 +424,7 @@ fn a_workload_in_one_cluster_calls_an_exported_service_of_another_with_mtls() {
         &["--upstream", "api.default=127.0.2.3:0", "--upstream", "secret.default=127.0.2.3:0"],
     );
     let api = ready["upstreams"]["api.default"].as_str().unwrap_or_default().to_string();
-    let body = wait_for("a cross-cluster call", Duration::from_secs(30), || get(&api));
+    let body = wait_for("a cross-cluster call", Duration::from_secs(30), || http_get(&api));
     let v: Value = serde_json::from_str(&body).expect("json body");
     assert_eq!(v["cluster"], "a", "{v}");
     assert!(
@@ -444,7 +433,7 @@ fn a_workload_in_one_cluster_calls_an_exported_service_of_another_with_mtls() {
     );
     // The cluster-local service is not reachable from B: B's proxies never learn its endpoints.
     let secret = ready["upstreams"]["secret.default"].as_str().unwrap_or_default().to_string();
-    assert!(get(&secret).is_none(), "a cluster-local service of A answered a caller in B");
+    assert!(http_get(&secret).is_none(), "a cluster-local service of A answered a caller in B");
 }
 
 #[test]

@@ -14,12 +14,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
-use trellis_proto::pb;
-use trellis_proto::tls::{Identity, IdentityStore, client_config};
+use trellis_proto::tls::{IdentityStore, client_config};
 use trellis_proto::verify::{IdMatcher, SharedBundle, TrustBundle};
-use trellis_proto::{ALPN_MESH_HTTP, SpiffeId, grpc};
-use trellis_tests::harness::{ControlPlane, Proc, bin, trellis, wait_for, wait_ready};
-use trellis_tests::mesh::workload_token;
+use trellis_proto::{ALPN_MESH_HTTP, SpiffeId};
+use trellis_tests::harness::{ControlPlane, Proc, bin, http_get, trellis, wait_for, wait_ready};
+use trellis_tests::mesh::{workload_certificate, workload_token};
 
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
@@ -33,28 +32,6 @@ fn spawn(dir: &Path, name: &str, program: &str, mut args: Vec<String>) -> (Proc,
     let mut p = Proc::spawn(name, &bin(program), &args, &dir.join(format!("{name}.log")), &[]);
     let v = wait_ready(&mut p, &ready, Duration::from_secs(60));
     (p, v)
-}
-
-/// A workload certificate of the cluster whose control plane is `cp`.
-async fn certificate(cp: &str, bundle: &SharedBundle, token: &str, sa: &str) -> Arc<IdentityStore> {
-    let id = SpiffeId::workload("trellis.local", "default", sa).expect("id");
-    let (csr_pem, key_pem) = trellis_federation::ca::new_csr(&id).expect("csr");
-    let tls = client_config(None, bundle.clone(), IdMatcher::AnyControlPlane, &[b"h2"]).expect("tls");
-    let mut client = pb::certificates_client::CertificatesClient::new(grpc::channel(cp, tls).expect("channel"));
-    let r = client
-        .sign(pb::SignRequest {
-            csr_pem,
-            workload_token: token.to_string(),
-            namespace: "default".into(),
-            service_account: sa.into(),
-            ttl_seconds: 0,
-            gateway: false,
-        })
-        .await
-        .expect("sign")
-        .into_inner();
-    let chain: String = std::iter::once(r.certificate_pem).chain(r.chain_pem).collect();
-    IdentityStore::new(Identity::from_pem(&chain, &key_pem).expect("identity"))
 }
 
 type Outer = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
@@ -93,17 +70,6 @@ async fn connect(outer: &mut Outer, authority: &str) -> hyper::Response<hyper::b
 
 async fn body_text(resp: hyper::Response<hyper::body::Incoming>) -> String {
     String::from_utf8_lossy(&resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default()).to_string()
-}
-
-/// One HTTP/1.1 GET through a proxy's local listener; the body of a 200.
-fn get(addr: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /hello HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.starts_with("HTTP/1.1 200").then(|| out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
 }
 
 fn metrics(admin: &str) -> String {
@@ -204,7 +170,10 @@ fn a_caller_of_another_cluster_reaches_an_exported_service_through_the_gateway_w
         let root = std::fs::read_to_string(&a.trust_bundle).expect("bundle");
         let bundle = SharedBundle::new(TrustBundle::from_pem("trellis.local", &[root]).expect("bundle"));
         // The caller is a workload of cluster A.
-        let client = certificate(&a.grpc, &bundle, &client_token, "client").await;
+        let (client, _) = workload_certificate(&a.grpc, "trellis.local", &bundle, &client_token, "client")
+            .await
+            .expect("a workload certificate of cluster A");
+        let client = IdentityStore::new(client);
 
         // Without a certificate there is no connection at all.
         let refused = match dial_gateway(&gw_addr, &bundle, None).await {
@@ -280,7 +249,7 @@ fn a_caller_of_another_cluster_reaches_an_exported_service_through_the_gateway_w
     );
     let upstream = web["upstreams"]["api.default"].as_str().unwrap_or_default().to_string();
     let body = wait_for("a call from A's proxy through B's gateway", Duration::from_secs(30), || {
-        let body = get(&upstream)?;
+        let body = http_get(&upstream)?;
         (opened() > before).then_some(body)
     });
     let v: Value = serde_json::from_str(&body).expect("json");
@@ -389,7 +358,7 @@ fn when_every_backend_in_the_callers_cluster_dies_requests_fail_over_through_the
     );
     let upstream = web["upstreams"]["api.default"].as_str().unwrap_or_default().to_string();
     wait_for("api served by A", Duration::from_secs(30), || {
-        get(&upstream).filter(|b| b.contains("\"cluster\":\"a\"")).map(|_| ())
+        http_get(&upstream).filter(|b| b.contains("\"cluster\":\"a\"")).map(|_| ())
     });
 
     // Constant load: one request every 5 ms, each outcome recorded.
@@ -399,7 +368,7 @@ fn when_every_backend_in_the_callers_cluster_dies_requests_fail_over_through_the
         let (outcomes, stop, upstream) = (outcomes.clone(), stop.clone(), upstream.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let served = get(&upstream)
+                let served = http_get(&upstream)
                     .and_then(|b| serde_json::from_str::<Value>(&b).ok())
                     .map(|v| v["cluster"].as_str().unwrap_or_default().to_string());
                 outcomes.lock().unwrap_or_else(|p| p.into_inner()).push((Instant::now(), served));

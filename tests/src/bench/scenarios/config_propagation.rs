@@ -18,14 +18,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use trellis_proto::pb;
 use trellis_proto::pb::discovery_request::Kind;
-use trellis_proto::tls::{Identity, IdentityStore, client_config};
+use trellis_proto::tls::{IdentityStore, client_config};
 use trellis_proto::verify::{IdMatcher, SharedBundle, TrustBundle};
 use trellis_proto::{SpiffeId, grpc};
 
 use crate::bench::procstat::{cpu_seconds, peak_rss_mib};
 use crate::bench::report::Report;
 use crate::harness::{ControlPlane, Proc, bin, trellis, wait_ready};
-use crate::mesh::workload_token;
+use crate::mesh::{workload_certificate, workload_token};
 
 const SCENARIO: &str = "config-propagation";
 const CLUSTERS: [&str; 3] = ["a", "b", "c"];
@@ -97,27 +97,6 @@ async fn subscriber(
             }
         }
     }
-}
-
-/// A workload certificate of `cluster` for service account `bench`, from its control plane.
-async fn certificate(cp: &str, td: &str, bundle: &SharedBundle, token: &str) -> anyhow::Result<(Identity, SpiffeId)> {
-    let id = SpiffeId::new(td, "ns/default/sa/bench")?;
-    let (csr_pem, key_pem) = trellis_federation::ca::new_csr(&id)?;
-    let tls = client_config(None, bundle.clone(), IdMatcher::AnyControlPlane, &[b"h2"])?;
-    let mut client = pb::certificates_client::CertificatesClient::new(grpc::channel(cp, tls)?);
-    let r = client
-        .sign(pb::SignRequest {
-            csr_pem,
-            workload_token: token.to_string(),
-            namespace: "default".into(),
-            service_account: "bench".into(),
-            ttl_seconds: 0,
-            gateway: false,
-        })
-        .await?
-        .into_inner();
-    let chain: String = std::iter::once(r.certificate_pem).chain(r.chain_pem).collect();
-    Ok((Identity::from_pem(&chain, &key_pem)?, id))
 }
 
 fn join_cluster(dir: &Path, config: &Path, name: &str, index: usize) -> anyhow::Result<(Proc, Value)> {
@@ -289,7 +268,7 @@ pub async fn run(counts: &[usize], report: &mut Report) -> anyhow::Result<()> {
         .chain(readies.iter().zip(&procs).map(|(v, p)| (v["grpc"].as_str().unwrap_or_default().to_string(), p.pid())))
         .collect();
     for (name, (grpc, pid)) in CLUSTERS.iter().zip(addrs) {
-        let (identity, id) = certificate(&grpc, &td, &bundle, &token).await?;
+        let (identity, id) = workload_certificate(&grpc, &td, &bundle, &token, "bench").await?;
         let tls =
             client_config(Some(IdentityStore::new(identity)), bundle.clone(), IdMatcher::AnyControlPlane, &[b"h2"])?;
         clusters.push(Cluster { name, grpc, pid, tls, identity: id });

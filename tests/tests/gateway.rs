@@ -454,7 +454,9 @@ fn the_failover_demo_moves_traffic_to_the_other_cluster_and_back_with_no_failed_
             "--restore-backends-at",
             "6",
             "--duration",
-            "13",
+            // Room for a's restarted backend to come back even when the caller's outlier
+            // detection set it aside (10 s) during the kill.
+            "20",
             "-o",
             "json",
         ],

@@ -360,6 +360,8 @@ impl pb::admin_server::Admin for AdminService {
                         .map(|d| d.as_secs())
                         .unwrap_or(0),
                     members_up: up as u32,
+                    gateways: c.gateways.values().cloned().collect(),
+                    via_gateways: c.via_gateways,
                     status: match (members.len(), up) {
                         _ if self.group.is_none() => String::new(),
                         (0, _) => "no control plane".into(),

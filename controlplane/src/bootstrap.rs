@@ -74,6 +74,7 @@ pub async fn ensure_federation(store: &dyn Store, cfg: &CpConfig) -> Result<bool
                 created_at: now,
                 join_token: String::new(),
                 gateways: Default::default(),
+                via_gateways: false,
             },
         })
         .await?;

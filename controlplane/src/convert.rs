@@ -53,6 +53,7 @@ pub fn endpoint_to_pb(state: &State, e: &Endpoint) -> pb::Endpoint {
         revision: e.revision,
         region: state.clusters.get(&e.cluster).map(|c| c.region.clone()).unwrap_or_default(),
         gateways: state.clusters.get(&e.cluster).map(|c| c.gateways.values().cloned().collect()).unwrap_or_default(),
+        via_gateways: state.clusters.get(&e.cluster).is_some_and(|c| c.via_gateways),
     }
 }
 

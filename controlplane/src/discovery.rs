@@ -484,6 +484,7 @@ mod tests {
                 created_at: 0,
                 join_token: String::new(),
                 gateways: Default::default(),
+                via_gateways: false,
             };
             s.clusters.insert(name.into(), c);
         }

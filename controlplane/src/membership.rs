@@ -294,6 +294,7 @@ impl MembershipService {
             created_at: now,
             join_token: token_id.clone(),
             gateways: Default::default(),
+            via_gateways: false,
         };
         // One write consumes the token and registers the cluster: two joins racing for the last
         // use cannot both win, whatever member they reach.

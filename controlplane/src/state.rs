@@ -76,6 +76,11 @@ pub struct Cluster {
     /// Its east-west gateways that are connected: instance name → address other clusters dial.
     #[serde(default)]
     pub gateways: BTreeMap<String, String>,
+    /// Other clusters reach it only through its gateways: set when its first gateway registers
+    /// and kept when they all go away, so that its endpoints are then unreachable from outside
+    /// (callers fail over) rather than dialled directly across networks.
+    #[serde(default)]
+    pub via_gateways: bool,
 }
 
 /// Federation-wide settings, set once at bootstrap.
@@ -597,7 +602,11 @@ impl State {
                     return Err(ApplyError::NotFound(format!("cluster '{cluster}'")));
                 };
                 let changed = match address {
-                    Some(a) => c.gateways.insert(instance.clone(), a.clone()).as_ref() != Some(a),
+                    Some(a) => {
+                        let first = !c.via_gateways;
+                        c.via_gateways = true;
+                        c.gateways.insert(instance.clone(), a.clone()).as_ref() != Some(a) || first
+                    }
                     None if only_if.as_ref().is_some_and(|o| c.gateways.get(instance) != Some(o)) => false,
                     None => c.gateways.remove(instance).is_some(),
                 };
@@ -801,6 +810,7 @@ mod tests {
             created_at: 0,
             join_token: String::new(),
             gateways: Default::default(),
+            via_gateways: false,
         };
         let mut s = State::default();
         s.clusters.insert("a".into(), cluster("a"));
@@ -851,6 +861,7 @@ mod tests {
                 created_at: 0,
                 join_token: String::new(),
                 gateways: Default::default(),
+                via_gateways: false,
             };
             s.clusters.insert(c.into(), cluster);
         }

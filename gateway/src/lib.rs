@@ -180,6 +180,10 @@ async fn handle(
             "this gateway is shutting down; use another gateway of the cluster\n",
         );
     }
+    if req.method() == Method::GET && req.uri().path() == trellis_proxy::gateways::PROBE_PATH {
+        // Callers' probes: the round trip is their measure of this gateway.
+        return text(StatusCode::OK, "ok\n");
+    }
     if req.method() != Method::CONNECT {
         shared.metrics.count(&peer_cluster, "", "bad_request");
         return text(

@@ -24,6 +24,7 @@ use crate::balance::Locality;
 use crate::config::{Config, ConfigError};
 use crate::discovery::{DiscoveryTask, NodeInfo, Registration};
 use crate::drain::Drain;
+use crate::gateways::{self, GatewayHealth, GatewayPool};
 use crate::identity::{self, IdentityError, Signer};
 use crate::inbound::{AppTarget, Inbound};
 use crate::metrics::Metrics;
@@ -206,16 +207,19 @@ pub async fn build(config: Config) -> Result<App, AppError> {
     // Other clusters' gateways: this proxy's identity, gateway servers, HTTP/2 for CONNECT.
     let gateway_tls =
         client_config(Some(store.clone()), bundle.clone(), IdMatcher::AnyGateway, &[b"h2"]).map_err(tls_err)?;
+    let gateways = GatewayPool::new(gateway_tls, GatewayHealth::new(metrics.clone()));
     let outbound = Outbound::new(
         routes.clone(),
         MeshConnector::new(h2_tls, ALPN_MESH_HTTP, config.connect_timeout(), metrics.clone())
-            .with_gateways(gateway_tls.clone()),
+            .with_gateways(gateways.clone()),
         MeshConnector::new(tcp_tls, ALPN_MESH_TCP, config.connect_timeout(), metrics.clone())
-            .with_gateways(gateway_tls),
+            .with_gateways(gateways.clone()),
         metrics.clone(),
         OutboundTimeouts { request: config.request_timeout(), per_try: config.per_try_timeout(), sniff: SNIFF_TIMEOUT },
         Locality { cluster: config.cluster.clone(), zone: config.zone.clone() },
+        gateways.health().clone(),
     );
+    tasks.push(tokio::spawn(gateways::probe_forever(gateways, routes.clone(), drain.clone())));
     for (l, service) in upstream_ls {
         tasks.push(tokio::spawn(outbound.clone().serve(l, service, drain.clone())));
     }

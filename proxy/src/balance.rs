@@ -108,6 +108,12 @@ const EJECT_AFTER: u32 = 5;
 /// How long an endpoint is set aside; it is tried again afterwards.
 const EJECT_FOR: Duration = Duration::from_secs(10);
 
+/// How long an endpoint that appeared, came back healthy or moved to a new address waits before
+/// it takes traffic while other endpoints can serve (failback hysteresis, and a slow start for
+/// new instances): a backend that flaps does not pull traffic back and forth. With nothing else
+/// to serve, it is used at once.
+pub const FAILBACK_HOLD: Duration = Duration::from_secs(1);
+
 /// Live load of one endpoint.
 #[derive(Debug)]
 pub struct EndpointLoad {
@@ -117,16 +123,40 @@ pub struct EndpointLoad {
     failures: AtomicU32,
     /// Set aside until then, after [`EJECT_AFTER`] failures in a row.
     ejected_until: Mutex<Option<Instant>>,
+    /// The address this state is about: an endpoint that moves starts afresh.
+    address: String,
+    /// Held back until then while others can serve ([`FAILBACK_HOLD`]).
+    held_until: Mutex<Option<Instant>>,
+    /// Healthy per control plane when last seen (a return to health starts a hold).
+    was_healthy: std::sync::atomic::AtomicBool,
 }
 
 impl EndpointLoad {
-    fn new(now: Instant) -> Self {
+    fn new(now: Instant, ep: &Endpoint, held: bool) -> Self {
         Self {
             ewma: Mutex::new(PeakEwma::new(now)),
             in_flight: AtomicU32::new(0),
             failures: AtomicU32::new(0),
             ejected_until: Mutex::new(None),
+            address: ep.address.clone(),
+            held_until: Mutex::new(held.then_some(now + FAILBACK_HOLD)),
+            was_healthy: std::sync::atomic::AtomicBool::new(ep.healthy),
         }
+    }
+
+    /// Notes the control plane's health; a return to health starts a hold and forgets the
+    /// failures seen before (they were the outage the control plane has now seen end).
+    fn observe_health(&self, healthy: bool, now: Instant) {
+        if self.was_healthy.swap(healthy, Ordering::Relaxed) != healthy && healthy {
+            *self.held_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(now + FAILBACK_HOLD);
+            *self.ejected_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            self.failures.store(0, Ordering::Relaxed);
+            *self.ewma.lock().unwrap_or_else(|p| p.into_inner()) = PeakEwma::new(now);
+        }
+    }
+
+    fn held(&self, now: Instant) -> bool {
+        self.held_until.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| now < t)
     }
 
     fn ejected(&self, now: Instant) -> bool {
@@ -172,13 +202,15 @@ impl LoadGuard {
     }
 
     /// The attempt failed: counts as [`FAILURE_PENALTY`]; [`EJECT_AFTER`] in a row set the
-    /// endpoint aside for [`EJECT_FOR`].
-    pub fn failure(self) {
-        if self.load.failures.fetch_add(1, Ordering::Relaxed) + 1 >= EJECT_AFTER {
+    /// endpoint aside for [`EJECT_FOR`]. True when this failure set it aside.
+    pub fn failure(self) -> bool {
+        let ejected = self.load.failures.fetch_add(1, Ordering::Relaxed) + 1 >= EJECT_AFTER;
+        if ejected {
             self.load.failures.store(0, Ordering::Relaxed);
             *self.load.ejected_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + EJECT_FOR);
         }
         self.load.record(FAILURE_PENALTY.max(self.started.elapsed()));
+        ejected
     }
 }
 
@@ -254,20 +286,55 @@ impl Balancer {
         tried: &[String],
         region: &str,
     ) -> Option<(Arc<Endpoint>, Arc<EndpointLoad>)> {
+        self.pick_where(endpoints, tried, region, &|_| true)
+    }
+
+    /// As [`Balancer::pick_in`], among the endpoints this proxy can reach now (`reachable`:
+    /// false for an endpoint behind gateways that are all down).
+    pub fn pick_where(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        tried: &[String],
+        region: &str,
+        reachable: &dyn Fn(&Endpoint) -> bool,
+    ) -> Option<(Arc<Endpoint>, Arc<EndpointLoad>)> {
         let now = Instant::now();
+        let reach: Vec<bool> = endpoints.iter().map(|ep| reachable(ep)).collect();
         let loads: Vec<Arc<EndpointLoad>> = {
             let mut map = self.loads.lock().unwrap_or_else(|p| p.into_inner());
+            // A service this proxy already sends to: its new endpoints are held back a moment.
+            let known = endpoints.iter().any(|ep| map.contains_key(&ep.id));
             endpoints
                 .iter()
-                .map(|ep| map.entry(ep.id.clone()).or_insert_with(|| Arc::new(EndpointLoad::new(now))).clone())
+                .zip(&reach)
+                .map(|(ep, r)| {
+                    let load = map.entry(ep.id.clone()).or_insert_with(|| Arc::new(EndpointLoad::new(now, ep, known)));
+                    if load.address != ep.address {
+                        // A new instance at a new address: the old one's failures are not its own.
+                        *load = Arc::new(EndpointLoad::new(now, ep, true));
+                    }
+                    // Back to health, or reachable again (its gateway is back): held a moment.
+                    load.observe_health(ep.healthy && *r, now);
+                    load.clone()
+                })
                 .collect()
         };
         let mut candidates: Vec<Candidate> =
             endpoints.iter().zip(&loads).map(|(ep, load)| load.candidate(ep, tried.contains(&ep.id), now)).collect();
+        for (c, r) in candidates.iter_mut().zip(&reach) {
+            c.excluded |= !r;
+        }
         if !candidates.iter().any(|c| c.healthy && !c.excluded) {
             // Everything usable is set aside: trust the control plane's health rather than fail.
-            for (c, ep) in candidates.iter_mut().zip(endpoints) {
-                c.healthy = ep.healthy;
+            for ((c, ep), r) in candidates.iter_mut().zip(endpoints).zip(&reach) {
+                c.healthy = ep.healthy && *r;
+            }
+        }
+        // Endpoints on hold sit out while any other can serve.
+        let held: Vec<bool> = loads.iter().map(|l| l.held(now)).collect();
+        if candidates.iter().zip(&held).any(|(c, h)| c.healthy && !c.excluded && !h) {
+            for (c, h) in candidates.iter_mut().zip(&held) {
+                c.excluded |= *h;
             }
         }
         // The nearest tier that still has a usable endpoint; the others sit this pick out.
@@ -280,6 +347,11 @@ impl Balancer {
         }
         let i = choose(&candidates, &mut self.rng.lock().unwrap_or_else(|p| p.into_inner()))?;
         Some((endpoints[i].clone(), loads[i].clone()))
+    }
+
+    /// The tier of `ep` for this proxy, in `region` (see [`Locality::tier`]).
+    pub fn tier(&self, ep: &Endpoint, region: &str) -> u8 {
+        self.locality.tier(ep, region)
     }
 
     /// Forgets endpoints that are no longer known.
@@ -418,6 +490,7 @@ mod tests {
                 zone: "zone-a".into(),
                 region: String::new(),
                 gateways: Vec::new(),
+                via_gateways: false,
                 address: "127.0.0.1:1".into(),
                 identity: None,
                 healthy: true,
@@ -446,6 +519,7 @@ mod tests {
                 zone: zone.into(),
                 region: if cluster == "c" { "far".into() } else { "home".into() },
                 gateways: Vec::new(),
+                via_gateways: false,
                 address: "127.0.0.1:1".into(),
                 identity: None,
                 healthy,
@@ -475,6 +549,7 @@ mod tests {
                 zone: "z1".into(),
                 region: region.into(),
                 gateways: Vec::new(),
+                via_gateways: false,
                 address: "127.0.0.1:1".into(),
                 identity: None,
                 healthy: true,
@@ -504,6 +579,7 @@ mod tests {
                 zone: "z1".into(),
                 region: String::new(),
                 gateways: Vec::new(),
+                via_gateways: false,
                 address: "127.0.0.1:1".into(),
                 identity: None,
                 healthy: true,
@@ -520,5 +596,94 @@ mod tests {
         assert_eq!(b.pick(&eps, &[]).unwrap().0.id, "remote", "the failing endpoint is set aside");
         // With only the failing endpoint left, it is still used rather than failing outright.
         assert_eq!(b.pick(&eps[..1], &[]).unwrap().0.id, "near");
+    }
+
+    fn endpoint(id: &str, cluster: &str, address: &str, healthy: bool) -> Arc<Endpoint> {
+        Arc::new(Endpoint {
+            id: id.into(),
+            service: "api.default".parse().unwrap(),
+            cluster: cluster.into(),
+            zone: "z1".into(),
+            region: "us".into(),
+            gateways: Vec::new(),
+            via_gateways: false,
+            address: address.into(),
+            identity: None,
+            healthy,
+            weight: 1,
+        })
+    }
+
+    #[test]
+    fn a_recovered_nearer_endpoint_takes_traffic_back_only_after_the_hold() {
+        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
+        let remote = endpoint("b/1", "b", "10.0.2.1:1", true);
+        // a's backend is down: b serves.
+        let eps = vec![endpoint("a/1", "a", "10.0.1.1:1", false), remote.clone()];
+        assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "b/1");
+        // It is healthy again: held while b can serve.
+        let eps = vec![endpoint("a/1", "a", "10.0.1.1:1", true), remote.clone()];
+        for _ in 0..20 {
+            assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "b/1", "failback waits for the hold");
+        }
+        // With b tried already, a's held endpoint serves rather than nothing.
+        assert_eq!(b.pick_in(&eps, &["b/1".into()], "us").unwrap().0.id, "a/1");
+        // The hold over, traffic returns.
+        let load = b.loads.lock().unwrap().get("a/1").unwrap().clone();
+        *load.held_until.lock().unwrap() = Some(Instant::now());
+        assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "a/1");
+    }
+
+    #[test]
+    fn new_endpoints_of_a_known_service_start_after_the_hold_but_not_the_first_ones() {
+        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
+        let first = vec![endpoint("a/1", "a", "10.0.1.1:1", true)];
+        assert_eq!(b.pick_in(&first, &[], "us").unwrap().0.id, "a/1");
+        let more = vec![first[0].clone(), endpoint("a/2", "a", "10.0.1.2:1", true)];
+        for _ in 0..20 {
+            assert_eq!(b.pick_in(&more, &[], "us").unwrap().0.id, "a/1");
+        }
+        // A service seen for the first time: every endpoint serves at once.
+        let fresh = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
+        let picked: std::collections::BTreeSet<String> =
+            (0..100).map(|_| fresh.pick_in(&more, &[], "us").unwrap().0.id.clone()).collect();
+        assert_eq!(picked.len(), 2);
+    }
+
+    #[test]
+    fn an_endpoint_at_a_new_address_starts_with_a_clean_record() {
+        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
+        let eps = vec![endpoint("a/1", "a", "10.0.1.1:1", true), endpoint("b/1", "b", "10.0.2.1:1", true)];
+        for _ in 0..EJECT_AFTER {
+            let (got, load) = b.pick_in(&eps, &[], "us").unwrap();
+            assert_eq!(got.id, "a/1");
+            load.start().failure();
+        }
+        assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "b/1", "ejected");
+        // Restarted elsewhere: not ejected, held a moment, then serving.
+        let moved = vec![endpoint("a/1", "a", "10.0.1.1:2", true), eps[1].clone()];
+        assert_eq!(b.pick_in(&moved, &[], "us").unwrap().0.id, "b/1");
+        let load = b.loads.lock().unwrap().get("a/1").unwrap().clone();
+        assert!(!load.ejected(Instant::now()));
+        *load.held_until.lock().unwrap() = None;
+        assert_eq!(b.pick_in(&moved, &[], "us").unwrap().0.id, "a/1");
+    }
+
+    #[test]
+    fn unreachable_endpoints_are_skipped_and_held_when_they_come_back() {
+        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
+        let eps = vec![endpoint("b/1", "b", "10.0.2.1:1", true), {
+            let mut e = (*endpoint("c/1", "c", "10.0.3.1:1", true)).clone();
+            e.region = "eu".into();
+            Arc::new(e)
+        }];
+        assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "b/1", "same region first");
+        let no_b = |e: &Endpoint| e.cluster != "b";
+        for _ in 0..20 {
+            assert_eq!(b.pick_where(&eps, &[], "us", &no_b).unwrap().0.id, "c/1");
+        }
+        assert!(b.pick_where(&eps[..1], &[], "us", &no_b).is_none(), "never an unreachable endpoint");
+        // b's gateway is back: b waits for the hold while c serves.
+        assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "c/1");
     }
 }

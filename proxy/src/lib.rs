@@ -18,6 +18,7 @@ pub mod config;
 pub mod detect;
 pub mod discovery;
 pub mod drain;
+pub mod gateways;
 pub mod headers;
 pub mod identity;
 pub mod inbound;

@@ -54,6 +54,32 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
+/// Labels by gateway address.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayLabels {
+    /// `host:port` of a gateway of another cluster.
+    pub gateway: String,
+}
+
+/// Labels of tier changes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierChangeLabels {
+    /// `name.namespace` of the service.
+    pub service: String,
+    /// `failover` (to a farther tier) or `failback` (to a nearer one).
+    pub change: TierChange,
+}
+
+/// Which way the tier in use moved.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum TierChange {
+    /// To a farther tier.
+    failover,
+    /// Back to a nearer tier.
+    failback,
+}
+
 fn duration_histogram() -> Histogram {
     // 0.5 ms .. ~16 s.
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -80,6 +106,17 @@ pub struct Metrics {
     pub tls_handshake_failures: Family<DirectionLabels, Counter>,
     /// Open connections.
     pub active_connections: Family<DirectionLabels, Gauge>,
+    /// Tier of the endpoints serving each service now: 0 this zone, 1 this cluster, 2 another
+    /// cluster of the region, 3 another region.
+    pub tier: Family<ServiceLabels, Gauge>,
+    /// Times the tier in use changed, by direction.
+    pub tier_changes: Family<TierChangeLabels, Counter>,
+    /// Endpoints set aside after failing in a row (passive outlier detection).
+    pub ejections: Family<ServiceLabels, Counter>,
+    /// Whether each gateway of another cluster in use answers its probes (1) or not (0).
+    pub gateway_up: Family<GatewayLabels, Gauge>,
+    /// Round trip of the latest probe of each gateway, seconds.
+    pub gateway_rtt: Family<GatewayLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -120,8 +157,35 @@ impl Metrics {
         registry.register("tls_handshake_failures", "TLS handshakes that failed", tls_handshake_failures.clone());
         let active_connections = Family::<DirectionLabels, Gauge>::default();
         registry.register("active_connections", "Open connections", active_connections.clone());
+        let tier = Family::<ServiceLabels, Gauge>::default();
+        registry.register(
+            "tier",
+            "Tier serving each service: 0 this zone, 1 this cluster, 2 another cluster of the region, 3 another region",
+            tier.clone(),
+        );
+        let tier_changes = Family::<TierChangeLabels, Counter>::default();
+        registry.register(
+            "tier_changes",
+            "Changes of the tier serving a service (failover, failback)",
+            tier_changes.clone(),
+        );
+        let ejections = Family::<ServiceLabels, Counter>::default();
+        registry.register("ejections", "Endpoints set aside after failing in a row", ejections.clone());
+        let gateway_up = Family::<GatewayLabels, Gauge>::default();
+        registry.register(
+            "gateway_up",
+            "Gateway of another cluster answering its probes (1) or not (0)",
+            gateway_up.clone(),
+        );
+        let gateway_rtt = Family::<GatewayLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register("gateway_rtt_seconds", "Round trip of the latest probe of a gateway", gateway_rtt.clone());
         Arc::new(Self {
             registry,
+            tier,
+            tier_changes,
+            ejections,
+            gateway_up,
+            gateway_rtt,
             requests,
             request_duration,
             retries,

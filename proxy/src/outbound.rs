@@ -21,13 +21,14 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::balance::{Balancer, Locality};
+use crate::balance::{Balancer, EndpointLoad as LoadHandle, LoadGuard, Locality};
 use crate::body::{self, Body, text};
 use crate::detect::{FirstByte, Protocol, sniff};
 use crate::drain::Drain;
+use crate::gateways::{GatewayHealth, Way};
 use crate::headers::strip_hop_by_hop;
-use crate::metrics::{Direction, Metrics, ServiceLabels};
-use crate::pool::{H2Pool, MeshConnector, Target, Via};
+use crate::metrics::{Direction, Metrics, ServiceLabels, TierChange, TierChangeLabels};
+use crate::pool::{ConnectError, H2Pool, MeshConnector, Target, Via};
 use crate::retry::{self, Failure, MAX_REPLAY_BODY, MAX_RETRIES, RetryBudget, should_retry};
 use crate::routes::{AppProtocol, Endpoint, Routes, ServiceName};
 
@@ -45,19 +46,19 @@ pub struct OutboundTimeouts {
     pub sniff: Duration,
 }
 
-/// Where a proxy of `cluster` dials `ep`: through one of the gateways of the endpoint's cluster
-/// when it is in another cluster that has any (always the same gateway for the same endpoint, so
-/// the pooled connection is reused, and endpoints spread over the gateways), directly otherwise.
-pub fn target_for(ep: &Endpoint, cluster: &str, routes: &Routes) -> Target {
-    let via = (!cluster.is_empty() && ep.cluster != cluster && !ep.gateways.is_empty()).then(|| {
-        let mut gateways = ep.gateways.clone();
-        gateways.sort();
-        let h = ep.id.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-        let gateway = gateways[(h % gateways.len() as u64) as usize].clone();
-        let port = routes.services.get(&ep.service).and_then(|s| s.ports.first().map(|p| p.1)).unwrap_or(80);
-        Via { gateway, authority: format!("{}:{port}", ep.service), endpoint: ep.id.clone() }
-    });
-    Target { addr: ep.address.clone(), identity: ep.identity.clone(), via }
+/// Where a proxy of `cluster` dials `ep`: through a usable gateway of the endpoint's cluster
+/// when it is in another cluster reached through gateways, directly otherwise; `None` when it
+/// can only be reached through gateways and none is up.
+pub fn target_for(ep: &Endpoint, cluster: &str, routes: &Routes, health: &GatewayHealth) -> Option<Target> {
+    let via = match health.way_to(ep, cluster) {
+        Way::Direct => None,
+        Way::Unreachable => return None,
+        Way::Gateway(gateway) => {
+            let port = routes.services.get(&ep.service).and_then(|s| s.ports.first().map(|p| p.1)).unwrap_or(80);
+            Some(Via { gateway, authority: format!("{}:{port}", ep.service), endpoint: ep.id.clone() })
+        }
+    };
+    Some(Target { addr: ep.address.clone(), identity: ep.identity.clone(), via })
 }
 
 /// The outbound side, shared by every upstream listener.
@@ -66,6 +67,8 @@ pub struct Outbound {
     /// This proxy's cluster: endpoints of other clusters are reached through their gateways.
     cluster: String,
     balancer: Balancer,
+    /// Health of other clusters' gateways (shared with the connectors).
+    gateways: Arc<GatewayHealth>,
     pool: H2Pool,
     tcp: MeshConnector,
     metrics: Arc<Metrics>,
@@ -84,6 +87,19 @@ struct Upstream {
     service: ServiceName,
     label: String,
     budget: RetryBudget,
+    /// Tier of the endpoint that served last ([`u8::MAX`] before the first).
+    tier: std::sync::atomic::AtomicU8,
+}
+
+impl Upstream {
+    fn new(service: ServiceName) -> Self {
+        Self {
+            label: service.to_string(),
+            service,
+            budget: RetryBudget::default(),
+            tier: std::sync::atomic::AtomicU8::new(u8::MAX),
+        }
+    }
 }
 
 /// How one attempt went wrong, with a message for the final error.
@@ -91,6 +107,8 @@ struct Upstream {
 struct AttemptError {
     failure: Failure,
     message: String,
+    /// The gateway on the way failed, not the endpoint.
+    gateway_fault: bool,
 }
 
 /// The request body, held so that it can be sent again when that is safe.
@@ -129,23 +147,55 @@ impl Outbound {
         metrics: Arc<Metrics>,
         timeouts: OutboundTimeouts,
         locality: Locality,
+        gateways: Arc<GatewayHealth>,
     ) -> Arc<Self> {
         let cluster = locality.cluster.clone();
         let balancer = Balancer::with_locality(locality);
-        Arc::new(Self { routes, cluster, balancer, pool: H2Pool::new(h2), tcp, metrics, timeouts })
+        Arc::new(Self { routes, cluster, balancer, gateways, pool: H2Pool::new(h2), tcp, metrics, timeouts })
     }
 
     /// Forgets load and pooled connections of endpoints that left the configuration.
     pub fn prune(&self, routes: &Routes) {
         self.balancer.retain(&|id| routes.endpoints.contains_key(id));
         let live: std::collections::HashSet<Target> =
-            routes.endpoints.values().map(|e| target_for(e, &self.cluster, routes)).collect();
+            routes.endpoints.values().filter_map(|e| target_for(e, &self.cluster, routes, &self.gateways)).collect();
         self.pool.retain(&|t| live.contains(t));
+    }
+
+    /// Picks an endpoint of `up`'s service this proxy can reach now.
+    fn pick(&self, up: &Upstream, routes: &Routes, tried: &[String]) -> Option<(Arc<Endpoint>, Arc<LoadHandle>)> {
+        let reachable = |ep: &Endpoint| self.gateways.way_to(ep, &self.cluster) != Way::Unreachable;
+        self.balancer.pick_where(routes.endpoints_of(&up.service), tried, &routes.region, &reachable)
+    }
+
+    /// Records that `ep` served `up`: the tier in use, and a failover or failback when it moved.
+    fn served(&self, up: &Upstream, ep: &Endpoint, region: &str) {
+        let tier = self.balancer.tier(ep, region);
+        let before = up.tier.swap(tier, std::sync::atomic::Ordering::Relaxed);
+        if before != tier {
+            let labels = ServiceLabels { service: up.label.clone() };
+            self.metrics.tier.get_or_create(&labels).set(i64::from(tier));
+            if before != u8::MAX {
+                let change = if tier > before { TierChange::failover } else { TierChange::failback };
+                tracing::info!(service = %up.label, from = before, to = tier, endpoint = %ep.id, ?change, "tier in use changed");
+                self.metrics.tier_changes.get_or_create(&TierChangeLabels { service: up.label.clone(), change }).inc();
+            }
+        }
+    }
+
+    /// Records a failed attempt on an endpoint (not when the gateway on the way failed: that is
+    /// the gateway's health, and the endpoint's record stays clean).
+    fn failed(&self, up: &Upstream, guard: LoadGuard, gateway_fault: bool) {
+        if gateway_fault {
+            drop(guard);
+        } else if guard.failure() {
+            self.metrics.ejections.get_or_create(&ServiceLabels { service: up.label.clone() }).inc();
+        }
     }
 
     /// Accepts local connections for `service` until the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, service: ServiceName, drain: Drain) {
-        let up = Arc::new(Upstream { label: service.to_string(), service, budget: RetryBudget::default() });
+        let up = Arc::new(Upstream::new(service));
         loop {
             let (tcp, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -284,8 +334,7 @@ impl Outbound {
         let mut last_response: Option<Response<Incoming>> = None;
         loop {
             let routes = self.routes.borrow().clone();
-            let Some((ep, load)) = self.balancer.pick_in(routes.endpoints_of(&up.service), &tried, &routes.region)
-            else {
+            let Some((ep, load)) = self.pick(up, &routes, &tried) else {
                 break;
             };
             if !tried.is_empty() {
@@ -309,9 +358,10 @@ impl Outbound {
                     let failure = Failure::Status(status);
                     if !matches!(status.as_u16(), 502..=504) {
                         guard.success();
+                        self.served(up, &ep, &routes.region);
                         return client_response(resp, client_version);
                     }
-                    guard.failure();
+                    self.failed(up, guard, false);
                     if !retry_eligible(&parts.method, &body, failure, retries, deadline) {
                         return client_response(resp, client_version);
                     }
@@ -321,7 +371,7 @@ impl Outbound {
                     last_response = Some(resp);
                 }
                 Err(e) => {
-                    guard.failure();
+                    self.failed(up, guard, e.gateway_fault);
                     tracing::debug!(endpoint = %ep.id, error = %e.message, "attempt failed");
                     last_error = Some(format!("{}: {}", ep.id, e.message));
                     last_failure = Some(e.failure);
@@ -349,12 +399,24 @@ impl Outbound {
         body: &mut ReqBody,
         deadline: Instant,
     ) -> Result<Response<Incoming>, AttemptError> {
-        let target = target_for(ep, &self.cluster, &self.routes.borrow());
-        let before_write = |message: String| AttemptError { failure: Failure::BeforeWrite, message };
+        let before_write =
+            |message: String| AttemptError { failure: Failure::BeforeWrite, message, gateway_fault: false };
+        let timeout =
+            |message: &str| AttemptError { failure: Failure::Timeout, message: message.into(), gateway_fault: false };
+        let Some(target) = target_for(ep, &self.cluster, &self.routes.borrow(), &self.gateways) else {
+            return Err(AttemptError {
+                failure: Failure::BeforeWrite,
+                message: "every gateway of its cluster is down".into(),
+                gateway_fault: true,
+            });
+        };
         let mut sender = match tokio::time::timeout_at(deadline, self.pool.get(&target)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(before_write(e.to_string())),
-            Err(_) => return Err(AttemptError { failure: Failure::Timeout, message: "connect timed out".into() }),
+            Ok(Err(e)) => {
+                let gateway_fault = matches!(e, ConnectError::Tunnel { gateway_fault: true, .. });
+                return Err(AttemptError { gateway_fault, ..before_write(e.to_string()) });
+            }
+            Err(_) => return Err(timeout("connect timed out")),
         };
         match tokio::time::timeout_at(deadline, sender.ready()).await {
             Ok(Ok(())) => {}
@@ -362,12 +424,14 @@ impl Outbound {
                 self.pool.forget(&target);
                 return Err(before_write(format!("pooled connection closed: {e}")));
             }
-            Err(_) => {
-                return Err(AttemptError { failure: Failure::Timeout, message: "connection not ready in time".into() });
-            }
+            Err(_) => return Err(timeout("connection not ready in time")),
         }
         let Some(b) = body.take() else {
-            return Err(AttemptError { failure: Failure::Reset, message: "request body already sent".into() });
+            return Err(AttemptError {
+                failure: Failure::Reset,
+                message: "request body already sent".into(),
+                gateway_fault: false,
+            });
         };
         let mut req = Request::new(b);
         *req.method_mut() = parts.method.clone();
@@ -387,9 +451,9 @@ impl Outbound {
                 if err.is_closed() || err.is_canceled() {
                     self.pool.forget(&target);
                 }
-                Err(AttemptError { failure: Failure::Reset, message: err.to_string() })
+                Err(AttemptError { failure: Failure::Reset, message: err.to_string(), gateway_fault: false })
             }
-            Err(_) => Err(AttemptError { failure: Failure::Timeout, message: "no response in time".into() }),
+            Err(_) => Err(timeout("no response in time")),
         }
     }
 
@@ -402,8 +466,7 @@ impl Outbound {
         let mut last_error = None;
         for attempt in 0..=MAX_RETRIES {
             let routes = self.routes.borrow().clone();
-            let Some((ep, load)) = self.balancer.pick_in(routes.endpoints_of(&up.service), &tried, &routes.region)
-            else {
+            let Some((ep, load)) = self.pick(up, &routes, &tried) else {
                 break;
             };
             // Nothing was sent on a failed connect: another endpoint may take the stream.
@@ -414,11 +477,16 @@ impl Outbound {
                 self.metrics.retries.get_or_create(&ServiceLabels { service: up.label.clone() }).inc();
             }
             tried.push(ep.id.clone());
-            let target = target_for(&ep, &self.cluster, &self.routes.borrow());
             let guard = load.start();
+            let Some(target) = target_for(&ep, &self.cluster, &routes, &self.gateways) else {
+                drop(guard);
+                last_error = Some(format!("{}: every gateway of its cluster is down", ep.id));
+                continue;
+            };
             match self.tcp.connect(&target).await {
                 Ok(mut tls) => {
                     guard.success();
+                    self.served(up, &ep, &routes.region);
                     self.metrics.request(Direction::outbound, &up.label, "tcp", started.elapsed());
                     match tokio::io::copy_bidirectional(&mut io, &mut tls).await {
                         Ok((sent, received)) => {
@@ -429,7 +497,7 @@ impl Outbound {
                     return;
                 }
                 Err(e) => {
-                    guard.failure();
+                    self.failed(up, guard, matches!(e, ConnectError::Tunnel { gateway_fault: true, .. }));
                     tracing::debug!(endpoint = %ep.id, error = %e, "TCP connect failed");
                     last_error = Some(e.to_string());
                 }

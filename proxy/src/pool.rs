@@ -23,6 +23,7 @@ use trellis_proto::SpiffeId;
 use trellis_proto::tls::{mesh_server_name, peer_id};
 
 use crate::body::Body;
+use crate::gateways::GatewayPool;
 use crate::metrics::{Direction, Metrics};
 
 /// Why a connection to a peer could not be used.
@@ -41,7 +42,7 @@ pub enum ConnectError {
     #[error("HTTP/2 handshake with {addr} failed: {source}")]
     Http2 { addr: String, source: hyper::Error },
     #[error("tunnel through gateway {gateway} to {addr} failed: {reason}")]
-    Tunnel { gateway: String, addr: String, reason: String },
+    Tunnel { gateway: String, addr: String, reason: String, gateway_fault: bool },
 }
 
 /// How to reach a peer of another cluster: through one of its cluster's gateways.
@@ -107,79 +108,6 @@ impl tokio::io::AsyncWrite for MeshIo {
     }
 }
 
-type Outer = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
-/// One gateway's pooled connection, dialled by one task at a time.
-type OuterSlot = Arc<tokio::sync::Mutex<Option<Outer>>>;
-
-/// Pooled mTLS HTTP/2 connections to gateways, one per gateway address. Each gateway has its
-/// own slot: dialling one that does not answer holds up only the tunnels through it.
-#[derive(Clone)]
-struct Gateways {
-    tls: TlsConnector,
-    conns: Arc<Mutex<HashMap<String, OuterSlot>>>,
-}
-
-impl Gateways {
-    async fn outer(&self, gateway: &str, timeout: Duration) -> Result<Outer, String> {
-        let slot = self.conns.lock().unwrap_or_else(|p| p.into_inner()).entry(gateway.to_string()).or_default().clone();
-        let mut pooled = slot.lock().await;
-        if let Some(c) = pooled.as_ref()
-            && !c.is_closed()
-        {
-            return Ok(c.clone());
-        }
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(gateway))
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(timeout, self.tls.connect(mesh_server_name(), tcp))
-            .await
-            .map_err(|_| "TLS handshake timed out".to_string())?
-            .map_err(|e| format!("TLS handshake: {e}"))?;
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-        let gw = gateway.to_string();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(gateway = %gw, error = %e, "gateway connection ended");
-            }
-        });
-        *pooled = Some(send.clone());
-        Ok(send)
-    }
-
-    /// A tunnel to `via.endpoint` through `via.gateway`.
-    async fn tunnel(&self, via: &Via, timeout: Duration) -> Result<TokioIo<hyper::upgrade::Upgraded>, String> {
-        let mut outer = self.outer(&via.gateway, timeout).await?;
-        outer.ready().await.map_err(|e| format!("gateway connection: {e}"))?;
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(via.authority.as_str())
-            .header("trellis-endpoint", via.endpoint.as_str())
-            .body(http_body_util::Empty::new())
-            .map_err(|e| e.to_string())?;
-        let resp = tokio::time::timeout(timeout, outer.send_request(req))
-            .await
-            .map_err(|_| "CONNECT not answered in time".to_string())?
-            .map_err(|e| format!("CONNECT: {e}"))?;
-        if resp.status() != http::StatusCode::OK {
-            let status = resp.status();
-            let body =
-                http_body_util::BodyExt::collect(resp.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
-            return Err(format!("{status}: {}", String::from_utf8_lossy(&body).trim()));
-        }
-        let upgraded = hyper::upgrade::on(resp).await.map_err(|e| format!("upgrade: {e}"))?;
-        Ok(TokioIo::new(upgraded))
-    }
-}
-
 /// Where to connect and who must answer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
@@ -198,7 +126,7 @@ pub struct MeshConnector {
     alpn: &'static [u8],
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
-    gateways: Option<Gateways>,
+    gateways: Option<GatewayPool>,
 }
 
 impl std::fmt::Debug for MeshConnector {
@@ -218,21 +146,28 @@ impl MeshConnector {
         Self { tls: TlsConnector::from(config), alpn, connect_timeout, metrics, gateways: None }
     }
 
-    /// The same connector, able to reach peers through gateways: `outer` is the client
-    /// configuration for gateways (this proxy's identity, gateway servers, ALPN `h2`).
-    pub fn with_gateways(self, outer: Arc<rustls::ClientConfig>) -> Self {
-        let gateways = Gateways { tls: TlsConnector::from(outer), conns: Arc::default() };
-        Self { gateways: Some(gateways), ..self }
+    /// The same connector, able to reach peers through the gateways of `pool`.
+    pub fn with_gateways(self, pool: GatewayPool) -> Self {
+        Self { gateways: Some(pool), ..self }
     }
 
     /// Connects, completes the handshake and checks ALPN and the peer identity.
     pub async fn connect(&self, target: &Target) -> Result<TlsStream<MeshIo>, ConnectError> {
         let addr = target.addr.clone();
         let tcp = match (&target.via, &self.gateways) {
-            (Some(via), Some(gw)) => match gw.tunnel(via, self.connect_timeout).await {
-                Ok(t) => MeshIo::Tunnel(t),
-                Err(reason) => return Err(ConnectError::Tunnel { gateway: via.gateway.clone(), addr, reason }),
-            },
+            (Some(via), Some(gw)) => {
+                match gw.tunnel(&via.gateway, &via.authority, &via.endpoint, self.connect_timeout).await {
+                    Ok(t) => MeshIo::Tunnel(t),
+                    Err(e) => {
+                        return Err(ConnectError::Tunnel {
+                            gateway: via.gateway.clone(),
+                            addr,
+                            reason: e.reason,
+                            gateway_fault: e.gateway_fault,
+                        });
+                    }
+                }
+            }
             _ => match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&target.addr)).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);

@@ -174,6 +174,8 @@ pub struct Endpoint {
     pub region: String,
     /// Gateways of the workload's cluster (reached through them from other clusters).
     pub gateways: Vec<String>,
+    /// Its cluster is reached from other clusters only through those gateways.
+    pub via_gateways: bool,
     /// `host:port` of the workload proxy's inbound mTLS listener.
     pub address: String,
     /// The identity it must present; `None` accepts any workload of the trust domain.
@@ -205,6 +207,7 @@ impl Endpoint {
             zone: pb.zone.clone(),
             region: pb.region.clone(),
             gateways: pb.gateways.clone(),
+            via_gateways: pb.via_gateways,
             address: pb.address.clone(),
             identity,
             healthy: pb.healthy,
@@ -346,6 +349,7 @@ mod tests {
             revision: 1,
             region: String::new(),
             gateways: Vec::new(),
+            via_gateways: false,
         }
     }
 

@@ -219,6 +219,7 @@ async fn identity_mismatch_is_a_connection_failure() -> anyhow::Result<()> {
         revision: 1,
         region: String::new(),
         gateways: Vec::new(),
+        via_gateways: false,
     });
     wait_endpoints(&client, "db.default", 1).await?;
     let url = format!("http://{}/", client.upstream_addr("db.default").expect("bound"));
@@ -504,6 +505,7 @@ async fn a_bad_resource_is_nacked_and_the_rest_keeps_working() -> anyhow::Result
         revision: 2,
         region: String::new(),
         gateways: Vec::new(),
+        via_gateways: false,
     });
     w.cp.push_endpoint(pb::Endpoint {
         id: "local/default/other/x".into(),
@@ -517,6 +519,7 @@ async fn a_bad_resource_is_nacked_and_the_rest_keeps_working() -> anyhow::Result
         revision: 1,
         region: String::new(),
         gateways: Vec::new(),
+        via_gateways: false,
     });
     wait_until(Duration::from_secs(10), "a NACK from the client", || {
         w.cp.seen(|s| s.nacks.iter().any(|(i, _, reason)| i == "client" && reason.contains("not an address")))

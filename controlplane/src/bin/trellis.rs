@@ -339,7 +339,8 @@ async fn describe_cluster(ctx: &Context, name: &str, output: Format) -> Result<(
     }
     let value = json!({
         "name": c.name, "region": c.region, "status": c.status, "created_at": c.created_at,
-        "ca_expires_at": c.ca_expires_at, "control_planes": members.iter().map(|m| json!({
+        "ca_expires_at": c.ca_expires_at, "gateways": c.gateways, "via_gateways": c.via_gateways,
+        "control_planes": members.iter().map(|m| json!({
             "name": m.name, "id": format!("{:x}", m.id), "address": m.address, "membership": m.membership,
             "leader": m.leader, "role": m.role, "applied": m.applied, "error": m.error,
         })).collect::<Vec<_>>(),
@@ -354,6 +355,12 @@ async fn describe_cluster(ctx: &Context, name: &str, output: Format) -> Result<(
     println!("Cluster {} (region {}): {}", c.name, c.region, if c.status.is_empty() { "-" } else { &c.status });
     println!("  joined          {} ago", human_duration(unix_now().saturating_sub(c.created_at)));
     println!("  intermediate CA expires in {}", human_duration(c.ca_expires_at.saturating_sub(unix_now())));
+    let reach = match (c.via_gateways, c.gateways.is_empty()) {
+        (false, _) => "directly (no gateway has registered)".to_string(),
+        (true, true) => "through its gateways, and none is up: other clusters cannot reach it".to_string(),
+        (true, false) => format!("through its gateways {}", c.gateways.join(", ")),
+    };
+    println!("  reached from other clusters {reach}");
     println!("\nControl planes ({} of {} answering, {} voter(s)):", c.members_up, c.members, c.voters);
     let rows: Vec<Vec<String>> = members
         .iter()
@@ -405,14 +412,20 @@ async fn run(cli: Cli) -> Result<(), String> {
             match args.output {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default()),
                 Format::Yaml => print!("{}", serde_saphyr::to_string(&report).unwrap_or_default()),
-                Format::Table => println!(
-                    "\nFailover demo finished: {} requests, {} failed, served by {:?}; failover {:.0} ms, failback {}",
-                    report.requests,
-                    report.failed,
-                    report.served_by,
-                    report.failover_ms,
-                    report.failback_ms.map(|m| format!("{m:.0} ms")).unwrap_or_else(|| "not seen".into())
-                ),
+                Format::Table => {
+                    let ms = |m: Option<f64>| m.map(|m| format!("{m:.0} ms")).unwrap_or_else(|| "not seen".into());
+                    println!(
+                        "\nFailover demo finished: {} requests, {} failed, served by {:?}; a's backends: failover {:.0} \
+                         ms, failback {}; b's gateway: failover {}, failback {}",
+                        report.requests,
+                        report.failed,
+                        report.served_by,
+                        report.failover_ms,
+                        ms(report.failback_ms),
+                        ms(report.gateway_failover_ms),
+                        ms(report.gateway_failback_ms),
+                    )
+                }
             }
             if report.failed > 0 {
                 return Err(format!("{} requests failed", report.failed));

@@ -45,8 +45,15 @@ pub struct DemoArgs {
     /// Failover: kill every backend of `api` in cluster a this many seconds into the run.
     #[arg(long, default_value_t = 4)]
     pub kill_backends_at: u64,
-    /// Failover: bring them back this many seconds into the run.
-    #[arg(long, default_value_t = 9)]
+    /// Failover: then kill cluster b's gateway (SIGKILL), with a's traffic on b, this many seconds
+    /// into the run (0: never).
+    #[arg(long, default_value_t = 8)]
+    pub kill_gateway_at: u64,
+    /// Failover: start b's gateway again this many seconds into the run.
+    #[arg(long, default_value_t = 12)]
+    pub restore_gateway_at: u64,
+    /// Failover: bring a's backends back this many seconds into the run.
+    #[arg(long, default_value_t = 16)]
     pub restore_backends_at: u64,
     /// Number of clusters (1 to 5): the first bootstraps the federation, the others join it with
     /// a join token each.
@@ -179,8 +186,9 @@ impl Drop for ContextGuard {
 }
 
 /// Names, regions and loopback blocks of the demo's clusters, in order of creation.
+/// a and b share a region, so b is a's first choice when a service fails in a.
 const CLUSTERS: [(&str, &str); 5] =
-    [("a", "us-east"), ("b", "us-west"), ("c", "eu-central"), ("d", "eu-west"), ("e", "ap-south")];
+    [("a", "us-east"), ("b", "us-east"), ("c", "eu-west"), ("d", "eu-west"), ("e", "ap-south")];
 /// The sample services; service `k` runs in cluster `k mod N` and calls service `k + 1`.
 const SERVICES: [&str; 5] = ["web", "api", "db", "cache", "auth"];
 
@@ -349,43 +357,8 @@ pub(super) async fn start_federation(workdir: &Path, n: usize, live: bool) -> Re
     let mut gateway_admins = Vec::new();
     let mut gateways = Vec::new();
     if n > 1 {
-        let gateway_bin = sibling_binary("trellis-gateway")?;
         for (i, c) in clusters.iter().enumerate() {
-            // A gateway token is for the cluster of the control plane that creates it.
-            let c_ctx = crate::context::Context { server: c.grpc.clone(), ..ctx.clone() };
-            let token = client::admin(&c_ctx)
-                .map_err(|e| e.to_string())?
-                .create_workload_token(pb::CreateWorkloadTokenRequest {
-                    ttl_seconds: 3600,
-                    description: format!("trellis demo: gateway of cluster {}", c.name),
-                    gateway: true,
-                    ..Default::default()
-                })
-                .await
-                .map_err(status)?
-                .into_inner()
-                .token;
-            let token_file = workdir.join(format!("gateway-{}.token", c.name));
-            write_private(&token_file, token.as_bytes()).map_err(io)?;
-            let ready_file = workdir.join(format!("gateway-{}.ready", c.name));
-            let args = vec![
-                "--control-plane".into(),
-                c.grpc.clone(),
-                "--trust-bundle".into(),
-                c.bundle.display().to_string(),
-                "--cluster".into(),
-                c.name.clone(),
-                "--listen".into(),
-                format!("{}:0", ip(i, 9)),
-                "--token-file".into(),
-                token_file.display().to_string(),
-                "--ready-file".into(),
-                ready_file.display().to_string(),
-            ];
-            let log = logs.join(format!("gateway-{}.log", c.name));
-            let mut gw =
-                Proc::spawn(&format!("gateway of cluster {}", c.name), &gateway_bin, args, &log).map_err(io)?;
-            let ready = wait_ready(&mut gw, &ready_file, Duration::from_secs(30)).await?;
+            let (gw, ready) = start_gateway(workdir, i, &c.home(), &ctx).await?;
             gateway_admins.push(ready["admin"].as_str().unwrap_or_default().to_string());
             if live {
                 println!("  cluster {}: east-west gateway on {}", c.name, ready["listen"].as_str().unwrap_or_default());
@@ -395,6 +368,54 @@ pub(super) async fn start_federation(workdir: &Path, n: usize, live: bool) -> Re
     }
 
     Ok(Federation { clusters, joins, gateways, gateway_admins, guard, ctx, td })
+}
+
+/// Starts the east-west gateway of cluster `c` (number `i`) with a gateway token of its own
+/// control plane, and waits until it is ready; returns it and its ready file.
+pub(super) async fn start_gateway(
+    workdir: &Path,
+    i: usize,
+    c: &Home,
+    ctx: &crate::context::Context,
+) -> Result<(Proc, serde_json::Value), String> {
+    let io = |e: std::io::Error| e.to_string();
+    let gateway_bin = sibling_binary("trellis-gateway")?;
+    // A gateway token is for the cluster of the control plane that creates it.
+    let c_ctx = crate::context::Context { server: c.grpc.clone(), ..ctx.clone() };
+    let token = client::admin(&c_ctx)
+        .map_err(|e| e.to_string())?
+        .create_workload_token(pb::CreateWorkloadTokenRequest {
+            ttl_seconds: 3600,
+            description: format!("trellis demo: gateway of cluster {}", c.name),
+            gateway: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| client::from_status(&c.grpc, s).to_string())?
+        .into_inner()
+        .token;
+    let token_file = workdir.join(format!("gateway-{}.token", c.name));
+    write_private(&token_file, token.as_bytes()).map_err(io)?;
+    let ready_file = workdir.join(format!("gateway-{}.ready", c.name));
+    let _ = std::fs::remove_file(&ready_file);
+    let args = vec![
+        "--control-plane".into(),
+        c.grpc.clone(),
+        "--trust-bundle".into(),
+        c.bundle.display().to_string(),
+        "--cluster".into(),
+        c.name.clone(),
+        "--listen".into(),
+        format!("{}:0", ip(i, 9)),
+        "--token-file".into(),
+        token_file.display().to_string(),
+        "--ready-file".into(),
+        ready_file.display().to_string(),
+    ];
+    let log = workdir.join("logs").join(format!("gateway-{}.log", c.name));
+    let mut gw = Proc::spawn(&format!("gateway of cluster {}", c.name), &gateway_bin, args, &log).map_err(io)?;
+    let ready = wait_ready(&mut gw, &ready_file, Duration::from_secs(30)).await?;
+    Ok((gw, ready))
 }
 
 /// Creates (or updates) service `name.default` (when `exported` is given: whether it is) and a

@@ -268,6 +268,7 @@ impl Discovery for FakeDiscovery {
                     revision: 1,
                     region: String::new(),
                     gateways: Vec::new(),
+                    via_gateways: false,
                 },
             );
             state.services.lock().unwrap().insert(

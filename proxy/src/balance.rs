@@ -109,9 +109,9 @@ const EJECT_AFTER: u32 = 5;
 const EJECT_FOR: Duration = Duration::from_secs(10);
 
 /// How long an endpoint that appeared, came back healthy or moved to a new address waits before
-/// it takes traffic while other endpoints can serve (failback hysteresis, and a slow start for
-/// new instances): a backend that flaps does not pull traffic back and forth. With nothing else
-/// to serve, it is used at once.
+/// it takes traffic while other endpoints serve without failing (failback hysteresis, and a slow
+/// start for new instances): a backend that flaps does not pull traffic back and forth. When the
+/// others fail, or there is nothing else, it is used at once.
 pub const FAILBACK_HOLD: Duration = Duration::from_secs(1);
 
 /// Live load of one endpoint.
@@ -330,9 +330,12 @@ impl Balancer {
                 c.healthy = ep.healthy && *r;
             }
         }
-        // Endpoints on hold sit out while any other can serve.
+        // Endpoints on hold sit out while another can serve that has not just failed.
         let held: Vec<bool> = loads.iter().map(|l| l.held(now)).collect();
-        if candidates.iter().zip(&held).any(|(c, h)| c.healthy && !c.excluded && !h) {
+        let clean = |c: &Candidate, h: bool, l: &EndpointLoad| {
+            c.healthy && !c.excluded && !h && l.failures.load(Ordering::Relaxed) == 0
+        };
+        if candidates.iter().zip(&held).zip(&loads).any(|((c, h), l)| clean(c, *h, l)) {
             for (c, h) in candidates.iter_mut().zip(&held) {
                 c.excluded |= *h;
             }

@@ -438,7 +438,7 @@ fn when_every_backend_in_the_callers_cluster_dies_requests_fail_over_through_the
 }
 
 #[test]
-fn the_failover_demo_moves_traffic_to_the_other_cluster_and_back_with_no_failed_request() {
+fn the_failover_demo_moves_traffic_to_the_nearest_other_cluster_then_past_a_dead_gateway_and_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("config");
     let out = trellis(
@@ -451,12 +451,14 @@ fn the_failover_demo_moves_traffic_to_the_other_cluster_and_back_with_no_failed_
             "200",
             "--kill-backends-at",
             "3",
-            "--restore-backends-at",
+            "--kill-gateway-at",
             "6",
+            "--restore-gateway-at",
+            "9",
+            "--restore-backends-at",
+            "12",
             "--duration",
-            // Room for a's restarted backend to come back even when the caller's outlier
-            // detection set it aside (10 s) during the kill.
-            "20",
+            "16",
             "-o",
             "json",
         ],
@@ -466,7 +468,24 @@ fn the_failover_demo_moves_traffic_to_the_other_cluster_and_back_with_no_failed_
     let r: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     assert_eq!(r["failed"], 0, "{r:#}");
     assert_eq!(r["served_by_a_while_down"], 0, "{r:#}");
-    assert!(r["served_by"]["b"].as_u64().unwrap_or(0) > 300, "b served the traffic while a was down: {r:#}");
-    assert!(r["served_by"]["a"].as_u64().unwrap_or(0) > 300, "{r:#}");
+    assert_eq!(r["served_by_b_while_gateway_down"], 0, "{r:#}");
+    assert!(r["failover_ms"].as_f64().is_some_and(|ms| ms < 1000.0), "every request on b within 1 s: {r:#}");
+    let phase = |name: &str| -> Value {
+        r["phases"].as_array().and_then(|p| p.iter().find(|p| p["phase"] == name).cloned()).unwrap_or_default()
+    };
+    let served = |p: &Value, c: &str| p["served_by"][c].as_u64().unwrap_or(0);
+    // Each phase is served where it should be: b (a's region) while a's backends are gone, c once
+    // b's gateway is gone too, b again when its gateway is back, a at the end.
+    let (down, no_gw, gw_back, back) = (
+        phase("a's backends killed"),
+        phase("b's gateway killed too"),
+        phase("b's gateway back"),
+        phase("a's backends back"),
+    );
+    assert!(served(&down, "b") > 400 && served(&down, "c") == 0, "{down:#}");
+    assert!(served(&no_gw, "c") > 400 && served(&no_gw, "a") == 0, "{no_gw:#}");
+    assert!(served(&gw_back, "b") > 300, "{gw_back:#}");
+    assert!(served(&back, "a") > 300, "{back:#}");
+    assert!(r["gateway_failback_ms"].as_f64().is_some(), "traffic came back to b: {r:#}");
     assert!(r["failback_ms"].as_f64().is_some(), "traffic came back to a: {r:#}");
 }

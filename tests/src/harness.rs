@@ -202,10 +202,15 @@ pub fn free_port(ip: &str) -> u16 {
 
 /// One HTTP/1.1 `GET /hello` through `addr` (a proxy's local listener); the body of a 200.
 pub fn http_get(addr: &str) -> Option<String> {
+    http_get_path(addr, "/hello")
+}
+
+/// As [`http_get`], for `path`.
+pub fn http_get_path(addr: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /hello HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n").ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: api\r\nconnection: close\r\n\r\n").as_bytes()).ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.starts_with("HTTP/1.1 200").then(|| out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())

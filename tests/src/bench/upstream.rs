@@ -61,3 +61,19 @@ pub async fn tcp_sink(ip: &str) -> anyhow::Result<SocketAddr> {
     });
     Ok(addr)
 }
+
+/// Starts a TCP echo server on `ip:0`: every byte read is written back.
+pub async fn tcp_echo(ip: &str) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind((ip, 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Ok(addr)
+}

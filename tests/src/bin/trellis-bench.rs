@@ -6,7 +6,9 @@ use std::time::Duration;
 use clap::Parser;
 use trellis_tests::bench::load::Proto;
 use trellis_tests::bench::report::Report;
-use trellis_tests::bench::scenarios::{self, config_propagation, join, proxy_latency, raft, tcp_throughput};
+use trellis_tests::bench::scenarios::{
+    self, config_propagation, cross_cluster, failover, join, proxy_latency, raft, tcp_throughput,
+};
 
 #[derive(Parser)]
 #[command(name = "trellis-bench", about = "Trellis benchmark scenarios (build the workspace in release mode first)")]
@@ -45,6 +47,15 @@ struct Args {
     /// MiB per stream for tcp-throughput.
     #[arg(long, default_value_t = 256)]
     stream_mib: u64,
+    /// Request rate of the cross-cluster latency figures, requests per second.
+    #[arg(long, default_value_t = 1000)]
+    cross_cluster_rate: u32,
+    /// New connections per path per round for cross-cluster.
+    #[arg(long, default_value_t = 300)]
+    new_connections: usize,
+    /// Runs of the failover scenario (each a whole failover and failback).
+    #[arg(long, default_value_t = 10)]
+    failover_runs: u32,
 }
 
 #[tokio::main]
@@ -79,6 +90,22 @@ async fn main() -> anyhow::Result<()> {
                 proxy_latency::run(&opts, &mut report).await?;
             }
             "tcp-throughput" => tcp_throughput::run(args.stream_mib, args.rounds, &mut report).await?,
+            "cross-cluster" => {
+                let opts = cross_cluster::Opts {
+                    rate: args.cross_cluster_rate,
+                    duration: Duration::from_secs(args.duration),
+                    rounds: args.rounds,
+                    conns: args.connections,
+                    new_conns: args.new_connections,
+                };
+                cross_cluster::run(&opts, &mut report).await?;
+            }
+            "failover" => {
+                let runs = args.failover_runs;
+                let mut r = Report::default();
+                let r = tokio::task::spawn_blocking(move || failover::run(runs, &mut r).map(|()| r)).await??;
+                report.extend(r);
+            }
             "join" => {
                 let rounds = args.joins;
                 let mut r = Report::default();

@@ -126,6 +126,9 @@ impl Inbound {
             return;
         };
         let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+        // One line per mesh connection (HTTP ones are pooled and long-lived): who called, as the
+        // certificate proves it, whatever the path it came by (directly or through a gateway).
+        tracing::info!(%caller, alpn = ?alpn.as_deref().map(String::from_utf8_lossy), "inbound connection");
         match alpn.as_deref() {
             Some(p) if p == ALPN_MESH_HTTP => self.serve_h2(tls, caller, drain).await,
             Some(p) if p == ALPN_MESH_TCP => self.splice(tls, caller).await,

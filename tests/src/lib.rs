@@ -8,3 +8,4 @@ pub mod group;
 pub mod harness;
 pub mod mesh;
 pub mod netns;
+pub mod world;

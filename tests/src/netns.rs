@@ -113,3 +113,76 @@ impl Drop for Fabric {
         }
     }
 }
+
+/// What a capture saw on one interface.
+#[derive(Debug, Default, Clone)]
+pub struct Captured {
+    pub packets: u64,
+    pub bytes: u64,
+    /// How many packets held each marker, in the order given.
+    pub hits: Vec<u64>,
+}
+
+/// A packet capture running on a thread inside a namespace.
+pub struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: JoinHandle<Result<Captured, String>>,
+}
+
+impl Capture {
+    /// Stops the capture; what it saw.
+    pub fn finish(self) -> Result<Captured, String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_else(|_| Err("the capture thread panicked".into()))
+    }
+}
+
+impl Fabric {
+    /// Captures every frame on member `i`'s fabric interface (`eth0`, both directions) with a
+    /// raw packet socket, counting the frames that contain each of `markers`.
+    pub fn capture(&self, i: usize, markers: &[&[u8]]) -> Capture {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockProtocol, SockType, recvfrom, setsockopt, socket, sockopt,
+        };
+        let markers: Vec<Vec<u8>> = markers.iter().map(|m| m.to_vec()).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = self.thread(i, move || {
+            let run = || -> Result<Captured, String> {
+                let ifindex = nix::net::if_::if_nametoindex("eth0").map_err(|e| format!("eth0: {e}"))?;
+                let fd = socket(AddressFamily::Packet, SockType::Raw, SockFlag::empty(), SockProtocol::EthAll)
+                    .map_err(|e| format!("packet socket: {e}"))?;
+                setsockopt(&fd, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(0, 100_000))
+                    .map_err(|e| format!("receive timeout: {e}"))?;
+                let _ = ready_tx.send(());
+                let mut seen = Captured { hits: vec![0; markers.len()], ..Default::default() };
+                let mut buf = vec![0u8; 65_536];
+                use std::os::fd::AsRawFd;
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (n, from) = match recvfrom::<nix::sys::socket::LinkAddr>(fd.as_raw_fd(), &mut buf) {
+                        Ok(x) => x,
+                        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+                        Err(e) => return Err(format!("recvfrom: {e}")),
+                    };
+                    if from.is_some_and(|a| a.ifindex() != ifindex as usize) {
+                        continue;
+                    }
+                    seen.packets += 1;
+                    seen.bytes += n as u64;
+                    let frame = &buf[..n];
+                    for (k, m) in markers.iter().enumerate() {
+                        if frame.windows(m.len()).any(|w| w == m.as_slice()) {
+                            seen.hits[k] += 1;
+                        }
+                    }
+                }
+                Ok(seen)
+            };
+            run()
+        });
+        // The socket is open before the caller goes on (or the thread failed and says why).
+        let _ = ready_rx.recv_timeout(std::time::Duration::from_secs(5));
+        Capture { stop, thread }
+    }
+}

@@ -13,6 +13,7 @@ pub fn service_to_pb(s: &Service) -> pb::Service {
         protocol: s.protocol.as_str().to_string(),
         exported: s.exported,
         revision: s.revision,
+        vip: s.vip.clone(),
     }
 }
 
@@ -36,6 +37,8 @@ pub fn service_from_pb(s: &pb::Service) -> Result<Service, String> {
         protocol: Protocol::parse(&s.protocol).map_err(|e| e.to_string())?,
         exported: s.exported,
         revision: 0,
+        // Given by the state machine; an administrator cannot choose it.
+        vip: String::new(),
     })
 }
 

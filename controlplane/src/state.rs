@@ -106,6 +106,11 @@ pub struct Service {
     pub protocol: Protocol,
     pub exported: bool,
     pub revision: u64,
+    /// Virtual IPv4 address in [`SERVICE_VIPS`], the same in every cluster: in transparent mode an
+    /// application connects to `vip:port` and its proxy takes the connection. Given by the state
+    /// machine when the service is first created, kept for its life.
+    #[serde(default)]
+    pub vip: String,
 }
 
 impl Service {
@@ -113,6 +118,25 @@ impl Service {
     pub fn key(&self) -> String {
         format!("{}.{}", self.name, self.namespace)
     }
+}
+
+/// The range service virtual addresses come from: `198.19.0.0/16` (part of the benchmarking
+/// block 198.18.0.0/15, never routed on the internet). Only proxies in transparent mode use it,
+/// and only inside a workload's network namespace.
+pub const SERVICE_VIPS: (std::net::Ipv4Addr, u8) = (std::net::Ipv4Addr::new(198, 19, 0, 0), 16);
+
+/// A free virtual address for `key`: a hash of the name picks the first candidate (so a service
+/// re-created gets the same address when it is free), the next free one otherwise. `.0` and
+/// `.255` of each /24 are skipped.
+fn allocate_vip(key: &str, taken: &std::collections::HashSet<String>) -> Option<String> {
+    let base = u32::from(SERVICE_VIPS.0);
+    let size = 1u32 << (32 - SERVICE_VIPS.1);
+    let h = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let start = (h % u64::from(size)) as u32;
+    (0..size).map(|i| (start + i) % size).filter(|o| !matches!(o & 0xff, 0 | 255)).find_map(|o| {
+        let ip = std::net::Ipv4Addr::from(base + o).to_string();
+        (!taken.contains(&ip)).then_some(ip)
+    })
 }
 
 /// One workload behind one service.
@@ -351,6 +375,15 @@ fn validate_address(addr: &str) -> Result<(), ApplyError> {
 }
 
 impl State {
+    /// The virtual address of service `key`: the one it has, or a free one.
+    fn vip_for(&self, key: &str) -> Option<String> {
+        if let Some(kept) = self.services.get(key).map(|s| s.vip.clone()).filter(|v| !v.is_empty()) {
+            return Some(kept);
+        }
+        let taken: std::collections::HashSet<String> = self.services.values().map(|s| s.vip.clone()).collect();
+        allocate_vip(key, &taken)
+    }
+
     /// The trust domain, once bootstrapped.
     pub fn trust_domain(&self) -> Option<&str> {
         self.federation.as_ref().map(|f| f.trust_domain.as_str())
@@ -409,6 +442,12 @@ impl State {
                 }
                 let mut svc = svc.clone();
                 svc.revision = index;
+                svc.vip = self.vip_for(&key).ok_or_else(|| {
+                    ApplyError::Invalid(format!(
+                        "service {key}: every virtual address of {}/{} is taken; delete unused services",
+                        SERVICE_VIPS.0, SERVICE_VIPS.1
+                    ))
+                })?;
                 self.services.insert(key.clone(), svc);
                 self.record(ChangeKey::Service(key));
                 Ok(())
@@ -440,6 +479,8 @@ impl State {
                         protocol: *protocol,
                         exported: false,
                         revision: index,
+                        // None left: the service works, only not in transparent mode.
+                        vip: self.vip_for(&endpoint.service).unwrap_or_default(),
                     };
                     self.services.insert(endpoint.service.clone(), svc);
                     self.record(ChangeKey::Service(endpoint.service.clone()));

@@ -83,6 +83,10 @@ pub struct Config {
     /// Seconds a draining gateway waits for open tunnels after SIGTERM.
     #[arg(long, default_value_t = 10)]
     pub drain_timeout: u64,
+    /// Worker threads (0: one per core; 1: everything on one thread, the lowest latency on a
+    /// small or busy node).
+    #[arg(long, env = "TRELLIS_THREADS", default_value_t = 0)]
+    pub threads: usize,
     /// Write the bound addresses as JSON to this file once serving.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,

@@ -148,6 +148,10 @@ pub async fn build(config: Config) -> Result<App, AppError> {
     // Listeners first: the inbound address goes into Hello.
     let (inbound_l, inbound_addr) = bind("--inbound", config.inbound).await?;
     let (admin_l, admin_addr) = bind("--admin", config.admin).await?;
+    let transparent_l = match config.transparent {
+        Some(addr) => Some(bind("--transparent", addr).await?.0),
+        None => None,
+    };
     let mut upstream_ls = Vec::new();
     let mut upstreams = BTreeMap::new();
     for u in &config.upstreams {
@@ -222,6 +226,9 @@ pub async fn build(config: Config) -> Result<App, AppError> {
     tasks.push(tokio::spawn(gateways::probe_forever(gateways, routes.clone(), drain.clone())));
     for (l, service) in upstream_ls {
         tasks.push(tokio::spawn(outbound.clone().serve(l, service, drain.clone())));
+    }
+    if let Some(l) = transparent_l {
+        tasks.push(tokio::spawn(outbound.clone().serve_transparent(l, drain.clone())));
     }
     tasks.push(tokio::spawn(prune_on_change(outbound, routes.clone())));
 

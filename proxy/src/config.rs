@@ -132,6 +132,12 @@ pub struct Config {
     #[arg(long = "upstream", env = "TRELLIS_UPSTREAMS", value_delimiter = ',')]
     pub upstreams: Vec<Upstream>,
 
+    /// Transparent mode: the listener that connections redirected by iptables arrive on
+    /// (`trellis transparent-init` installs the rule for the service addresses). Each is served
+    /// as a call to the service whose virtual address the application dialled. Loopback only.
+    #[arg(long, env = "TRELLIS_TRANSPARENT")]
+    pub transparent: Option<SocketAddr>,
+
     /// Admin listener (metrics, readiness); loopback only, it is unauthenticated.
     #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:0")]
     pub admin: SocketAddr,
@@ -163,6 +169,12 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Worker threads (0: one per core). One, the default, runs everything on one thread: a
+    /// sidecar's load is one workload's, and a single thread saves the cross-thread wake-ups that
+    /// cost latency on a busy node.
+    #[arg(long, env = "TRELLIS_THREADS", default_value_t = 1)]
+    pub threads: usize,
 
     /// When ready, write {"inbound","admin","upstreams","identity"} as JSON to this file (atomically).
     #[arg(long, env = "TRELLIS_READY_FILE")]
@@ -207,6 +219,21 @@ impl Config {
                  listens on 127.0.0.1 or ::1",
                 self.admin
             )));
+        }
+        // Plaintext listeners that send into the mesh with this workload's identity: only the
+        // workload itself may reach them.
+        for (flag, addr) in self
+            .upstreams
+            .iter()
+            .map(|u| ("--upstream", u.listen))
+            .chain(self.transparent.map(|t| ("--transparent", t)))
+        {
+            if !addr.ip().is_loopback() {
+                return Err(invalid(format!(
+                    "{flag} {addr} is not a loopback address; it takes plaintext from the application and \
+                     calls the mesh with this workload's identity, so it only listens on 127.0.0.1 or ::1"
+                )));
+            }
         }
         let mut seen = std::collections::BTreeSet::new();
         for u in &self.upstreams {

@@ -29,4 +29,18 @@ pub mod retry;
 pub mod routes;
 
 pub use app::{App, AppError, build};
+
+/// The Tokio runtime of a proxy or gateway process: one thread for `threads == 1`, otherwise a
+/// work-stealing pool of `threads` workers (0: one per core).
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b.enable_all().build()
+    }
+}
 pub use config::Config;

@@ -24,11 +24,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = Config::parse();
     init_tracing(config.log_format);
-    match run(config).await {
+    let runtime = match trellis_proxy::runtime(config.threads) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("trellis-proxy: cannot start the runtime with --threads {}: {e}", config.threads);
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, the message already says what to do.

@@ -218,6 +218,58 @@ impl Outbound {
         tracing::debug!("outbound listener closed");
     }
 
+    /// Transparent mode: accepts connections iptables redirected here, each to the virtual
+    /// address of a service, until the drain starts. A connection to an address that is no
+    /// service's (any more) is closed with a log line.
+    pub async fn serve_transparent(self: Arc<Self>, listener: TcpListener, drain: Drain) {
+        let upstreams: std::sync::Mutex<std::collections::HashMap<ServiceName, Arc<Upstream>>> = Default::default();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "transparent accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = drain.signaled() => break,
+            };
+            let dst = match original_destination(&tcp) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(client = %peer, error = %e, "no original destination: was the connection redirected by iptables (trellis transparent-init)?");
+                    continue;
+                }
+            };
+            let service = {
+                let routes = self.routes.borrow();
+                match routes.service_at(*dst.ip()) {
+                    Some(s) if s.ports.is_empty() || s.ports.iter().any(|p| p.1 == dst.port()) => Ok(s.name.clone()),
+                    Some(s) => Err(format!("service {} has no port {}", s.name, dst.port())),
+                    None => Err(format!("{} is not the virtual address of a known service", dst.ip())),
+                }
+            };
+            let service = match service {
+                Ok(s) => s,
+                Err(reason) => {
+                    tracing::info!(client = %peer, destination = %dst, %reason, "transparent connection refused");
+                    continue;
+                }
+            };
+            let up = upstreams
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(service.clone())
+                .or_insert_with(|| Arc::new(Upstream::new(service)))
+                .clone();
+            let _ = tcp.set_nodelay(true);
+            let span = tracing::debug_span!("outbound", service = %up.label, client = %peer, destination = %dst);
+            drain.spawn(self.clone().connection(up, tcp, drain.clone()).instrument(span));
+        }
+        tracing::debug!("transparent listener closed");
+    }
+
     async fn connection(self: Arc<Self>, up: Arc<Upstream>, tcp: TcpStream, drain: Drain) {
         let _open = self.metrics.connection(Direction::outbound);
         match self.declared(&up) {
@@ -506,6 +558,22 @@ impl Outbound {
         self.metrics.request(Direction::outbound, &up.label, "503", started.elapsed());
         tracing::info!(service = %up.label, error = ?last_error, "no endpoint accepted the TCP stream");
     }
+}
+
+/// Where a connection redirected by iptables (`REDIRECT`) was going (`SO_ORIGINAL_DST`).
+#[cfg(target_os = "linux")]
+pub fn original_destination(tcp: &TcpStream) -> std::io::Result<std::net::SocketAddrV4> {
+    let sin = nix::sys::socket::getsockopt(tcp, nix::sys::socket::sockopt::OriginalDst)?;
+    Ok(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+        u16::from_be(sin.sin_port),
+    ))
+}
+
+/// Transparent mode needs Linux.
+#[cfg(not(target_os = "linux"))]
+pub fn original_destination(_: &TcpStream) -> std::io::Result<std::net::SocketAddrV4> {
+    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "transparent mode needs Linux"))
 }
 
 /// May a failed attempt be followed by another one (budget aside)?

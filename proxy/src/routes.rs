@@ -137,6 +137,8 @@ pub struct Service {
     pub exported: bool,
     /// Named ports.
     pub ports: Vec<(String, u16)>,
+    /// Virtual address (transparent mode).
+    pub vip: Option<std::net::Ipv4Addr>,
 }
 
 impl Service {
@@ -155,7 +157,15 @@ impl Service {
             })?;
             ports.push((p.name.clone(), port));
         }
-        Ok(Self { name, protocol, exported: pb.exported, ports })
+        let vip = if pb.vip.is_empty() {
+            None
+        } else {
+            Some(pb.vip.parse::<std::net::Ipv4Addr>().map_err(|e| RouteError::Service {
+                name: name.to_string(),
+                reason: format!("virtual address '{}': {e}", pb.vip),
+            })?)
+        };
+        Ok(Self { name, protocol, exported: pb.exported, ports, vip })
     }
 }
 
@@ -246,6 +256,11 @@ impl Routes {
     /// Every endpoint of `service`, healthy or not.
     pub fn endpoints_of(&self, service: &ServiceName) -> &[Arc<Endpoint>] {
         self.by_service.get(service).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The service with virtual address `vip`, if any (transparent mode).
+    pub fn service_at(&self, vip: std::net::Ipv4Addr) -> Option<&Service> {
+        self.services.values().find(|s| s.vip == Some(vip))
     }
 
     /// The service's description, if the control plane sent one.
@@ -361,6 +376,7 @@ mod tests {
             protocol: protocol.into(),
             exported: false,
             revision: 1,
+            vip: String::new(),
         }
     }
 

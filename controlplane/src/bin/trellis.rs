@@ -103,6 +103,20 @@ enum Cmd {
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
+    /// Transparent mode for a workload's network namespace (Linux, as root there): redirect TCP
+    /// connections to service virtual addresses to the proxy's --transparent listener.
+    #[command(name = "transparent-init")]
+    TransparentInit {
+        /// Port of the proxy's --transparent listener on 127.0.0.1.
+        #[arg(long, default_value_t = 15001)]
+        capture_port: u16,
+        /// Undo it.
+        #[arg(long)]
+        remove: bool,
+        /// Print the commands without running them.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print a shell completion script.
     Completion {
         #[arg(value_enum)]
@@ -458,6 +472,9 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())
         }
+        Cmd::TransparentInit { capture_port, remove, dry_run } => {
+            trellis_controlplane::cli::transparent::apply(*capture_port, *remove, *dry_run)
+        }
         Cmd::Completion { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "trellis", &mut std::io::stdout());
             Ok(())
@@ -516,7 +533,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                         .map_err(status(&ctx.server))?
                         .into_inner();
                     Listing {
-                        columns: vec!["NAME", "NAMESPACE", "PROTOCOL", "PORTS", "EXPORTED", "REVISION"],
+                        columns: vec!["NAME", "NAMESPACE", "PROTOCOL", "PORTS", "EXPORTED", "VIP", "REVISION"],
                         rows: r
                             .services
                             .iter()
@@ -527,6 +544,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                                     s.protocol.clone(),
                                     s.ports.iter().map(|p| p.port.to_string()).collect::<Vec<_>>().join(","),
                                     s.exported.to_string(),
+                                    if s.vip.is_empty() { "-".into() } else { s.vip.clone() },
                                     s.revision.to_string(),
                                 ]
                             })
@@ -534,7 +552,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                         value: json!(r.services.iter().map(|s| json!({
                             "name": s.name, "namespace": s.namespace, "protocol": s.protocol,
                             "ports": s.ports.iter().map(|p| json!({"name": p.name, "port": p.port})).collect::<Vec<_>>(),
-                            "exported": s.exported, "revision": s.revision,
+                            "exported": s.exported, "vip": s.vip, "revision": s.revision,
                         })).collect::<Vec<_>>()),
                     }
                 }
@@ -720,6 +738,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     protocol: protocol.clone(),
                     exported: *exported,
                     revision: 0,
+                    vip: String::new(),
                 })
                 .await
                 .map_err(status(&ctx.server))?

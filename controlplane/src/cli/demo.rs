@@ -438,6 +438,7 @@ pub(super) async fn service_and_token(
                 protocol: "http".into(),
                 exported,
                 revision: 0,
+                vip: String::new(),
             })
             .await
             .map_err(status)?;

@@ -34,10 +34,15 @@ pub struct FailoverReport {
     pub served_by: BTreeMap<String, u64>,
     /// From killing a's backends to the last request a served (0: none after the kill).
     pub failover_ms: f64,
+    /// From killing a's backends to the first request b served (every request completes, the
+    /// ones in flight at the kill retried on b).
+    pub failover_to_b_ms: Option<f64>,
     /// From a's backend being ready again to the first request it served.
     pub failback_ms: Option<f64>,
     /// From killing b's gateway to the last request b served through it (None: not killed).
     pub gateway_failover_ms: Option<f64>,
+    /// From killing b's gateway to the first request c served.
+    pub gateway_failover_to_c_ms: Option<f64>,
     /// From b's new gateway being ready to the first request b served again.
     pub gateway_failback_ms: Option<f64>,
     /// Requests served by a while its backends were down, after the first second (must be 0).
@@ -370,6 +375,8 @@ async fn scenario(
         failed,
         served_by,
         failover_ms: marks.backends_killed.map(|k| last_served(&o, "a", k, a_down_until)).unwrap_or(0.0),
+        failover_to_b_ms: marks.backends_killed.and_then(|k| first_served(&o, "b", k, k)),
+        gateway_failover_to_c_ms: marks.gateway_killed.and_then(|k| first_served(&o, "c", k, k)),
         failback_ms: marks
             .backends_restarting
             .zip(marks.backends_ready)

@@ -8,3 +8,4 @@ pub mod failover;
 pub mod join;
 pub mod output;
 pub mod procs;
+pub mod transparent;

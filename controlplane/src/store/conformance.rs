@@ -103,6 +103,7 @@ fn service(name: &str) -> Command {
         protocol: Protocol::Grpc,
         exported: true,
         revision: 0,
+        vip: String::new(),
     })
 }
 

@@ -280,6 +280,7 @@ impl Discovery for FakeDiscovery {
                     protocol: reg.protocol.clone(),
                     exported: false,
                     revision: 1,
+                    vip: String::new(),
                 },
             );
             ids.push(id);

@@ -254,6 +254,7 @@ impl Sim {
                 protocol: Protocol::Http,
                 exported: false,
                 revision: 0,
+                vip: String::new(),
             };
             let op =
                 self.history.invoke(i as u64, Input::Write { key: key.to_string(), value: value.into() }, self.clock);

@@ -256,6 +256,7 @@ pub async fn run(counts: &[usize], report: &mut Report) -> anyhow::Result<()> {
                 protocol: "http".into(),
                 exported: true,
                 revision: 0,
+                vip: String::new(),
             })
             .await?;
     }

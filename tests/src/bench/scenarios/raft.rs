@@ -175,6 +175,7 @@ fn service(name: &str, port: u32) -> pb::Service {
         protocol: "http".into(),
         exported: false,
         revision: 0,
+        vip: String::new(),
     }
 }
 

@@ -435,6 +435,22 @@ fn when_every_backend_in_the_callers_cluster_dies_requests_fail_over_through_the
     assert_eq!(failed, 0, "requests failed while A's backends died and came back");
     assert!(on_b > 100, "B should have served the traffic while A's backends were gone ({on_b})");
     assert!(failover < Duration::from_secs(3), "A kept being chosen after its backends died ({failover:?})");
+    // The caller's metrics tell the story: one failover to B, one failback, B's gateway probed.
+    let m = metrics(web["admin"].as_str().unwrap_or_default());
+    let value = |prefix: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    for change in ["failover", "failback"] {
+        let n = value(&format!("trellis_proxy_tier_changes_total{{service=\"api.default\",change=\"{change}\"}}"));
+        assert!(n >= 1.0, "no {change} counted:\n{m}");
+    }
+    assert_eq!(value("trellis_proxy_tier{service=\"api.default\"}"), 0.0, "back on the nearest tier:\n{m}");
+    assert_eq!(value("trellis_proxy_gateway_up{"), 1.0, "B's gateway is probed and up:\n{m}");
+    assert!(value("trellis_proxy_gateway_rtt_seconds{") > 0.0, "{m}");
 }
 
 #[test]

@@ -27,6 +27,17 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Current resident set size of `pid` in MiB (VmRSS).
+pub fn rss_mib(pid: u32) -> f64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0.0 };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
 /// Pins every thread of `pid` to `cpus` (e.g. "0") with taskset.
 pub fn pin(pid: u32, cpus: &str) -> anyhow::Result<()> {
     let s = std::process::Command::new("taskset").args(["-a", "-p", "-c", cpus, &pid.to_string()]).output()?;

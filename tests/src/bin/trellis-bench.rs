@@ -7,7 +7,7 @@ use clap::Parser;
 use trellis_tests::bench::load::Proto;
 use trellis_tests::bench::report::Report;
 use trellis_tests::bench::scenarios::{
-    self, config_propagation, cross_cluster, failover, join, proxy_latency, raft, tcp_throughput,
+    self, config_propagation, cross_cluster, failover, join, proxy_latency, raft, scale, tcp_throughput,
 };
 
 #[derive(Parser)]
@@ -56,6 +56,15 @@ struct Args {
     /// Runs of the failover scenario (each a whole failover and failback).
     #[arg(long, default_value_t = 10)]
     failover_runs: u32,
+    /// Clusters of the scale scenario.
+    #[arg(long, default_value_t = 50)]
+    scale_clusters: usize,
+    /// Endpoints of the scale scenario.
+    #[arg(long, default_value_t = 100_000)]
+    scale_endpoints: usize,
+    /// Exported services of the scale scenario.
+    #[arg(long, default_value_t = 1_000)]
+    scale_services: usize,
 }
 
 #[tokio::main]
@@ -121,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
                 };
                 raft::run(&opts, &mut report).await?;
             }
+            "scale" => scale::run(args.scale_clusters, args.scale_endpoints, args.scale_services, &mut report)?,
             other => report.skipped(other, "unknown scenario"),
         }
     }

@@ -1,0 +1,161 @@
+//! `scale`: the registry of a large federation, held the way a control plane holds it: the
+//! replicated [`State`] built by applying the real commands (bootstrap with a real root and
+//! intermediate CAs, 49 cluster joins, services, then one `UpsertEndpoint` per endpoint) in this
+//! process. Figures: the memory the state takes (growth of this process's resident set while it
+//! is built, after the CA material), the Raft snapshot's size (the same JSON encoding the
+//! store's snapshots use) and the time to encode and decode it, the apply rate, and the size of
+//! one proxy's full discovery view.
+//!
+//! It does not start 50 control-plane processes: memory per endpoint is the state's, and the
+//! process overhead of a control plane (about 25 MiB idle, see config-propagation) comes on top.
+
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use serde_json::json;
+use trellis_controlplane::state::{
+    Cluster, Command, Endpoint, Federation, JoinKind, JoinToken, Protocol, RootCa, Service, ServicePort, State,
+};
+use trellis_federation::ca::Ca;
+
+use crate::bench::procstat::rss_mib;
+use crate::bench::report::Report;
+
+const SCENARIO: &str = "scale";
+
+/// Runs the scenario: `endpoints` endpoints across `clusters` clusters, in `services` exported
+/// services (each with endpoints in every cluster).
+pub fn run(clusters: usize, endpoints: usize, services: usize, report: &mut Report) -> anyhow::Result<()> {
+    anyhow::ensure!(clusters >= 1 && services >= 1, "--scale-clusters and --scale-services must be at least 1");
+    let me = std::process::id();
+    let td = "trellis.local";
+    let ttl = Duration::from_secs(365 * 86_400);
+    let root = Ca::new_root(td, ttl)?;
+    let intermediates: Vec<Ca> =
+        (0..clusters).map(|i| root.issue_intermediate(&format!("c{i:02}"), ttl)).collect::<Result<_, _>>()?;
+    let rss_before = rss_mib(me);
+
+    let mut state = State::default();
+    let mut index = 0u64;
+    let mut apply = |state: &mut State, cmd: Command| -> anyhow::Result<()> {
+        index += 1;
+        state.apply(index, &cmd).map_err(|e| anyhow::anyhow!("applying command {index}: {e}"))
+    };
+    let cluster = |i: usize, ca: &Ca| Cluster {
+        name: format!("c{i:02}"),
+        region: format!("r{}", i % 5),
+        intermediate_cert_pem: ca.cert_pem().to_string(),
+        intermediate_key_pem: String::new(),
+        created_at: 0,
+        join_token: String::new(),
+        gateways: [("gw-1".to_string(), format!("10.{i}.0.1:15443"))].into(),
+        via_gateways: true,
+    };
+    apply(
+        &mut state,
+        Command::Bootstrap {
+            federation: Federation { trust_domain: td.into(), created_at: 0 },
+            root: RootCa {
+                cert_pem: root.cert_pem().into(),
+                key_pem: root.key_pem().into(),
+                created_at: 0,
+                cross_cert_pem: String::new(),
+                generation: 1,
+            },
+            cluster: Cluster {
+                intermediate_key_pem: intermediates[0].key_pem().into(),
+                ..cluster(0, &intermediates[0])
+            },
+        },
+    )?;
+    for (i, ca) in intermediates.iter().enumerate().skip(1) {
+        let token_id = format!("join-{i}");
+        apply(
+            &mut state,
+            Command::CreateJoinToken(JoinToken {
+                id: token_id.clone(),
+                secret_hash: "0".repeat(64),
+                kind: JoinKind::Cluster,
+                expires_at: u64::MAX,
+                created_at: 0,
+                description: String::new(),
+                revoked: false,
+                uses_left: 1,
+            }),
+        )?;
+        apply(&mut state, Command::JoinCluster { token_id, now: 1, cluster: cluster(i, ca) })?;
+    }
+    for s in 0..services {
+        apply(
+            &mut state,
+            Command::UpsertService(Service {
+                name: format!("svc-{s:04}"),
+                namespace: "default".into(),
+                ports: vec![ServicePort { name: "http".into(), port: 8080 }],
+                protocol: Protocol::Http,
+                exported: true,
+                revision: 0,
+                vip: String::new(),
+            }),
+        )?;
+    }
+    let started = Instant::now();
+    for e in 0..endpoints {
+        let (c, s) = (e % clusters, (e / clusters) % services);
+        let instance = e / (clusters * services);
+        apply(
+            &mut state,
+            Command::UpsertEndpoint {
+                endpoint: Endpoint {
+                    id: format!("c{c:02}/default/svc-{s:04}/pod-{instance}-{e}"),
+                    service: format!("svc-{s:04}.default"),
+                    cluster: format!("c{c:02}"),
+                    zone: format!("z{}", e % 3),
+                    address: format!("10.{c}.{}.{}:15006", (e / 250) % 250, e % 250 + 1),
+                    identity: format!("spiffe://{td}/ns/default/sa/svc-{s:04}"),
+                    healthy: true,
+                    weight: 1,
+                    revision: 0,
+                    registrar: format!("c{c:02}/cp-1"),
+                },
+                protocol: Protocol::Http,
+            },
+        )?;
+    }
+    let apply_s = started.elapsed().as_secs_f64();
+    let rss_after = rss_mib(me);
+
+    let t = Instant::now();
+    let snapshot = serde_json::to_vec(&state)?;
+    let encode_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    let restored: State = serde_json::from_slice(&snapshot)?;
+    let decode_ms = t.elapsed().as_secs_f64() * 1000.0;
+    anyhow::ensure!(restored.endpoints.len() == endpoints, "the snapshot lost endpoints");
+    drop(restored);
+    let view = trellis_controlplane::discovery::build_response(&state, 0, "c00")
+        .ok_or_else(|| anyhow::anyhow!("no discovery view for cluster c00"))?;
+
+    let labels = json!({"clusters": clusters, "endpoints": endpoints, "services": services});
+    let state_mib = rss_after - rss_before;
+    report.figure(SCENARIO, "state_memory", labels.clone(), state_mib, "MiB");
+    report.figure(
+        SCENARIO,
+        "state_memory_per_endpoint",
+        labels.clone(),
+        state_mib * 1_048_576.0 / endpoints as f64,
+        "B",
+    );
+    report.figure(SCENARIO, "snapshot_size", labels.clone(), snapshot.len() as f64 / 1_048_576.0, "MiB");
+    report.figure(SCENARIO, "snapshot_encode", labels.clone(), encode_ms, "ms");
+    report.figure(SCENARIO, "snapshot_decode", labels.clone(), decode_ms, "ms");
+    report.figure(SCENARIO, "endpoint_applies_per_second", labels.clone(), endpoints as f64 / apply_s.max(1e-9), "1/s");
+    report.figure(
+        SCENARIO,
+        "full_view_one_proxy",
+        json!({"clusters": clusters, "endpoints": endpoints, "services": services, "endpoints_in_view": view.endpoints.len()}),
+        view.encoded_len() as f64 / 1_048_576.0,
+        "MiB",
+    );
+    Ok(())
+}

@@ -459,6 +459,30 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::RotateRootResponse { root_pins, intermediates_reissued: reissued }))
     }
 
+    async fn set_cluster_reach(
+        &self,
+        req: Request<pb::SetClusterReachRequest>,
+    ) -> Result<Response<pb::SetClusterReachResponse>, Status> {
+        let who = require_admin(&req)?;
+        let r = req.into_inner();
+        if !self.store.read().await?.clusters.contains_key(&r.name) {
+            return Err(Status::not_found(format!(
+                "no cluster named '{}' in the federation; `trellis cluster list` shows them",
+                r.name
+            )));
+        }
+        self.store.propose(Command::SetClusterReach { cluster: r.name.clone(), via_gateways: r.via_gateways }).await?;
+        tracing::info!(admin = %who, cluster = %r.name, via_gateways = r.via_gateways, "cluster reach set");
+        let gateways = self
+            .store
+            .current()
+            .clusters
+            .get(&r.name)
+            .map(|c| c.gateways.values().cloned().collect())
+            .unwrap_or_default();
+        Ok(Response::new(pb::SetClusterReachResponse { gateways }))
+    }
+
     async fn remove_cluster(
         &self,
         req: Request<pb::RemoveClusterRequest>,

@@ -75,6 +75,7 @@ pub async fn ensure_federation(store: &dyn Store, cfg: &CpConfig) -> Result<bool
                 join_token: String::new(),
                 gateways: Default::default(),
                 via_gateways: false,
+                reach_pinned: false,
             },
         })
         .await?;

@@ -55,7 +55,13 @@ pub fn endpoint_to_pb(state: &State, e: &Endpoint) -> pb::Endpoint {
         weight: e.weight,
         revision: e.revision,
         region: state.clusters.get(&e.cluster).map(|c| c.region.clone()).unwrap_or_default(),
-        gateways: state.clusters.get(&e.cluster).map(|c| c.gateways.values().cloned().collect()).unwrap_or_default(),
+        // A cluster reached directly is dialled directly even if it has gateways.
+        gateways: state
+            .clusters
+            .get(&e.cluster)
+            .filter(|c| c.via_gateways)
+            .map(|c| c.gateways.values().cloned().collect())
+            .unwrap_or_default(),
         via_gateways: state.clusters.get(&e.cluster).is_some_and(|c| c.via_gateways),
     }
 }

@@ -485,6 +485,7 @@ mod tests {
                 join_token: String::new(),
                 gateways: Default::default(),
                 via_gateways: false,
+                reach_pinned: false,
             };
             s.clusters.insert(name.into(), c);
         }

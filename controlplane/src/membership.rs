@@ -295,6 +295,7 @@ impl MembershipService {
             join_token: token_id.clone(),
             gateways: Default::default(),
             via_gateways: false,
+            reach_pinned: false,
         };
         // One write consumes the token and registers the cluster: two joins racing for the last
         // use cannot both win, whatever member they reach.

@@ -81,6 +81,10 @@ pub struct Cluster {
     /// (callers fail over) rather than dialled directly across networks.
     #[serde(default)]
     pub via_gateways: bool,
+    /// `via_gateways` was set by an administrator (`trellis cluster reach`): gateway
+    /// registrations no longer change it.
+    #[serde(default)]
+    pub reach_pinned: bool,
 }
 
 /// Federation-wide settings, set once at bootstrap.
@@ -313,6 +317,11 @@ pub enum Command {
         /// (a gateway that reconnected meanwhile keeps its new registration).
         #[serde(default)]
         only_if: Option<String>,
+    },
+    /// Sets how other clusters reach a cluster: through its gateways, or directly; pinned.
+    SetClusterReach {
+        cluster: String,
+        via_gateways: bool,
     },
     /// Does nothing; used to check that the log is writable.
     Noop,
@@ -638,14 +647,29 @@ impl State {
                 self.record(ChangeKey::Trust);
                 Ok(())
             }
+            Command::SetClusterReach { cluster, via_gateways } => {
+                let Some(c) = self.clusters.get_mut(cluster) else {
+                    return Err(ApplyError::NotFound(format!("cluster '{cluster}'")));
+                };
+                c.via_gateways = *via_gateways;
+                c.reach_pinned = true;
+                let ids: Vec<String> =
+                    self.endpoints.values().filter(|e| e.cluster == *cluster).map(|e| e.id.clone()).collect();
+                for id in ids {
+                    self.record(ChangeKey::Endpoint(id));
+                }
+                Ok(())
+            }
             Command::SetGateway { cluster, instance, address, only_if } => {
                 let Some(c) = self.clusters.get_mut(cluster) else {
                     return Err(ApplyError::NotFound(format!("cluster '{cluster}'")));
                 };
                 let changed = match address {
                     Some(a) => {
-                        let first = !c.via_gateways;
-                        c.via_gateways = true;
+                        let first = !c.via_gateways && !c.reach_pinned;
+                        if !c.reach_pinned {
+                            c.via_gateways = true;
+                        }
                         c.gateways.insert(instance.clone(), a.clone()).as_ref() != Some(a) || first
                     }
                     None if only_if.as_ref().is_some_and(|o| c.gateways.get(instance) != Some(o)) => false,
@@ -852,6 +876,7 @@ mod tests {
             join_token: String::new(),
             gateways: Default::default(),
             via_gateways: false,
+            reach_pinned: false,
         };
         let mut s = State::default();
         s.clusters.insert("a".into(), cluster("a"));
@@ -903,6 +928,7 @@ mod tests {
                 join_token: String::new(),
                 gateways: Default::default(),
                 via_gateways: false,
+                reach_pinned: false,
             };
             s.clusters.insert(c.into(), cluster);
         }
@@ -923,5 +949,40 @@ mod tests {
         s.apply(5, &Command::FinishRootRotation { now: 200, min_age_secs: 100 }).unwrap();
         assert_eq!(s.roots.len(), 1);
         assert_eq!(s.roots[0].cert_pem, "r2");
+    }
+
+    #[test]
+    fn a_cluster_is_reached_through_gateways_from_the_first_one_unless_an_administrator_pins_it() {
+        let mut s = State::default();
+        s.clusters.insert(
+            "b".into(),
+            Cluster {
+                name: "b".into(),
+                region: "r".into(),
+                intermediate_cert_pem: String::new(),
+                intermediate_key_pem: String::new(),
+                created_at: 0,
+                join_token: String::new(),
+                gateways: Default::default(),
+                via_gateways: false,
+                reach_pinned: false,
+            },
+        );
+        let gw = |address: Option<&str>| Command::SetGateway {
+            cluster: "b".into(),
+            instance: "gw-1".into(),
+            address: address.map(str::to_string),
+            only_if: None,
+        };
+        s.apply(1, &gw(Some("10.0.0.9:15443"))).unwrap();
+        assert!(s.clusters["b"].via_gateways, "the first gateway makes the cluster reached through gateways");
+        s.apply(2, &gw(None)).unwrap();
+        assert!(s.clusters["b"].via_gateways, "and it stays so with none up (callers fail over)");
+        s.apply(3, &Command::SetClusterReach { cluster: "b".into(), via_gateways: false }).unwrap();
+        s.apply(4, &gw(Some("10.0.0.9:15443"))).unwrap();
+        let b = &s.clusters["b"];
+        assert!(!b.via_gateways && b.reach_pinned, "a pinned direct cluster stays direct: {b:?}");
+        let missing = s.apply(5, &Command::SetClusterReach { cluster: "x".into(), via_gateways: true });
+        assert!(matches!(missing, Err(ApplyError::NotFound(_))), "{missing:?}");
     }
 }

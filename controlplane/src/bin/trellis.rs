@@ -14,6 +14,35 @@ use trellis_controlplane::telemetry::{self, LogFormat};
 use trellis_controlplane::unix_now;
 use trellis_proto::pb;
 
+/// `println!` for this command-line tool: output piped into a command that stops reading (`|
+/// head`) ends the program quietly, as Unix tools do, instead of a panic.
+macro_rules! println {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            stdout_failed(e);
+        }
+    }};
+}
+
+/// `print!`, likewise.
+macro_rules! print {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($t)*) {
+            stdout_failed(e);
+        }
+    }};
+}
+
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write to standard output: {e}");
+    std::process::exit(1);
+}
+
 #[derive(Parser)]
 #[command(name = "trellis", version, about = "Operate a Trellis multi-cluster service mesh", propagate_version = true)]
 struct Cli {
@@ -250,6 +279,15 @@ enum ClusterCmd {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// How other clusters reach this cluster's endpoints: `gateways` (only through its east-west
+    /// gateways; none up means unreachable from outside) or `direct` (one flat network: dialled
+    /// directly even if it has gateways). Without it, a cluster is reached through gateways once
+    /// its first gateway registers.
+    Reach {
+        name: String,
+        #[arg(value_parser = ["direct", "gateways"])]
+        how: String,
+    },
     /// Remove a cluster: its control planes leave the group, its endpoints leave the registry.
     /// Ask a control plane of another cluster.
     Remove { name: String },
@@ -370,7 +408,12 @@ async fn describe_cluster(ctx: &Context, name: &str, output: Format) -> Result<(
     println!("  joined          {} ago", human_duration(unix_now().saturating_sub(c.created_at)));
     println!("  intermediate CA expires in {}", human_duration(c.ca_expires_at.saturating_sub(unix_now())));
     let reach = match (c.via_gateways, c.gateways.is_empty()) {
-        (false, _) => "directly (no gateway has registered)".to_string(),
+        (false, true) => "directly (no gateway has registered)".to_string(),
+        (false, false) => format!(
+            "directly (`trellis cluster reach {} direct`); its gateways {} are not used",
+            c.name,
+            c.gateways.join(", ")
+        ),
         (true, true) => "through its gateways, and none is up: other clusters cannot reach it".to_string(),
         (true, false) => format!("through its gateways {}", c.gateways.join(", ")),
     };
@@ -476,7 +519,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             trellis_controlplane::cli::transparent::apply(*capture_port, *remove, *dry_run)
         }
         Cmd::Completion { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "trellis", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "trellis", &mut script);
+            print!("{}", String::from_utf8_lossy(&script));
             Ok(())
         }
         Cmd::Config { command } => {
@@ -874,6 +919,29 @@ async fn run(cli: Cli) -> Result<(), String> {
         Cmd::Cluster { command: ClusterCmd::Describe { name, output } } => {
             let (_, ctx) = load_context(&cli)?;
             describe_cluster(&ctx, name, *output).await
+        }
+        Cmd::Cluster { command: ClusterCmd::Reach { name, how } } => {
+            let (_, ctx) = load_context(&cli)?;
+            let mut admin = client::admin(&ctx).map_err(|e| e.to_string())?;
+            let via_gateways = how == "gateways";
+            let r = admin
+                .set_cluster_reach(pb::SetClusterReachRequest { name: name.clone(), via_gateways })
+                .await
+                .map_err(status(&ctx.server))?
+                .into_inner();
+            match (via_gateways, r.gateways.is_empty()) {
+                (true, true) => println!(
+                    "cluster {name} is reached only through its gateways; none is registered now, so other clusters \
+                     cannot reach it until one starts"
+                ),
+                (true, false) => println!("cluster {name} is reached through its gateways {}", r.gateways.join(", ")),
+                (false, true) => println!("cluster {name} is reached directly"),
+                (false, false) => println!(
+                    "cluster {name} is reached directly; its gateways ({}) are no longer used by other clusters",
+                    r.gateways.join(", ")
+                ),
+            }
+            Ok(())
         }
         Cmd::Cluster { command: ClusterCmd::Remove { name } } => {
             let (_, ctx) = load_context(&cli)?;

@@ -37,6 +37,13 @@ fn run(args: &[String]) -> Result<std::process::Output, String> {
 
 /// Applies (or removes) the setup; prints each command. With `dry_run`, only prints.
 pub fn apply(capture_port: u16, remove: bool, dry_run: bool) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout();
+    macro_rules! println {
+        ($($t:tt)*) => {
+            writeln!(stdout, $($t)*).map_err(|e| format!("cannot write to standard output: {e}"))?
+        };
+    }
     if capture_port == 0 {
         return Err("--capture-port must be the port of the proxy's --transparent listener (1..65535)".into());
     }

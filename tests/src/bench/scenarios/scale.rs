@@ -50,6 +50,7 @@ pub fn run(clusters: usize, endpoints: usize, services: usize, report: &mut Repo
         join_token: String::new(),
         gateways: [("gw-1".to_string(), format!("10.{i}.0.1:15443"))].into(),
         via_gateways: true,
+        reach_pinned: false,
     };
     apply(
         &mut state,

@@ -361,7 +361,7 @@ impl pb::admin_server::Admin for AdminService {
                         .unwrap_or(0),
                     members_up: up as u32,
                     gateways: c.gateways.values().cloned().collect(),
-                    via_gateways: c.via_gateways,
+                    via_gateways: c.reached_via_gateways(),
                     status: match (members.len(), up) {
                         _ if self.group.is_none() => String::new(),
                         (0, _) => "no control plane".into(),

@@ -59,10 +59,10 @@ pub fn endpoint_to_pb(state: &State, e: &Endpoint) -> pb::Endpoint {
         gateways: state
             .clusters
             .get(&e.cluster)
-            .filter(|c| c.via_gateways)
+            .filter(|c| c.reached_via_gateways())
             .map(|c| c.gateways.values().cloned().collect())
             .unwrap_or_default(),
-        via_gateways: state.clusters.get(&e.cluster).is_some_and(|c| c.via_gateways),
+        via_gateways: state.clusters.get(&e.cluster).is_some_and(|c| c.reached_via_gateways()),
     }
 }
 

@@ -117,6 +117,14 @@ pub struct Service {
     pub vip: String,
 }
 
+impl Cluster {
+    /// Whether other clusters reach it only through its gateways. A cluster recorded before the
+    /// flag existed counts as such when it has gateways (unless an administrator pinned it).
+    pub fn reached_via_gateways(&self) -> bool {
+        self.via_gateways || (!self.reach_pinned && !self.gateways.is_empty())
+    }
+}
+
 impl Service {
     /// `name.namespace`.
     pub fn key(&self) -> String {
@@ -365,6 +373,9 @@ pub struct State {
     /// Recent changes (revision, key), oldest first; rebuilt empty after a restart.
     #[serde(skip)]
     pub changes: Vector<(u64, ChangeKey)>,
+    /// The newest revision some of whose changes have left `changes` (0: none have).
+    #[serde(skip)]
+    pub changes_dropped_through: u64,
 }
 
 /// Validates `name.namespace`.
@@ -409,7 +420,9 @@ impl State {
             return Some(Vec::new());
         }
         let oldest = self.changes.front().map(|(r, _)| *r)?;
-        if oldest > since + 1 {
+        // A revision may record many changes (a gateway of a big cluster): when the window cut
+        // through the middle of one, `oldest` alone would not show that part of it is gone.
+        if oldest > since + 1 || since < self.changes_dropped_through {
             return None;
         }
         let mut keys: Vec<ChangeKey> =
@@ -422,7 +435,9 @@ impl State {
     fn record(&mut self, key: ChangeKey) {
         self.changes.push_back((self.revision, key));
         while self.changes.len() > CHANGELOG_LEN {
-            self.changes.pop_front();
+            if let Some((r, _)) = self.changes.pop_front() {
+                self.changes_dropped_through = self.changes_dropped_through.max(r);
+            }
         }
     }
 
@@ -863,6 +878,42 @@ mod tests {
         }
         assert!(s.changes_since(1).is_none());
         assert!(s.changes_since(s.revision - 5).is_some());
+    }
+
+    #[test]
+    fn a_revision_cut_by_the_changelog_window_forces_a_full_resync() {
+        let mut s = State::default();
+        s.clusters.insert(
+            "a".into(),
+            Cluster {
+                name: "a".into(),
+                region: "r".into(),
+                intermediate_cert_pem: String::new(),
+                intermediate_key_pem: String::new(),
+                created_at: 0,
+                join_token: String::new(),
+                gateways: Default::default(),
+                via_gateways: false,
+                reach_pinned: false,
+            },
+        );
+        let n = CHANGELOG_LEN as u64 + 10;
+        for i in 1..=n {
+            let cmd =
+                Command::UpsertEndpoint { endpoint: ep(&format!("e{i}"), "web.default"), protocol: Protocol::Http };
+            s.apply(i, &cmd).unwrap();
+        }
+        // One command touches every endpoint of the cluster: more changes than the window holds.
+        let gw = Command::SetGateway {
+            cluster: "a".into(),
+            instance: "gw".into(),
+            address: Some("10.0.0.1:15443".into()),
+            only_if: None,
+        };
+        s.apply(n + 1, &gw).unwrap();
+        assert_eq!(s.changes.front().map(|(r, _)| *r), Some(n + 1), "the window holds only that revision");
+        assert!(s.changes_since(n).is_none(), "part of revision {} is gone: a delta would miss endpoints", n + 1);
+        assert_eq!(s.changes_since(n + 1), Some(Vec::new()));
     }
 
     #[test]

@@ -44,7 +44,7 @@ use trellis_proxy::routes::{Routes, ServiceName};
 /// The header naming the endpoint the caller chose.
 pub const ENDPOINT_HEADER: &str = "trellis-endpoint";
 /// How long dialing a local endpoint may take.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+const DIAL_TIMEOUT: Duration = Duration::from_millis(750);
 
 /// Configuration of `trellis-gateway`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -419,6 +419,16 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         metrics,
         drain: drain.clone(),
     });
+    // The balancer's per-endpoint state follows the registry: endpoints that leave are forgotten.
+    let pruner = {
+        let (shared, mut routes) = (shared.clone(), shared.routes.clone());
+        tokio::spawn(async move {
+            while routes.changed().await.is_ok() {
+                let current = routes.borrow_and_update().clone();
+                shared.balancer.retain(&|id| current.endpoints.contains_key(id));
+            }
+        })
+    };
     if let Some(path) = &config.ready_file {
         let v = serde_json::json!({
             "listen": listen_addr.to_string(),
@@ -474,5 +484,6 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
     discovery.abort();
     renew.abort();
     admin_task.abort();
+    pruner.abort();
     Ok(())
 }

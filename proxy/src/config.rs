@@ -222,6 +222,14 @@ impl Config {
         }
         // Plaintext listeners that send into the mesh with this workload's identity: only the
         // workload itself may reach them.
+        if let Some(t) = self.transparent
+            && !t.is_ipv4()
+        {
+            return Err(invalid(format!(
+                "--transparent {t}: the original destination of a redirected connection is read for IPv4 only; \
+                 use 127.0.0.1:PORT"
+            )));
+        }
         for (flag, addr) in self
             .upstreams
             .iter()
@@ -363,6 +371,10 @@ mod tests {
             (&["--token", "a", "--token-file", "/x"], Some("give the workload token once")),
             (&["--protocol", "smtp"], Some("invalid value")),
             (&["--request-timeout", "0"], Some("at least 1 ms")),
+            (&["--upstream", "web.default=0.0.0.0:15001"], Some("not a loopback address")),
+            (&["--transparent", "127.0.0.1:15001"], None),
+            (&["--transparent", "10.0.0.1:15001"], Some("not a loopback address")),
+            (&["--transparent", "[::1]:15001"], Some("IPv4 only")),
         ];
         for (args, want_err) in cases {
             match (parse(args), want_err) {

@@ -132,7 +132,15 @@ impl GatewayHealth {
     fn to_probe(&self, known: &dyn Fn(&str) -> bool) -> Vec<String> {
         let now = Instant::now();
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        states.retain(|g, _| known(g));
+        states.retain(|g, _| {
+            let keep = known(g);
+            if !keep {
+                let labels = GatewayLabels { gateway: g.clone() };
+                self.metrics.gateway_up.remove(&labels);
+                self.metrics.gateway_rtt.remove(&labels);
+            }
+            keep
+        });
         states
             .iter()
             .filter(|(_, s)| !s.up || now.duration_since(s.last_used) < PROBE_IDLE)
@@ -249,16 +257,23 @@ impl GatewayPool {
     ) -> Result<TokioIo<hyper::upgrade::Upgraded>, TunnelError> {
         let gw_err = |reason: String| TunnelError { gateway_fault: true, reason };
         let mut outer = self.outer(gateway, timeout).await.map_err(gw_err)?;
-        outer.ready().await.map_err(|e| gw_err(format!("gateway connection: {e}")))?;
+        match tokio::time::timeout(timeout, outer.ready()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(gw_err(format!("gateway connection: {e}"))),
+            // Every stream of the connection busy: the gateway is loaded, not gone.
+            Err(_) => return Err(TunnelError { gateway_fault: false, reason: "no stream free in time".into() }),
+        }
         let req = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(authority)
             .header("trellis-endpoint", endpoint)
             .body(http_body_util::Empty::new())
             .map_err(|e| TunnelError { gateway_fault: false, reason: e.to_string() })?;
+        // A slow answer is the endpoint's (the gateway dials it before answering, within less than
+        // a proxy's connect timeout); a gateway that hangs altogether fails its probes.
         let resp = tokio::time::timeout(timeout, outer.send_request(req))
             .await
-            .map_err(|_| gw_err("CONNECT not answered in time".to_string()))?
+            .map_err(|_| TunnelError { gateway_fault: false, reason: "CONNECT not answered in time".into() })?
             .map_err(|e| gw_err(format!("CONNECT: {e}")))?;
         if resp.status() != http::StatusCode::OK {
             let status = resp.status();

@@ -73,6 +73,8 @@ pub struct Outbound {
     tcp: MeshConnector,
     metrics: Arc<Metrics>,
     timeouts: OutboundTimeouts,
+    /// Tier of the endpoints that first attempts to each service go to now.
+    tiers: std::sync::Mutex<std::collections::HashMap<ServiceName, u8>>,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -87,18 +89,11 @@ struct Upstream {
     service: ServiceName,
     label: String,
     budget: RetryBudget,
-    /// Tier of the endpoint that served last ([`u8::MAX`] before the first).
-    tier: std::sync::atomic::AtomicU8,
 }
 
 impl Upstream {
     fn new(service: ServiceName) -> Self {
-        Self {
-            label: service.to_string(),
-            service,
-            budget: RetryBudget::default(),
-            tier: std::sync::atomic::AtomicU8::new(u8::MAX),
-        }
+        Self { label: service.to_string(), service, budget: RetryBudget::default() }
     }
 }
 
@@ -151,12 +146,23 @@ impl Outbound {
     ) -> Arc<Self> {
         let cluster = locality.cluster.clone();
         let balancer = Balancer::with_locality(locality);
-        Arc::new(Self { routes, cluster, balancer, gateways, pool: H2Pool::new(h2), tcp, metrics, timeouts })
+        Arc::new(Self {
+            routes,
+            cluster,
+            balancer,
+            gateways,
+            pool: H2Pool::new(h2),
+            tcp,
+            metrics,
+            timeouts,
+            tiers: Default::default(),
+        })
     }
 
     /// Forgets load and pooled connections of endpoints that left the configuration.
     pub fn prune(&self, routes: &Routes) {
         self.balancer.retain(&|id| routes.endpoints.contains_key(id));
+        self.tiers.lock().unwrap_or_else(|p| p.into_inner()).retain(|s, _| routes.services.contains_key(s));
         let live: std::collections::HashSet<Target> =
             routes.endpoints.values().filter_map(|e| target_for(e, &self.cluster, routes, &self.gateways)).collect();
         self.pool.retain(&|t| live.contains(t));
@@ -168,10 +174,12 @@ impl Outbound {
         self.balancer.pick_where(routes.endpoints_of(&up.service), tried, &routes.region, &reachable)
     }
 
-    /// Records that `ep` served `up`: the tier in use, and a failover or failback when it moved.
+    /// Records that `ep` served a first attempt to `up`'s service: the tier in use, and a
+    /// failover or failback when it moved. (Retries say nothing about where traffic goes.)
     fn served(&self, up: &Upstream, ep: &Endpoint, region: &str) {
         let tier = self.balancer.tier(ep, region);
-        let before = up.tier.swap(tier, std::sync::atomic::Ordering::Relaxed);
+        let before =
+            self.tiers.lock().unwrap_or_else(|p| p.into_inner()).insert(up.service.clone(), tier).unwrap_or(u8::MAX);
         if before != tier {
             let labels = ServiceLabels { service: up.label.clone() };
             self.metrics.tier.get_or_create(&labels).set(i64::from(tier));
@@ -257,12 +265,15 @@ impl Outbound {
                     continue;
                 }
             };
-            let up = upstreams
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(service.clone())
-                .or_insert_with(|| Arc::new(Upstream::new(service)))
-                .clone();
+            let up = {
+                let mut map = upstreams.lock().unwrap_or_else(|p| p.into_inner());
+                if !map.contains_key(&service) {
+                    // Services deleted since leave with their retry budgets.
+                    let routes = self.routes.borrow();
+                    map.retain(|s, _| routes.services.contains_key(s));
+                }
+                map.entry(service.clone()).or_insert_with(|| Arc::new(Upstream::new(service))).clone()
+            };
             let _ = tcp.set_nodelay(true);
             let span = tracing::debug_span!("outbound", service = %up.label, client = %peer, destination = %dst);
             drain.spawn(self.clone().connection(up, tcp, drain.clone()).instrument(span));
@@ -410,7 +421,9 @@ impl Outbound {
                     let failure = Failure::Status(status);
                     if !matches!(status.as_u16(), 502..=504) {
                         guard.success();
-                        self.served(up, &ep, &routes.region);
+                        if retries == 0 {
+                            self.served(up, &ep, &routes.region);
+                        }
                         return client_response(resp, client_version);
                     }
                     self.failed(up, guard, false);
@@ -538,7 +551,9 @@ impl Outbound {
             match self.tcp.connect(&target).await {
                 Ok(mut tls) => {
                     guard.success();
-                    self.served(up, &ep, &routes.region);
+                    if attempt == 0 {
+                        self.served(up, &ep, &routes.region);
+                    }
                     self.metrics.request(Direction::outbound, &up.label, "tcp", started.elapsed());
                     match tokio::io::copy_bidirectional(&mut io, &mut tls).await {
                         Ok((sent, received)) => {

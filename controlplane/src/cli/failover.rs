@@ -267,6 +267,24 @@ async fn scenario(
             }
             _ = screen.tick() => {
                 let now = start.elapsed();
+                // The second that just ended, under the phase it ran in (the first tick comes at once).
+                if now >= Duration::from_millis(500) {
+                    let o = outcomes.lock().unwrap_or_else(|p| p.into_inner());
+                    let window = &o[last_len..];
+                    last_len = o.len();
+                    let count = |c: &str| window.iter().filter(|(_, s)| s.as_deref() == Some(c)).count().to_string();
+                    let failed = window.iter().filter(|(_, s)| s.is_none()).count();
+                    let phase = phases.last().map(|(p, _)| p.clone()).unwrap_or_default();
+                    rows.push(vec![format!("{}-{}", now.as_secs().saturating_sub(1), now.as_secs()), phase, window.len().to_string(), count("a"), count("b"), count("c"), failed.to_string()]);
+                    if live {
+                        let text = format!(
+                            "Trellis demo: failover between clusters   {:.0}s / {}s\n\n{}\n",
+                            now.as_secs_f64(), total.as_secs(),
+                            table(&["SECONDS", "PHASE", "REQUESTS", "SERVED BY A", "BY B (SAME REGION)", "BY C (OTHER REGION)", "FAILED"], &rows)
+                        );
+                        if tty { print!("\x1b[2J\x1b[H{text}"); } else { println!("{text}"); }
+                    }
+                }
                 while let Some(&(at, event)) = pending.peek() && now >= Duration::from_secs(at) {
                     pending.next();
                     let when = Instant::now();
@@ -307,21 +325,6 @@ async fn scenario(
                             Err(e) => return Err(format!("restart task failed: {e}")),
                         }
                     }
-                }
-                let o = outcomes.lock().unwrap_or_else(|p| p.into_inner());
-                let window = &o[last_len..];
-                last_len = o.len();
-                let count = |c: &str| window.iter().filter(|(_, s)| s.as_deref() == Some(c)).count().to_string();
-                let failed = window.iter().filter(|(_, s)| s.is_none()).count();
-                let phase = phases.last().map(|(p, _)| p.clone()).unwrap_or_default();
-                rows.push(vec![format!("{}", now.as_secs()), phase, window.len().to_string(), count("a"), count("b"), count("c"), failed.to_string()]);
-                if live {
-                    let text = format!(
-                        "Trellis demo: failover between clusters   {:.0}s / {}s\n\n{}\n",
-                        now.as_secs_f64(), total.as_secs(),
-                        table(&["T (S)", "PHASE", "REQUESTS", "SERVED BY A", "BY B (SAME REGION)", "BY C (OTHER REGION)", "FAILED"], &rows)
-                    );
-                    if tty { print!("\x1b[2J\x1b[H{text}"); } else { println!("{text}"); }
                 }
             }
         }

@@ -476,17 +476,7 @@ mod tests {
         // Endpoints carry their cluster's region, and a full response the viewer's, for the
         // proxy's failover order.
         for (name, region) in [("a", "us"), ("b", "eu")] {
-            let c = crate::state::Cluster {
-                name: name.into(),
-                region: region.into(),
-                intermediate_cert_pem: String::new(),
-                intermediate_key_pem: String::new(),
-                created_at: 0,
-                join_token: String::new(),
-                gateways: Default::default(),
-                via_gateways: false,
-                reach_pinned: false,
-            };
+            let c = crate::state::Cluster::named(name, region);
             s.clusters.insert(name.into(), c);
         }
         let full = build_response(&s, 0, "a").unwrap();

@@ -118,6 +118,22 @@ pub struct Service {
 }
 
 impl Cluster {
+    /// A cluster record with only a name and a region (tests).
+    #[cfg(test)]
+    pub(crate) fn named(name: &str, region: &str) -> Self {
+        Self {
+            name: name.into(),
+            region: region.into(),
+            intermediate_cert_pem: String::new(),
+            intermediate_key_pem: String::new(),
+            created_at: 0,
+            join_token: String::new(),
+            gateways: Default::default(),
+            via_gateways: false,
+            reach_pinned: false,
+        }
+    }
+
     /// Whether other clusters reach it only through its gateways. A cluster recorded before the
     /// flag existed counts as such when it has gateways (unless an administrator pinned it).
     pub fn reached_via_gateways(&self) -> bool {
@@ -883,20 +899,7 @@ mod tests {
     #[test]
     fn a_revision_cut_by_the_changelog_window_forces_a_full_resync() {
         let mut s = State::default();
-        s.clusters.insert(
-            "a".into(),
-            Cluster {
-                name: "a".into(),
-                region: "r".into(),
-                intermediate_cert_pem: String::new(),
-                intermediate_key_pem: String::new(),
-                created_at: 0,
-                join_token: String::new(),
-                gateways: Default::default(),
-                via_gateways: false,
-                reach_pinned: false,
-            },
-        );
+        s.clusters.insert("a".into(), Cluster::named("a", "r"));
         let n = CHANGELOG_LEN as u64 + 10;
         for i in 1..=n {
             let cmd =
@@ -918,17 +921,7 @@ mod tests {
 
     #[test]
     fn removing_a_cluster_needs_its_members_gone_and_takes_its_endpoints() {
-        let cluster = |name: &str| Cluster {
-            name: name.into(),
-            region: "r".into(),
-            intermediate_cert_pem: String::new(),
-            intermediate_key_pem: String::new(),
-            created_at: 0,
-            join_token: String::new(),
-            gateways: Default::default(),
-            via_gateways: false,
-            reach_pinned: false,
-        };
+        let cluster = |name: &str| Cluster::named(name, "r");
         let mut s = State::default();
         s.clusters.insert("a".into(), cluster("a"));
         let only = s.apply(1, &Command::RemoveCluster { name: "a".into() });
@@ -1005,20 +998,7 @@ mod tests {
     #[test]
     fn a_cluster_is_reached_through_gateways_from_the_first_one_unless_an_administrator_pins_it() {
         let mut s = State::default();
-        s.clusters.insert(
-            "b".into(),
-            Cluster {
-                name: "b".into(),
-                region: "r".into(),
-                intermediate_cert_pem: String::new(),
-                intermediate_key_pem: String::new(),
-                created_at: 0,
-                join_token: String::new(),
-                gateways: Default::default(),
-                via_gateways: false,
-                reach_pinned: false,
-            },
-        );
+        s.clusters.insert("b".into(), Cluster::named("b", "r"));
         let gw = |address: Option<&str>| Command::SetGateway {
             cluster: "b".into(),
             instance: "gw-1".into(),

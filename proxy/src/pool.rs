@@ -207,6 +207,26 @@ impl MeshConnector {
     }
 }
 
+/// The client side of a pooled HTTP/2 connection over `io`, with pings that find a dead peer (a
+/// host gone without FIN) before requests do. Used for peers and for gateways.
+pub(crate) async fn h2_handshake<I, B>(
+    io: I,
+) -> hyper::Result<(SendRequest<B>, hyper::client::conn::http2::Connection<TokioIo<I>, B, TokioExecutor>)>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(io))
+        .await
+}
+
 #[derive(Default)]
 struct Slot {
     sender: tokio::sync::Mutex<Option<SendRequest<Body>>>,
@@ -250,15 +270,8 @@ impl H2Pool {
         *sender = None;
         tracing::debug!(peer = %target.addr, replacing, "opening a pooled connection");
         let tls = self.connector.connect(target).await?;
-        let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            // Pings find dead peers (a host gone without FIN) before requests do.
-            .keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tls))
-            .await
-            .map_err(|source| ConnectError::Http2 { addr: target.addr.clone(), source })?;
+        let (s, conn) =
+            h2_handshake(tls).await.map_err(|source| ConnectError::Http2 { addr: target.addr.clone(), source })?;
         let addr = target.addr.clone();
         {
             let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());

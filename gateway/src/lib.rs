@@ -179,10 +179,14 @@ async fn handle(
     let peer_cluster = peer.as_ref().map(|(_, c)| c.clone()).unwrap_or_default();
     if shared.drain.is_draining() {
         shared.metrics.count(&peer_cluster, "", "draining");
-        return text(
+        let mut r = text(
             StatusCode::SERVICE_UNAVAILABLE,
             "this gateway is shutting down; use another gateway of the cluster\n",
         );
+        // The refusal is about this gateway, not the endpoint the caller asked for.
+        r.headers_mut()
+            .insert(trellis_proxy::gateways::GATEWAY_REFUSAL_HEADER, http::HeaderValue::from_static("draining"));
+        return r;
     }
     if req.method() == Method::GET && req.uri().path() == trellis_proxy::gateways::PROBE_PATH {
         // Callers' probes: the round trip is their measure of this gateway.

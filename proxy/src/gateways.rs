@@ -10,10 +10,14 @@
 //! remote endpoint never takes its whole cluster out.
 
 use std::collections::HashMap;
+use std::future::Future as _;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
+use bytes::Bytes;
+
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
@@ -32,9 +36,17 @@ pub const PROBE_IDLE: Duration = Duration::from_secs(60);
 /// Path a gateway answers probes on (200 while it takes tunnels, 503 while it drains).
 pub const PROBE_PATH: &str = "/trellis/probe";
 
-type Outer = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+/// A pooled HTTP/2 connection to a gateway, and whether it has ended.
+#[derive(Clone)]
+struct Outer {
+    send: h2::client::SendRequest<Bytes>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
 /// One gateway's pooled connection, dialled by one task at a time.
 type OuterSlot = Arc<tokio::sync::Mutex<Option<Outer>>>;
+
+/// Header the gateway sets on a refusal that is about the gateway itself (it drains).
+pub const GATEWAY_REFUSAL_HEADER: &str = "trellis-gateway-refusal";
 
 /// Why a tunnel could not be opened.
 #[derive(Debug, Clone)]
@@ -199,7 +211,7 @@ impl GatewayPool {
         let slot = self.conns.lock().unwrap_or_else(|p| p.into_inner()).entry(gateway.to_string()).or_default().clone();
         let mut pooled = slot.lock().await;
         if let Some(c) = pooled.as_ref()
-            && !c.is_closed()
+            && !c.closed.load(Ordering::Relaxed)
         {
             return Ok(c.clone());
         }
@@ -213,30 +225,40 @@ impl GatewayPool {
             .await
             .map_err(|_| "TLS handshake timed out".to_string())?
             .map_err(|e| format!("TLS handshake: {e}"))?;
-        let (send, conn) = crate::pool::h2_handshake(tls).await.map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-        let gw = gateway.to_string();
+        let (send, conn) = tokio::time::timeout(timeout, h2::client::handshake(tls))
+            .await
+            .map_err(|_| "HTTP/2 handshake timed out".to_string())?
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (gw, done) = (gateway.to_string(), closed.clone());
+        // No HTTP/2 pings: the probes every second find a dead gateway.
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(gateway = %gw, error = %e, "gateway connection ended");
             }
+            done.store(true, Ordering::Relaxed);
         });
-        *pooled = Some(send.clone());
-        Ok(send)
+        let outer = Outer { send, closed };
+        *pooled = Some(outer.clone());
+        Ok(outer)
     }
 
-    /// A tunnel through `gateway` to `endpoint` of the service at `authority`.
+    /// A tunnel through `gateway` to `endpoint` of the service at `authority`. The tunnel is
+    /// returned as soon as the `CONNECT` is sent: what the caller writes (its TLS ClientHello)
+    /// travels right behind it, saving a round trip; the gateway's answer is read with the first
+    /// bytes, and a refusal is an error of that read ([`TunnelRefused`]).
     pub async fn tunnel(
         &self,
         gateway: &str,
         authority: &str,
         endpoint: &str,
         timeout: Duration,
-    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, TunnelError> {
+    ) -> Result<H2Tunnel, TunnelError> {
         let r = self.tunnel_inner(gateway, authority, endpoint, timeout).await;
-        match &r {
-            Ok(_) => self.health.opened(gateway),
-            Err(e) if e.gateway_fault => self.health.failed(gateway, &e.reason),
-            Err(_) => {}
+        if let Err(e) = &r
+            && e.gateway_fault
+        {
+            self.health.failed(gateway, &e.reason);
         }
         r
     }
@@ -247,57 +269,47 @@ impl GatewayPool {
         authority: &str,
         endpoint: &str,
         timeout: Duration,
-    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, TunnelError> {
+    ) -> Result<H2Tunnel, TunnelError> {
         let gw_err = |reason: String| TunnelError { gateway_fault: true, reason };
-        let mut outer = self.outer(gateway, timeout).await.map_err(gw_err)?;
-        match tokio::time::timeout(timeout, outer.ready()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(gw_err(format!("gateway connection: {e}"))),
+        let outer = self.outer(gateway, timeout).await.map_err(gw_err)?;
+        let mut send = match tokio::time::timeout(timeout, outer.send.ready()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                outer.closed.store(true, Ordering::Relaxed);
+                return Err(gw_err(format!("gateway connection: {e}")));
+            }
             // Every stream of the connection busy: the gateway is loaded, not gone.
             Err(_) => return Err(TunnelError { gateway_fault: false, reason: "no stream free in time".into() }),
-        }
+        };
         let req = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(authority)
             .header("trellis-endpoint", endpoint)
-            .body(http_body_util::Empty::new())
+            .body(())
             .map_err(|e| TunnelError { gateway_fault: false, reason: e.to_string() })?;
-        // A slow answer is the endpoint's (the gateway dials it before answering, within less than
-        // a proxy's connect timeout); a gateway that hangs altogether fails its probes.
-        let resp = tokio::time::timeout(timeout, outer.send_request(req))
-            .await
-            .map_err(|_| TunnelError { gateway_fault: false, reason: "CONNECT not answered in time".into() })?
-            .map_err(|e| gw_err(format!("CONNECT: {e}")))?;
-        if resp.status() != http::StatusCode::OK {
-            let status = resp.status();
-            let body =
-                http_body_util::BodyExt::collect(resp.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
-            // A draining gateway refuses every tunnel: that is the gateway's state, not the
-            // endpoint's.
-            let draining = status == http::StatusCode::SERVICE_UNAVAILABLE && body.starts_with(b"this gateway");
-            return Err(TunnelError {
-                gateway_fault: draining,
-                reason: format!("{status}: {}", String::from_utf8_lossy(&body).trim()),
-            });
-        }
-        let upgraded = hyper::upgrade::on(resp)
-            .await
-            .map_err(|e| TunnelError { gateway_fault: false, reason: format!("upgrade: {e}") })?;
-        Ok(TokioIo::new(upgraded))
+        let (response, stream) = send.send_request(req, false).map_err(|e| gw_err(format!("CONNECT: {e}")))?;
+        Ok(H2Tunnel {
+            send: stream,
+            state: TunnelState::Awaiting(response),
+            pending: Bytes::new(),
+            gateway: gateway.to_string(),
+            health: self.health.clone(),
+        })
     }
 
     /// Probes `gateway` once: the round trip of a request on its pooled connection.
     pub async fn probe(&self, gateway: &str) -> Result<Duration, String> {
         let r = tokio::time::timeout(PROBE_TIMEOUT, async {
-            let mut outer = self.outer(gateway, PROBE_TIMEOUT).await?;
-            outer.ready().await.map_err(|e| format!("gateway connection: {e}"))?;
+            let outer = self.outer(gateway, PROBE_TIMEOUT).await?;
+            let mut send = outer.send.ready().await.map_err(|e| format!("gateway connection: {e}"))?;
             let req = http::Request::builder()
                 .method(http::Method::GET)
                 .uri(format!("http://{gateway}{PROBE_PATH}"))
-                .body(http_body_util::Empty::new())
+                .body(())
                 .map_err(|e| e.to_string())?;
             let started = Instant::now();
-            let resp = outer.send_request(req).await.map_err(|e| format!("probe: {e}"))?;
+            let (response, _) = send.send_request(req, true).map_err(|e| format!("probe: {e}"))?;
+            let resp = response.await.map_err(|e| format!("probe: {e}"))?;
             let rtt = started.elapsed();
             if resp.status() != http::StatusCode::OK {
                 return Err(format!("probe answered {}", resp.status()));
@@ -316,6 +328,193 @@ impl GatewayPool {
     /// Closes the connections to gateways that no endpoint names any more.
     pub fn retain(&self, live: &dyn Fn(&str) -> bool) {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).retain(|g, _| live(g));
+    }
+}
+
+/// A gateway refused a tunnel (read from its answer to the `CONNECT`).
+#[derive(Debug, Clone)]
+pub struct TunnelRefused {
+    /// The refusal is about the gateway (it drains), not the endpoint.
+    pub gateway_fault: bool,
+    pub reason: String,
+}
+
+impl std::fmt::Display for TunnelRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for TunnelRefused {}
+
+enum TunnelState {
+    /// The `CONNECT` is sent; its answer not read yet.
+    Awaiting(h2::client::ResponseFuture),
+    /// Refused: its body is read for the reason.
+    Refusing {
+        status: http::StatusCode,
+        gateway_fault: bool,
+        recv: h2::RecvStream,
+        body: Vec<u8>,
+    },
+    Open(h2::RecvStream),
+    Ended,
+}
+
+/// A stream through a gateway: one HTTP/2 stream opened by `CONNECT`, carrying the bytes of the
+/// caller's own connection (its mTLS) both ways.
+pub struct H2Tunnel {
+    send: h2::SendStream<Bytes>,
+    state: TunnelState,
+    /// Received and not yet read.
+    pending: Bytes,
+    gateway: String,
+    health: Arc<GatewayHealth>,
+}
+
+fn h2_io(e: h2::Error) -> std::io::Error {
+    if e.is_io() {
+        e.into_io().unwrap_or_else(|| std::io::Error::other("HTTP/2 I/O error"))
+    } else {
+        std::io::Error::new(std::io::ErrorKind::ConnectionReset, e)
+    }
+}
+
+impl H2Tunnel {
+    /// Reads the gateway's answer to the `CONNECT` if it is not read yet: ready once the tunnel
+    /// is open (or ended), an error with the reason when the gateway refused it.
+    fn poll_answer(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        loop {
+            match &mut self.state {
+                TunnelState::Awaiting(response) => {
+                    let resp = match std::pin::Pin::new(response).poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(e)) => {
+                            self.state = TunnelState::Ended;
+                            return Poll::Ready(Err(h2_io(e)));
+                        }
+                        Poll::Ready(Ok(r)) => r,
+                    };
+                    let status = resp.status();
+                    let gateway_fault = resp.headers().contains_key(GATEWAY_REFUSAL_HEADER);
+                    let recv = resp.into_body();
+                    self.state = if status == http::StatusCode::OK {
+                        self.health.opened(&self.gateway);
+                        TunnelState::Open(recv)
+                    } else {
+                        TunnelState::Refusing { status, gateway_fault, recv, body: Vec::new() }
+                    };
+                }
+                TunnelState::Refusing { status, gateway_fault, recv, body } => {
+                    match recv.poll_data(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Some(Ok(data))) if body.len() < 4096 => {
+                            let _ = recv.flow_control().release_capacity(data.len());
+                            body.extend_from_slice(&data);
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    let refused = TunnelRefused {
+                        gateway_fault: *gateway_fault,
+                        reason: format!("{status}: {}", String::from_utf8_lossy(body).trim()),
+                    };
+                    if refused.gateway_fault {
+                        self.health.failed(&self.gateway, &refused.reason);
+                    }
+                    self.state = TunnelState::Ended;
+                    return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, refused)));
+                }
+                TunnelState::Open(_) | TunnelState::Ended => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    /// Our side of the stream failed: if the gateway refused the tunnel, that is the error.
+    fn write_failed(&mut self, cx: &mut std::task::Context<'_>, e: std::io::Error) -> Poll<std::io::Result<usize>> {
+        match self.poll_answer(cx) {
+            Poll::Ready(Err(refused)) => Poll::Ready(Err(refused)),
+            // The answer is on its way (it was sent before the stream closed).
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for H2Tunnel {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            if let Poll::Ready(Err(e)) = this.poll_answer(cx) {
+                return Poll::Ready(Err(e));
+            }
+            match &mut this.state {
+                TunnelState::Awaiting(_) | TunnelState::Refusing { .. } => return Poll::Pending,
+                TunnelState::Open(recv) => match recv.poll_data(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Ok(data))) => {
+                        let _ = recv.flow_control().release_capacity(data.len());
+                        this.pending = data;
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        this.state = TunnelState::Ended;
+                        return Poll::Ready(Err(h2_io(e)));
+                    }
+                    Poll::Ready(None) => {
+                        this.state = TunnelState::Ended;
+                        return Poll::Ready(Ok(()));
+                    }
+                },
+                TunnelState::Ended => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for H2Tunnel {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = self.get_mut();
+        this.send.reserve_capacity(buf.len());
+        match this.send.poll_capacity(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => this.write_failed(cx, std::io::ErrorKind::BrokenPipe.into()),
+            Poll::Ready(Some(Err(e))) => this.write_failed(cx, h2_io(e)),
+            Poll::Ready(Some(Ok(n))) => {
+                let n = n.min(buf.len());
+                match this.send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
+                    Ok(()) => Poll::Ready(Ok(n)),
+                    Err(e) => this.write_failed(cx, h2_io(e)),
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        // Data is handed to the connection as it is written; the connection task sends it.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        // End of our direction; a stream already reset or ended has nothing more to close.
+        let _ = this.send.send_data(Bytes::new(), true);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -410,5 +609,79 @@ mod tests {
         // Gateways no endpoint names any more are forgotten.
         assert!(h.to_probe(&|g| g == "used:1") == vec!["used:1".to_string()]);
         assert!(h.usable("down:1"), "forgotten, so presumed up if it comes back in a configuration");
+    }
+
+    /// A gateway on the other end of an in-memory pipe answering one CONNECT with `status` (and
+    /// echoing what it receives when it is 200); the caller's tunnel.
+    async fn tunnel_against(status: u16, refusal: bool) -> (H2Tunnel, Arc<GatewayHealth>) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.expect("server handshake");
+            if let Some(Ok((req, mut respond))) = conn.accept().await {
+                tokio::spawn(async move { while conn.accept().await.is_some() {} });
+                let mut resp = http::Response::builder().status(status);
+                if refusal {
+                    resp = resp.header(GATEWAY_REFUSAL_HEADER, "draining");
+                }
+                let mut send = respond.send_response(resp.body(()).expect("response"), false).expect("respond");
+                if status != 200 {
+                    send.send_data(Bytes::from_static(b"the reason\n"), true).expect("body");
+                    return;
+                }
+                let mut body = req.into_body();
+                while let Some(Ok(data)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(data.len());
+                    send.reserve_capacity(data.len());
+                    send.send_data(data, false).expect("echo");
+                }
+                let _ = send.send_data(Bytes::new(), true);
+            }
+        });
+        let (send, conn) = h2::client::handshake(client_io).await.expect("client handshake");
+        tokio::spawn(conn);
+        let mut send = send.ready().await.expect("ready");
+        let req = http::Request::builder().method(http::Method::CONNECT).uri("api.default:80").body(()).expect("req");
+        let (response, stream) = send.send_request(req, false).expect("connect");
+        let health = GatewayHealth::new(Metrics::new());
+        let t = H2Tunnel {
+            send: stream,
+            state: TunnelState::Awaiting(response),
+            pending: Bytes::new(),
+            gateway: "gw:1".into(),
+            health: health.clone(),
+        };
+        (t, health)
+    }
+
+    #[tokio::test]
+    async fn data_written_before_the_answer_goes_through_and_refusals_carry_their_reason() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Written at once, before the gateway answers: it arrives, and comes back.
+        let (mut t, health) = tunnel_against(200, false).await;
+        t.write_all(b"client hello").await.expect("write");
+        let mut buf = [0u8; 12];
+        t.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"client hello");
+        t.shutdown().await.expect("shutdown");
+        assert_eq!(t.read(&mut buf).await.expect("eof"), 0);
+        assert!(health.usable("gw:1"));
+
+        // A refusal for the endpoint: an error naming the reason; the gateway stays usable.
+        let (mut t, health) = tunnel_against(503, false).await;
+        // The refusal surfaces on whichever comes first: the write (the stream is closed) or a read.
+        let err = match t.write_all(b"client hello").await {
+            Err(e) => e,
+            Ok(()) => t.read(&mut buf).await.expect_err("refused"),
+        };
+        let refused = err.get_ref().and_then(|e| e.downcast_ref::<TunnelRefused>()).expect("a TunnelRefused");
+        assert!(!refused.gateway_fault && refused.reason.contains("the reason"), "{refused:?}");
+        assert!(health.usable("gw:1"));
+
+        // A refusal about the gateway (it drains): the gateway is set aside.
+        let (mut t, health) = tunnel_against(503, true).await;
+        let err = t.read(&mut buf).await.expect_err("refused");
+        let refused = err.get_ref().and_then(|e| e.downcast_ref::<TunnelRefused>()).expect("a TunnelRefused");
+        assert!(refused.gateway_fault, "{refused:?}");
+        assert!(!health.usable("gw:1"));
     }
 }

@@ -23,7 +23,7 @@ use trellis_proto::SpiffeId;
 use trellis_proto::tls::{mesh_server_name, peer_id};
 
 use crate::body::Body;
-use crate::gateways::GatewayPool;
+use crate::gateways::{GatewayPool, H2Tunnel, TunnelRefused};
 use crate::metrics::{Direction, Metrics};
 
 /// Why a connection to a peer could not be used.
@@ -59,7 +59,7 @@ pub struct Via {
 /// The transport under a peer's TLS: a TCP connection, or a tunnel through a gateway.
 pub enum MeshIo {
     Tcp(TcpStream),
-    Tunnel(TokioIo<hyper::upgrade::Upgraded>),
+    Tunnel(H2Tunnel),
 }
 
 impl tokio::io::AsyncRead for MeshIo {
@@ -179,6 +179,13 @@ impl MeshConnector {
         };
         let tls = match tokio::time::timeout(self.connect_timeout, self.tls.connect(mesh_server_name(), tcp)).await {
             Ok(Ok(s)) => s,
+            // The gateway's answer to the CONNECT arrives with the handshake's first bytes.
+            Ok(Err(source)) if source.get_ref().is_some_and(|e| e.is::<TunnelRefused>()) => {
+                let refused = source.get_ref().and_then(|e| e.downcast_ref::<TunnelRefused>()).cloned();
+                let (gateway_fault, reason) = refused.map(|r| (r.gateway_fault, r.reason)).unwrap_or_default();
+                let gateway = target.via.as_ref().map(|v| v.gateway.clone()).unwrap_or_default();
+                return Err(ConnectError::Tunnel { gateway, addr, reason, gateway_fault });
+            }
             Ok(Err(source)) => {
                 self.metrics.handshake_failed(Direction::outbound);
                 return Err(ConnectError::Handshake { addr, source });

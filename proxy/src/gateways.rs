@@ -491,17 +491,20 @@ impl tokio::io::AsyncWrite for H2Tunnel {
         }
         let this = self.get_mut();
         this.send.reserve_capacity(buf.len());
-        match this.send.poll_capacity(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => this.write_failed(cx, std::io::ErrorKind::BrokenPipe.into()),
-            Poll::Ready(Some(Err(e))) => this.write_failed(cx, h2_io(e)),
-            Poll::Ready(Some(Ok(n))) => {
-                let n = n.min(buf.len());
-                match this.send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
-                    Ok(()) => Poll::Ready(Ok(n)),
-                    Err(e) => this.write_failed(cx, h2_io(e)),
-                }
-            }
+        // Capacity already assigned is used at once (`poll_capacity` only reports increases).
+        let n = match this.send.capacity() {
+            0 => match this.send.poll_capacity(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return this.write_failed(cx, std::io::ErrorKind::BrokenPipe.into()),
+                Poll::Ready(Some(Err(e))) => return this.write_failed(cx, h2_io(e)),
+                Poll::Ready(Some(Ok(n))) => n,
+            },
+            available => available,
+        };
+        let n = n.min(buf.len());
+        match this.send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
+            Ok(()) => Poll::Ready(Ok(n)),
+            Err(e) => this.write_failed(cx, h2_io(e)),
         }
     }
 
@@ -683,5 +686,24 @@ mod tests {
         let refused = err.get_ref().and_then(|e| e.downcast_ref::<TunnelRefused>()).expect("a TunnelRefused");
         assert!(refused.gateway_fault, "{refused:?}");
         assert!(!health.usable("gw:1"));
+    }
+
+    #[tokio::test]
+    async fn a_megabyte_each_way_goes_through_the_tunnels_flow_control() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (t, _) = tunnel_against(200, false).await;
+        let (mut r, mut w) = tokio::io::split(t);
+        let data: Vec<u8> = (0..1_048_576u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in sent.chunks(16 * 1024 + 7) {
+                w.write_all(chunk).await.expect("write");
+            }
+            w.shutdown().await.expect("shutdown");
+        });
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut got)).await.expect("no stall").expect("read");
+        writer.await.expect("writer");
+        assert!(got == data, "echoed {} bytes of {}", got.len(), data.len());
     }
 }

@@ -963,17 +963,7 @@ mod tests {
         };
         let mut s = State { roots: vec![root("r1", 0)], ..Default::default() };
         for c in ["a", "b"] {
-            let cluster = Cluster {
-                name: c.into(),
-                region: "r".into(),
-                intermediate_cert_pem: format!("{c}-old"),
-                intermediate_key_pem: String::new(),
-                created_at: 0,
-                join_token: String::new(),
-                gateways: Default::default(),
-                via_gateways: false,
-                reach_pinned: false,
-            };
+            let cluster = Cluster { intermediate_cert_pem: format!("{c}-old"), ..Cluster::named(c, "r") };
             s.clusters.insert(c.into(), cluster);
         }
         let only_a: BTreeMap<String, String> = [("a".to_string(), "a-new".to_string())].into();

@@ -48,13 +48,23 @@ type OuterSlot = Arc<tokio::sync::Mutex<Option<Outer>>>;
 /// Header the gateway sets on a refusal that is about the gateway itself (it drains).
 pub const GATEWAY_REFUSAL_HEADER: &str = "trellis-gateway-refusal";
 
-/// Why a tunnel could not be opened.
+/// Why a tunnel could not be opened: before the `CONNECT` was sent, or the gateway's refusal
+/// (which reaches the caller inside the I/O error of its first read or write).
 #[derive(Debug, Clone)]
 pub struct TunnelError {
-    /// The gateway itself failed (dial, handshake, connection): it is marked down.
+    /// The gateway itself failed or refused for itself (dial, handshake, connection, drain): it
+    /// is marked down, and the endpoint's record stays clean.
     pub gateway_fault: bool,
     pub reason: String,
 }
+
+impl std::fmt::Display for TunnelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for TunnelError {}
 
 #[derive(Debug, Clone, Copy)]
 struct GatewayState {
@@ -246,7 +256,7 @@ impl GatewayPool {
     /// A tunnel through `gateway` to `endpoint` of the service at `authority`. The tunnel is
     /// returned as soon as the `CONNECT` is sent: what the caller writes (its TLS ClientHello)
     /// travels right behind it, saving a round trip; the gateway's answer is read with the first
-    /// bytes, and a refusal is an error of that read ([`TunnelRefused`]).
+    /// bytes, and a refusal is an error of that read ([`TunnelError`]).
     pub async fn tunnel(
         &self,
         gateway: &str,
@@ -331,22 +341,6 @@ impl GatewayPool {
     }
 }
 
-/// A gateway refused a tunnel (read from its answer to the `CONNECT`).
-#[derive(Debug, Clone)]
-pub struct TunnelRefused {
-    /// The refusal is about the gateway (it drains), not the endpoint.
-    pub gateway_fault: bool,
-    pub reason: String,
-}
-
-impl std::fmt::Display for TunnelRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.reason)
-    }
-}
-
-impl std::error::Error for TunnelRefused {}
-
 enum TunnelState {
     /// The `CONNECT` is sent; its answer not read yet.
     Awaiting(h2::client::ResponseFuture),
@@ -415,7 +409,7 @@ impl H2Tunnel {
                         }
                         _ => {}
                     }
-                    let refused = TunnelRefused {
+                    let refused = TunnelError {
                         gateway_fault: *gateway_fault,
                         reason: format!("{status}: {}", String::from_utf8_lossy(body).trim()),
                     };
@@ -676,14 +670,14 @@ mod tests {
             Err(e) => e,
             Ok(()) => t.read(&mut buf).await.expect_err("refused"),
         };
-        let refused = err.get_ref().and_then(|e| e.downcast_ref::<TunnelRefused>()).expect("a TunnelRefused");
+        let refused = err.get_ref().and_then(|e| e.downcast_ref::<TunnelError>()).expect("a TunnelError");
         assert!(!refused.gateway_fault && refused.reason.contains("the reason"), "{refused:?}");
         assert!(health.usable("gw:1"));
 
         // A refusal about the gateway (it drains): the gateway is set aside.
         let (mut t, health) = tunnel_against(503, true).await;
         let err = t.read(&mut buf).await.expect_err("refused");
-        let refused = err.get_ref().and_then(|e| e.downcast_ref::<TunnelRefused>()).expect("a TunnelRefused");
+        let refused = err.get_ref().and_then(|e| e.downcast_ref::<TunnelError>()).expect("a TunnelError");
         assert!(refused.gateway_fault, "{refused:?}");
         assert!(!health.usable("gw:1"));
     }

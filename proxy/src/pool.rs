@@ -23,7 +23,7 @@ use trellis_proto::SpiffeId;
 use trellis_proto::tls::{mesh_server_name, peer_id};
 
 use crate::body::Body;
-use crate::gateways::{GatewayPool, H2Tunnel, TunnelRefused};
+use crate::gateways::{GatewayPool, H2Tunnel, TunnelError};
 use crate::metrics::{Direction, Metrics};
 
 /// Why a connection to a peer could not be used.
@@ -43,6 +43,12 @@ pub enum ConnectError {
     Http2 { addr: String, source: hyper::Error },
     #[error("tunnel through gateway {gateway} to {addr} failed: {reason}")]
     Tunnel { gateway: String, addr: String, reason: String, gateway_fault: bool },
+}
+
+impl ConnectError {
+    fn tunnel(via: &Via, addr: String, e: TunnelError) -> Self {
+        ConnectError::Tunnel { gateway: via.gateway.clone(), addr, reason: e.reason, gateway_fault: e.gateway_fault }
+    }
 }
 
 /// How to reach a peer of another cluster: through one of its cluster's gateways.
@@ -158,14 +164,7 @@ impl MeshConnector {
             (Some(via), Some(gw)) => {
                 match gw.tunnel(&via.gateway, &via.authority, &via.endpoint, self.connect_timeout).await {
                     Ok(t) => MeshIo::Tunnel(t),
-                    Err(e) => {
-                        return Err(ConnectError::Tunnel {
-                            gateway: via.gateway.clone(),
-                            addr,
-                            reason: e.reason,
-                            gateway_fault: e.gateway_fault,
-                        });
-                    }
+                    Err(e) => return Err(ConnectError::tunnel(via, addr, e)),
                 }
             }
             _ => match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&target.addr)).await {
@@ -180,11 +179,11 @@ impl MeshConnector {
         let tls = match tokio::time::timeout(self.connect_timeout, self.tls.connect(mesh_server_name(), tcp)).await {
             Ok(Ok(s)) => s,
             // The gateway's answer to the CONNECT arrives with the handshake's first bytes.
-            Ok(Err(source)) if source.get_ref().is_some_and(|e| e.is::<TunnelRefused>()) => {
-                let refused = source.get_ref().and_then(|e| e.downcast_ref::<TunnelRefused>()).cloned();
-                let (gateway_fault, reason) = refused.map(|r| (r.gateway_fault, r.reason)).unwrap_or_default();
-                let gateway = target.via.as_ref().map(|v| v.gateway.clone()).unwrap_or_default();
-                return Err(ConnectError::Tunnel { gateway, addr, reason, gateway_fault });
+            Ok(Err(ref source))
+                if let Some(via) = &target.via
+                    && let Some(refused) = source.get_ref().and_then(|e| e.downcast_ref::<TunnelError>()) =>
+            {
+                return Err(ConnectError::tunnel(via, addr, refused.clone()));
             }
             Ok(Err(source)) => {
                 self.metrics.handshake_failed(Direction::outbound);

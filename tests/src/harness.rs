@@ -195,6 +195,41 @@ pub fn trellis(config: &Path, args: &[&str]) -> Output {
         .expect("run trellis")
 }
 
+/// Runs `trellis demo --scenario failover -o json` at 200 requests/s, with a's backends killed,
+/// b's gateway killed, b's gateway restored and a's backends restored at `steps` seconds, for
+/// `duration` seconds. Whether it exited successfully (it does not when a request failed), and
+/// its report.
+pub fn failover_demo(config: &Path, steps: [u64; 4], duration: u64) -> Result<(bool, serde_json::Value), String> {
+    let [kill, kill_gw, restore_gw, restore] = steps.map(|s| s.to_string());
+    let duration = duration.to_string();
+    let out = trellis(
+        config,
+        &[
+            "demo",
+            "--scenario",
+            "failover",
+            "--rate",
+            "200",
+            "--kill-backends-at",
+            &kill,
+            "--kill-gateway-at",
+            &kill_gw,
+            "--restore-gateway-at",
+            &restore_gw,
+            "--restore-backends-at",
+            &restore,
+            "--duration",
+            &duration,
+            "-o",
+            "json",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(&text)
+        .map_err(|e| format!("no report ({e}): {text}\n{}", String::from_utf8_lossy(&out.stderr)))?;
+    Ok((out.status.success(), report))
+}
+
 /// A free port on `ip`.
 pub fn free_port(ip: &str) -> u16 {
     std::net::TcpListener::bind((ip, 0)).expect("bind").local_addr().expect("addr").port()

@@ -17,7 +17,7 @@ use serde_json::Value;
 use trellis_proto::tls::{IdentityStore, client_config};
 use trellis_proto::verify::{IdMatcher, SharedBundle, TrustBundle};
 use trellis_proto::{ALPN_MESH_HTTP, SpiffeId};
-use trellis_tests::harness::{ControlPlane, Proc, bin, http_get, trellis, wait_for, wait_ready};
+use trellis_tests::harness::{ControlPlane, Proc, bin, failover_demo, http_get, trellis, wait_for, wait_ready};
 use trellis_tests::mesh::{workload_certificate, workload_token};
 
 fn s(v: &[&str]) -> Vec<String> {
@@ -32,6 +32,47 @@ fn spawn(dir: &Path, name: &str, program: &str, mut args: Vec<String>) -> (Proc,
     let mut p = Proc::spawn(name, &bin(program), &args, &dir.join(format!("{name}.log")), &[]);
     let v = wait_ready(&mut p, &ready, Duration::from_secs(60));
     (p, v)
+}
+
+/// Cluster B joins A's federation (region eu, control plane on 127.0.2.1) with a token from
+/// `config`'s context; its control plane, address and trust bundle file.
+fn join_b(dir: &Path, config: &Path) -> (Proc, String, std::path::PathBuf) {
+    let out = trellis(config, &["token", "create", "--ttl", "10m"]);
+    assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(dir.join("token-b"), &out.stdout).expect("token");
+    let (b, ready) = spawn(
+        dir,
+        "cp-b",
+        "trellis-cp",
+        s(&["--data-dir", &dir.join("cp-b").display().to_string(), "--cluster", "b", "--region", "eu"])
+            .into_iter()
+            .chain(s(&["--listen", "127.0.2.1:0", "--join-token-file", &dir.join("token-b").display().to_string()]))
+            .collect(),
+    );
+    let b_cp = ready["grpc"].as_str().unwrap_or_default().to_string();
+    let b_bundle = std::path::PathBuf::from(ready["trust_bundle"].as_str().unwrap_or_default());
+    wait_for("b's trust bundle", Duration::from_secs(30), || b_bundle.exists().then_some(()));
+    (b, b_cp, b_bundle)
+}
+
+/// B's gateway on 127.0.2.9, with a gateway token from B's own control plane (a gateway token
+/// is for the cluster of the control plane that creates it); it and its ready file.
+fn gateway_of_b(dir: &Path, config: &Path, a_cp: &str, b_cp: &str, b_bundle: &Path) -> (Proc, Value) {
+    let config_b = dir.join("cli-b.yaml");
+    let text = std::fs::read_to_string(config).expect("config");
+    std::fs::write(&config_b, text.replace(a_cp, b_cp)).expect("config for B");
+    let out = trellis(&config_b, &["token", "gateway", "create", "--ttl", "1h"]);
+    assert!(out.status.success(), "gateway token: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(dir.join("gateway-token"), &out.stdout).expect("token");
+    spawn(
+        dir,
+        "gateway-b",
+        "trellis-gateway",
+        s(&["--control-plane", b_cp, "--trust-bundle", &b_bundle.display().to_string(), "--cluster", "b"])
+            .into_iter()
+            .chain(s(&["--listen", "127.0.2.9:0", "--token-file", &dir.join("gateway-token").display().to_string()]))
+            .collect(),
+    )
 }
 
 type Outer = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
@@ -92,21 +133,7 @@ fn a_caller_of_another_cluster_reaches_an_exported_service_through_the_gateway_w
     let config = dir.join("cli.yaml");
     let a = ControlPlane::start(dir, "a", "127.0.1.1");
     assert!(trellis(&config, &["config", "import", &a.admin_context.display().to_string()]).status.success());
-    let out = trellis(&config, &["token", "create", "--ttl", "10m"]);
-    assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
-    std::fs::write(dir.join("token-b"), &out.stdout).expect("token");
-    let (_b, b) = spawn(
-        dir,
-        "cp-b",
-        "trellis-cp",
-        s(&["--data-dir", &dir.join("cp-b").display().to_string(), "--cluster", "b", "--region", "eu"])
-            .into_iter()
-            .chain(s(&["--listen", "127.0.2.1:0", "--join-token-file", &dir.join("token-b").display().to_string()]))
-            .collect(),
-    );
-    let b_cp = b["grpc"].as_str().unwrap_or_default().to_string();
-    let b_bundle = std::path::PathBuf::from(b["trust_bundle"].as_str().unwrap_or_default());
-    wait_for("b's trust bundle", Duration::from_secs(30), || b_bundle.exists().then_some(()));
+    let (_b, b_cp, b_bundle) = join_b(dir, &config);
     for (svc, exported) in [("api.default", true), ("secret.default", false)] {
         let mut args = vec!["create-service", svc, "--port", "80"];
         if exported {
@@ -134,22 +161,7 @@ fn a_caller_of_another_cluster_reaches_an_exported_service_through_the_gateway_w
         );
         keep.push(p);
     }
-    // A gateway token is for the cluster of the control plane that creates it: ask B's.
-    let config_b = dir.join("cli-b.yaml");
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(&config_b, text.replace(&a.grpc, &b_cp)).expect("config for B");
-    let out = trellis(&config_b, &["token", "gateway", "create", "--ttl", "1h"]);
-    assert!(out.status.success(), "gateway token: {}", String::from_utf8_lossy(&out.stderr));
-    std::fs::write(dir.join("gateway-token"), &out.stdout).expect("token");
-    let (_gw, gw) = spawn(
-        dir,
-        "gateway-b",
-        "trellis-gateway",
-        s(&["--control-plane", &b_cp, "--trust-bundle", &b_bundle.display().to_string(), "--cluster", "b"])
-            .into_iter()
-            .chain(s(&["--listen", "127.0.2.9:0", "--token-file", &dir.join("gateway-token").display().to_string()]))
-            .collect(),
-    );
+    let (_gw, gw) = gateway_of_b(dir, &config, &a.grpc, &b_cp, &b_bundle);
     let gw_addr = gw["listen"].as_str().unwrap_or_default().to_string();
     let gw_admin = gw["admin"].as_str().unwrap_or_default().to_string();
     assert_eq!(gw["identity"], "spiffe://trellis.local/trellis/cluster/b/gateway");
@@ -285,37 +297,9 @@ fn when_every_backend_in_the_callers_cluster_dies_requests_fail_over_through_the
     let config = dir.join("cli.yaml");
     let a = ControlPlane::start(dir, "a", "127.0.1.1");
     assert!(trellis(&config, &["config", "import", &a.admin_context.display().to_string()]).status.success());
-    let out = trellis(&config, &["token", "create", "--ttl", "10m"]);
-    assert!(out.status.success());
-    std::fs::write(dir.join("token-b"), &out.stdout).expect("token");
-    let (_b, b) = spawn(
-        dir,
-        "cp-b",
-        "trellis-cp",
-        s(&["--data-dir", &dir.join("cp-b").display().to_string(), "--cluster", "b", "--region", "eu"])
-            .into_iter()
-            .chain(s(&["--listen", "127.0.2.1:0", "--join-token-file", &dir.join("token-b").display().to_string()]))
-            .collect(),
-    );
-    let b_cp = b["grpc"].as_str().unwrap_or_default().to_string();
-    let b_bundle = std::path::PathBuf::from(b["trust_bundle"].as_str().unwrap_or_default());
-    wait_for("b's trust bundle", Duration::from_secs(30), || b_bundle.exists().then_some(()));
+    let (_b, b_cp, b_bundle) = join_b(dir, &config);
     assert!(trellis(&config, &["create-service", "api.default", "--port", "80", "--exported"]).status.success());
-    // A gateway token is for the cluster of the control plane that creates it: ask B's.
-    let config_b = dir.join("cli-b.yaml");
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(&config_b, text.replace(&a.grpc, &b_cp)).expect("config for B");
-    let out = trellis(&config_b, &["token", "gateway", "create", "--ttl", "1h"]);
-    std::fs::write(dir.join("gateway-token"), &out.stdout).expect("token");
-    let (_gw, _) = spawn(
-        dir,
-        "gateway-b",
-        "trellis-gateway",
-        s(&["--control-plane", &b_cp, "--trust-bundle", &b_bundle.display().to_string(), "--cluster", "b"])
-            .into_iter()
-            .chain(s(&["--listen", "127.0.2.9:0", "--token-file", &dir.join("gateway-token").display().to_string()]))
-            .collect(),
-    );
+    let (_gw, _) = gateway_of_b(dir, &config, &a.grpc, &b_cp, &b_bundle);
     // api runs in both clusters; A's instance is the one A's callers prefer.
     let api_token = workload_token(&config, "api").expect("token");
     let backend = |cluster: &str, ip: &str, cp: &str, bundle: &Path, name: &str| -> (Proc, Proc) {
@@ -457,31 +441,8 @@ fn when_every_backend_in_the_callers_cluster_dies_requests_fail_over_through_the
 fn the_failover_demo_moves_traffic_to_the_nearest_other_cluster_then_past_a_dead_gateway_and_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("config");
-    let out = trellis(
-        &config,
-        &[
-            "demo",
-            "--scenario",
-            "failover",
-            "--rate",
-            "200",
-            "--kill-backends-at",
-            "3",
-            "--kill-gateway-at",
-            "6",
-            "--restore-gateway-at",
-            "9",
-            "--restore-backends-at",
-            "12",
-            "--duration",
-            "16",
-            "-o",
-            "json",
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "demo failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let (ok, r) = failover_demo(&config, [3, 6, 9, 12], 16).unwrap_or_else(|e| panic!("demo failed: {e}"));
+    assert!(ok, "demo failed: {r:#}");
     assert_eq!(r["failed"], 0, "{r:#}");
     assert_eq!(r["served_by_a_while_down"], 0, "{r:#}");
     assert_eq!(r["served_by_b_while_gateway_down"], 0, "{r:#}");

@@ -6,10 +6,10 @@
 //! being ready to its first request; it includes the proxy's 1 s failback hold), and the failed
 //! requests (all runs together).
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::bench::report::Report;
-use crate::harness::trellis;
+use crate::harness::failover_demo;
 
 const SCENARIO: &str = "failover";
 
@@ -34,32 +34,8 @@ pub fn run(runs: u32, report: &mut Report) -> anyhow::Result<()> {
     let mut figures: Vec<Vec<f64>> = vec![Vec::new(); keys.len()];
     let (mut failed, mut requests) = (0u64, 0u64);
     for run in 0..runs {
-        let out = trellis(
-            &config,
-            &[
-                "demo",
-                "--scenario",
-                "failover",
-                "--rate",
-                "200",
-                "--kill-backends-at",
-                "2",
-                "--kill-gateway-at",
-                "4",
-                "--restore-gateway-at",
-                "6",
-                "--restore-backends-at",
-                "8",
-                "--duration",
-                "11",
-                "-o",
-                "json",
-            ],
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let r: Value = serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!("run {run}: no report ({e}): {text}\n{}", String::from_utf8_lossy(&out.stderr))
-        })?;
+        let (_, r) =
+            failover_demo(&config, [2, 4, 6, 8], 11).map_err(|e| anyhow::anyhow!("failover run {run}: {e}"))?;
         failed += r["failed"].as_u64().unwrap_or(0);
         requests += r["requests"].as_u64().unwrap_or(0);
         for (i, k) in keys.iter().enumerate() {

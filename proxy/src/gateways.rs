@@ -480,11 +480,21 @@ impl tokio::io::AsyncWrite for H2Tunnel {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if buf.is_empty() {
+        self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
+    }
+
+    /// Every slice goes into one DATA frame (as much as the stream's window allows).
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
             return Poll::Ready(Ok(0));
         }
         let this = self.get_mut();
-        this.send.reserve_capacity(buf.len());
+        this.send.reserve_capacity(total);
         // Capacity already assigned is used at once (`poll_capacity` only reports increases).
         let n = match this.send.capacity() {
             0 => match this.send.poll_capacity(cx) {
@@ -495,11 +505,23 @@ impl tokio::io::AsyncWrite for H2Tunnel {
             },
             available => available,
         };
-        let n = n.min(buf.len());
-        match this.send.send_data(Bytes::copy_from_slice(&buf[..n]), false) {
+        let n = n.min(total);
+        let mut data = bytes::BytesMut::with_capacity(n);
+        for b in bufs {
+            let take = (n - data.len()).min(b.len());
+            data.extend_from_slice(&b[..take]);
+            if data.len() == n {
+                break;
+            }
+        }
+        match this.send.send_data(data.freeze(), false) {
             Ok(()) => Poll::Ready(Ok(n)),
             Err(e) => this.write_failed(cx, h2_io(e)),
         }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {

@@ -29,7 +29,7 @@ use crate::gateways::{GatewayHealth, Way};
 use crate::headers::strip_hop_by_hop;
 use crate::metrics::{Direction, Metrics, ServiceLabels, TierChange, TierChangeLabels};
 use crate::pool::{ConnectError, H2Pool, MeshConnector, Target, Via};
-use crate::retry::{self, Failure, MAX_REPLAY_BODY, MAX_RETRIES, RetryBudget, should_retry};
+use crate::retry::{Failure, MAX_REPLAY_BODY, MAX_RETRIES, RetryBudget, should_retry};
 use crate::routes::{AppProtocol, Endpoint, Routes, ServiceName};
 
 /// How long a new client connection may take to show its protocol before it is treated as TCP.
@@ -384,7 +384,7 @@ impl Outbound {
         strip_hop_by_hop(&mut parts.headers);
         // HTTP/2 carries the authority in the URI; a Host header would be a second source of truth.
         parts.headers.remove(header::HOST);
-        let mut body = match hold_body(&parts.method, incoming, deadline).await {
+        let mut body = match hold_body(incoming, deadline).await {
             Ok(b) => b,
             Err(resp) => return resp,
         };
@@ -612,13 +612,14 @@ pub fn mesh_uri(uri: &Uri, host: Option<&http::HeaderValue>, service: &ServiceNa
     Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(pq).build().ok()
 }
 
-/// Holds the body so that it can be replayed when the request is retryable and the body small.
-async fn hold_body(method: &Method, incoming: Incoming, deadline: Instant) -> Result<ReqBody, Response<Body>> {
+/// Holds a small body of known length whole (it can be replayed, and it leaves in the same write
+/// as the request's headers); streams the others.
+async fn hold_body(incoming: Incoming, deadline: Instant) -> Result<ReqBody, Response<Body>> {
     if incoming.is_end_stream() {
         return Ok(ReqBody::Empty);
     }
     let small = incoming.size_hint().exact().is_some_and(|n| n <= MAX_REPLAY_BODY);
-    if !(retry::is_idempotent(method) && small) {
+    if !small {
         return Ok(ReqBody::Streaming(Some(body::boxed(incoming))));
     }
     match tokio::time::timeout_at(deadline, incoming.collect()).await {

@@ -93,6 +93,23 @@ impl tokio::io::AsyncWrite for MeshIo {
         }
     }
 
+    // Vectored, so that TLS hands every record of a flush to one system call (and the peer
+    // wakes once for a request's headers and body).
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MeshIo::Tcp(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            MeshIo::Tunnel(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

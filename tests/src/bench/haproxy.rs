@@ -15,11 +15,21 @@ pub fn available() -> bool {
     std::process::Command::new("haproxy").arg("-v").output().map(|o| o.status.success()).unwrap_or(false)
 }
 
-/// A running pair of HAProxy instances (one process, two frontends).
+/// A running pair of HAProxy processes, shaped like two sidecars: the client-side one takes the
+/// application's plain connection and forwards over mutual TLS to the server-side one in front of
+/// the application. Each runs one thread, as each Trellis proxy does by default.
 pub struct HaproxyPair {
-    pub proc: Proc,
+    pub client: Proc,
+    pub server: Proc,
     /// The client-side frontend.
     pub entry: String,
+}
+
+impl HaproxyPair {
+    /// The two processes with a label each, client side first.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        vec![("client-haproxy", self.client.pid()), ("server-haproxy", self.server.pid())]
+    }
 }
 
 /// Starts the pair in front of `app`; `mode` is "http" (HTTP/1.1 or HTTP/2 application as
@@ -48,36 +58,47 @@ pub fn start(dir: &Path, app: &str, mode: &str, app_h2: bool) -> anyhow::Result<
         "http" => (" alpn h2", if app_h2 { " proto h2" } else { "" }),
         _ => ("", ""),
     };
-    let cfg = format!(
-        "global\n  maxconn 4096\n  tune.ssl.default-dh-param 2048\n\
-         defaults\n  mode {mode}\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n{reuse}\
-         frontend entry\n  bind {entry}{entry_proto}\n  default_backend hop\n\
-         backend hop\n  server b {hop} ssl verify required ca-file {d}/root.pem crt {d}/haproxy-client.pem{hop_alpn}\n\
-         frontend inbound\n  bind {hop} ssl crt {d}/haproxy-server.pem ca-file {d}/root.pem verify required{hop_alpn}\n  default_backend app\n\
-         backend app\n  server app {app}{app_proto}\n",
+    let defaults = format!(
+        "global\n  maxconn 4096\n  nbthread 1\n  tune.ssl.default-dh-param 2048\n\
+         defaults\n  mode {mode}\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n{reuse}",
         reuse = if mode == "http" { "  http-reuse always\n" } else { "" },
+    );
+    let client_cfg = format!(
+        "{defaults}frontend entry\n  bind {entry}{entry_proto}\n  default_backend hop\n\
+         backend hop\n  server b {hop} ssl verify required ca-file {d}/root.pem crt {d}/haproxy-client.pem{hop_alpn}\n",
         entry_proto = if mode == "http" && app_h2 { " proto h2" } else { "" },
     );
-    let cfg_path = dir.join("haproxy.cfg");
+    let server_cfg = format!(
+        "{defaults}frontend inbound\n  bind {hop} ssl crt {d}/haproxy-server.pem ca-file {d}/root.pem verify required{hop_alpn}\n  default_backend app\n\
+         backend app\n  server app {app}{app_proto}\n",
+    );
+    let server = spawn(dir, "haproxy-server", &server_cfg, &hop)?;
+    let client = spawn(dir, "haproxy-client", &client_cfg, &entry)?;
+    Ok(HaproxyPair { client, server, entry })
+}
+
+/// Starts one HAProxy process with `cfg` and waits until it listens on `addr`.
+fn spawn(dir: &Path, name: &str, cfg: &str, addr: &str) -> anyhow::Result<Proc> {
+    let cfg_path = dir.join(format!("{name}.cfg"));
     std::fs::write(&cfg_path, cfg)?;
     let mut proc = Proc::spawn(
-        "haproxy",
+        name,
         Path::new("haproxy"),
         &["-db".into(), "-f".into(), cfg_path.display().to_string()],
-        &dir.join("haproxy.log"),
+        &dir.join(format!("{name}.log")),
         &[],
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&entry).is_err() {
+    while std::net::TcpStream::connect(addr).is_err() {
         if let Some(status) = proc.exited() {
-            anyhow::bail!("haproxy exited ({status}) at start; its log:\n{}", proc.log());
+            anyhow::bail!("{name} exited ({status}) at start; its log:\n{}", proc.log());
         }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "haproxy not listening after 10 s; its log:\n{}",
+            "{name} not listening on {addr} after 10 s; its log:\n{}",
             proc.log()
         );
         std::thread::sleep(Duration::from_millis(25));
     }
-    Ok(HaproxyPair { proc, entry })
+    Ok(proc)
 }

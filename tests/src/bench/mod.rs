@@ -5,6 +5,7 @@
 pub mod haproxy;
 pub mod load;
 pub mod procstat;
+pub mod relay;
 pub mod report;
 pub mod scenarios;
 pub mod upstream;

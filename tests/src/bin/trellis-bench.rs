@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use trellis_tests::bench::load::Proto;
+use trellis_tests::bench::relay;
 use trellis_tests::bench::report::Report;
 use trellis_tests::bench::scenarios::{
     self, config_propagation, cross_cluster, failover, join, proxy_latency, raft, scale, tcp_throughput,
@@ -67,9 +68,19 @@ struct Args {
     scale_services: usize,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> anyhow::Result<()> {
+    // The relay floor of proxy-latency runs as this executable in its own process.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(relay::SUBCOMMAND) {
+        let [_, _, listen, to] = argv.as_slice() else {
+            anyhow::bail!("usage: trellis-bench relay LISTEN_ADDR TO_ADDR");
+        };
+        return relay::serve(listen, to);
+    }
+    tokio::runtime::Runtime::new()?.block_on(bench(Args::parse()))
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
     let protos = args
         .protocols
         .iter()

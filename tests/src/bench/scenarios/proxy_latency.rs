@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::bench::load::{self, Proto, Samples};
 use crate::bench::procstat::{cpu_seconds, peak_rss_mib, pin};
 use crate::bench::report::Report;
-use crate::bench::{haproxy, upstream};
+use crate::bench::{haproxy, relay, upstream};
 use crate::mesh::OneHop;
 
 const SCENARIO: &str = "proxy-latency";
@@ -57,8 +57,18 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
             report.skipped(SCENARIO, "haproxy path: `haproxy` is not installed (Debian package haproxy)");
             None
         };
+        let dir_path = dir.path().to_path_buf();
+        let app2 = app.clone();
+        let relays = tokio::task::spawn_blocking(move || relay::start(&dir_path, &app2)).await??;
         let mut paths = vec![
             Path { name: "direct", addr: app.clone(), pids: vec![], samples: Samples::default(), cpu: vec![] },
+            Path {
+                name: "relays",
+                addr: relays.entry.clone(),
+                pids: relays.pids(),
+                samples: Samples::default(),
+                cpu: vec![0.0; 2],
+            },
             Path {
                 name: "trellis",
                 addr: mesh.outbound.clone(),
@@ -71,9 +81,9 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
             paths.push(Path {
                 name: "haproxy",
                 addr: h.entry.clone(),
-                pids: vec![("haproxy-pair", h.proc.pid())],
+                pids: h.pids(),
                 samples: Samples::default(),
-                cpu: vec![0.0],
+                cpu: vec![0.0; 2],
             });
         }
         let body = Bytes::from(vec![b'y'; 1024]);
@@ -154,7 +164,7 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
             }
         }
         if !opts.saturation.is_zero() {
-            // Both proxies (or the HAProxy pair) on core 0, the load generator on core 1.
+            // Both proxies (or relays, or HAProxy processes) on core 0, the load generator on core 1.
             let me = std::process::id();
             pin(me, "1")?;
             for p in paths.iter().filter(|p| p.name != "direct") {
@@ -176,6 +186,7 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
             pin(me, "0-1")?;
         }
         drop(ha);
+        drop(relays);
         drop(mesh);
     }
     Ok(())

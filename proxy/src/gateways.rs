@@ -235,7 +235,7 @@ impl GatewayPool {
             .await
             .map_err(|_| "TLS handshake timed out".to_string())?
             .map_err(|e| format!("TLS handshake: {e}"))?;
-        let (send, conn) = tokio::time::timeout(timeout, h2::client::handshake(tls))
+        let (send, conn) = tokio::time::timeout(timeout, crate::pool::h2_client().handshake::<_, Bytes>(tls))
             .await
             .map_err(|_| "HTTP/2 handshake timed out".to_string())?
             .map_err(|e| format!("HTTP/2 handshake: {e}"))?;

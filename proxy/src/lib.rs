@@ -19,6 +19,7 @@ pub mod detect;
 pub mod discovery;
 pub mod drain;
 pub mod gateways;
+pub mod h2body;
 pub mod headers;
 pub mod identity;
 pub mod inbound;

@@ -26,6 +26,7 @@ use crate::body::{self, Body, text};
 use crate::detect::{FirstByte, Protocol, sniff};
 use crate::drain::Drain;
 use crate::gateways::{GatewayHealth, Way};
+use crate::h2body::{self, RecvBody};
 use crate::headers::strip_hop_by_hop;
 use crate::metrics::{Direction, Metrics, ServiceLabels, TierChange, TierChangeLabels};
 use crate::pool::{ConnectError, H2Pool, MeshConnector, Target, Via};
@@ -116,20 +117,6 @@ enum ReqBody {
 impl ReqBody {
     fn replayable(&self) -> bool {
         !matches!(self, ReqBody::Streaming(_))
-    }
-
-    fn take(&mut self) -> Option<Body> {
-        match self {
-            ReqBody::Empty => Some(body::empty()),
-            ReqBody::Buffered(b) => Some(body::full(b.clone())),
-            ReqBody::Streaming(b) => b.take(),
-        }
-    }
-
-    fn put_back(&mut self, b: Body) {
-        if let ReqBody::Streaming(slot) = self {
-            *slot = Some(b);
-        }
     }
 }
 
@@ -394,7 +381,7 @@ impl Outbound {
         let mut last_error: Option<String> = None;
         let mut last_failure: Option<Failure> = None;
         // A 502/503/504 that was retried: returned as is if no other endpoint does better.
-        let mut last_response: Option<Response<Incoming>> = None;
+        let mut last_response: Option<Response<Body>> = None;
         loop {
             let routes = self.routes.borrow().clone();
             let Some((ep, load)) = self.pick(up, &routes, &tried) else {
@@ -463,7 +450,7 @@ impl Outbound {
         uri: &Uri,
         body: &mut ReqBody,
         deadline: Instant,
-    ) -> Result<Response<Incoming>, AttemptError> {
+    ) -> Result<Response<Body>, AttemptError> {
         let before_write =
             |message: String| AttemptError { failure: Failure::BeforeWrite, message, gateway_fault: false };
         let timeout =
@@ -475,7 +462,7 @@ impl Outbound {
                 gateway_fault: true,
             });
         };
-        let mut sender = match tokio::time::timeout_at(deadline, self.pool.get(&target)).await {
+        let conn = match tokio::time::timeout_at(deadline, self.pool.get(&target)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let gateway_fault = matches!(e, ConnectError::Tunnel { gateway_fault: true, .. });
@@ -483,40 +470,65 @@ impl Outbound {
             }
             Err(_) => return Err(timeout("connect timed out")),
         };
-        match tokio::time::timeout_at(deadline, sender.ready()).await {
-            Ok(Ok(())) => {}
+        let mut sender = match tokio::time::timeout_at(deadline, conn.ready()).await {
+            Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.pool.forget(&target);
                 return Err(before_write(format!("pooled connection closed: {e}")));
             }
             Err(_) => return Err(timeout("connection not ready in time")),
-        }
-        let Some(b) = body.take() else {
-            return Err(AttemptError {
-                failure: Failure::Reset,
-                message: "request body already sent".into(),
-                gateway_fault: false,
-            });
         };
-        let mut req = Request::new(b);
+        let mut req = Request::new(());
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri.clone();
         *req.version_mut() = Version::HTTP_2;
         *req.headers_mut() = parts.headers.clone();
-        match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(mut e)) => {
-                if let Some(req) = e.take_message() {
-                    // Never written: the body is intact and any method may go elsewhere.
-                    body.put_back(req.into_body());
-                    self.pool.forget(&target);
-                    return Err(before_write(e.into_error().to_string()));
-                }
-                let err = e.into_error();
-                if err.is_closed() || err.is_canceled() {
+        let (response, mut stream) = match sender.send_request(req, matches!(body, ReqBody::Empty)) {
+            Ok(sent) => sent,
+            Err(e) => {
+                // Never written: the body is intact and any method may go elsewhere.
+                if e.is_io() || e.is_go_away() {
                     self.pool.forget(&target);
                 }
-                Err(AttemptError { failure: Failure::Reset, message: err.to_string(), gateway_fault: false })
+                return Err(before_write(e.to_string()));
+            }
+        };
+        match body {
+            ReqBody::Empty => {}
+            // Queued behind the headers: both leave in the connection's next write.
+            ReqBody::Buffered(bytes) => {
+                if let Err(e) = stream.send_data(bytes.clone(), true) {
+                    return Err(AttemptError { failure: Failure::Reset, message: e.to_string(), gateway_fault: false });
+                }
+            }
+            ReqBody::Streaming(slot) => match slot.take() {
+                Some(b) => {
+                    tokio::spawn(h2body::pipe(b, stream));
+                }
+                None => {
+                    stream.send_reset(h2::Reason::CANCEL);
+                    return Err(AttemptError {
+                        failure: Failure::Reset,
+                        message: "request body already sent".into(),
+                        gateway_fault: false,
+                    });
+                }
+            },
+        }
+        match tokio::time::timeout_at(deadline, response).await {
+            Ok(Ok(resp)) => {
+                let (parts, recv) = resp.into_parts();
+                let body = RecvBody::new(recv, &parts.headers).boxed();
+                Ok(Response::from_parts(parts, body))
+            }
+            Ok(Err(e)) => {
+                // Refused before any processing (the peer is going away): safe to send elsewhere.
+                let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM);
+                if e.is_io() || e.is_go_away() {
+                    self.pool.forget(&target);
+                }
+                let failure = if refused { Failure::BeforeWrite } else { Failure::Reset };
+                Err(AttemptError { failure, message: e.to_string(), gateway_fault: false })
             }
             Err(_) => Err(timeout("no response in time")),
         }
@@ -632,11 +644,11 @@ async fn hold_body(incoming: Incoming, deadline: Instant) -> Result<ReqBody, Res
 }
 
 /// Turns the peer's response into one for the local client.
-fn client_response(resp: Response<Incoming>, version: Version) -> Response<Body> {
-    let (mut parts, incoming) = resp.into_parts();
+fn client_response(resp: Response<Body>, version: Version) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.version = version;
-    Response::from_parts(parts, body::boxed(incoming))
+    Response::from_parts(parts, body)
 }
 
 fn unavailable(up: &Upstream, last_error: Option<&str>) -> Response<Body> {

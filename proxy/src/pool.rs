@@ -10,11 +10,11 @@
 //! connect (the request was not written, so any method may be retried elsewhere).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsConnector;
@@ -22,7 +22,6 @@ use tokio_rustls::client::TlsStream;
 use trellis_proto::SpiffeId;
 use trellis_proto::tls::{mesh_server_name, peer_id};
 
-use crate::body::Body;
 use crate::gateways::{GatewayPool, H2Tunnel, TunnelError};
 use crate::metrics::{Direction, Metrics};
 
@@ -40,7 +39,7 @@ pub enum ConnectError {
     #[error("{addr} did not agree on ALPN {alpn}")]
     Alpn { addr: String, alpn: String },
     #[error("HTTP/2 handshake with {addr} failed: {source}")]
-    Http2 { addr: String, source: hyper::Error },
+    Http2 { addr: String, source: h2::Error },
     #[error("tunnel through gateway {gateway} to {addr} failed: {reason}")]
     Tunnel { gateway: String, addr: String, reason: String, gateway_fault: bool },
 }
@@ -230,29 +229,72 @@ impl MeshConnector {
     }
 }
 
-/// The client side of a pooled HTTP/2 connection over `io`, with pings that find a dead peer (a
-/// host gone without FIN) before requests do. Used for peers and for gateways.
-pub(crate) async fn h2_handshake<I, B>(
-    io: I,
-) -> hyper::Result<(SendRequest<B>, hyper::client::conn::http2::Connection<TokioIo<I>, B, TokioExecutor>)>
+/// How long a pooled connection may sit without a ping, and how long a ping may go unanswered
+/// before the peer counts as gone (a host gone without FIN is found before requests find it).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The HTTP/2 client settings of the mesh (peers and gateways): windows large enough that one
+/// stream can fill a fast link (the defaults of the protocol, 64 KiB, cannot), no server push.
+pub(crate) fn h2_client() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(2 * 1024 * 1024)
+        .initial_connection_window_size(5 * 1024 * 1024)
+        .max_send_buffer_size(1024 * 1024)
+        .enable_push(false);
+    b
+}
+
+/// A pooled HTTP/2 connection to a peer.
+#[derive(Clone)]
+pub struct PeerConnection {
+    send: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+impl PeerConnection {
+    /// Whether the connection has ended (the peer closed it, broke it or stopped answering pings).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// A sender once the peer allows one more concurrent stream.
+    pub async fn ready(self) -> Result<h2::client::SendRequest<Bytes>, h2::Error> {
+        self.send.ready().await
+    }
+}
+
+/// Drives a client connection until it ends or a keepalive ping goes unanswered.
+async fn drive<T>(mut conn: h2::client::Connection<T, Bytes>, addr: String, closed: Arc<AtomicBool>)
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    B: hyper::body::Body + Unpin + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(io))
-        .await
+    let ping_pong = conn.ping_pong();
+    let keepalive = async move {
+        let Some(mut pp) = ping_pong else { return std::future::pending::<&'static str>().await };
+        loop {
+            tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+            match tokio::time::timeout(KEEPALIVE_TIMEOUT, pp.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return "the connection failed a ping",
+                Err(_) => return "the peer did not answer a ping in time",
+            }
+        }
+    };
+    tokio::select! {
+        r = &mut conn => {
+            if let Err(e) = r {
+                tracing::debug!(peer = %addr, error = %e, "pooled connection ended");
+            }
+        }
+        why = keepalive => tracing::info!(peer = %addr, why, "closing a pooled connection"),
+    }
+    closed.store(true, Ordering::Release);
 }
 
 #[derive(Default)]
 struct Slot {
-    sender: tokio::sync::Mutex<Option<SendRequest<Body>>>,
+    sender: tokio::sync::Mutex<Option<PeerConnection>>,
 }
 
 /// Pooled HTTP/2 connections to peers: one per target, shared by every request to it, and
@@ -275,8 +317,8 @@ impl H2Pool {
         Self { connector, slots: Mutex::new(HashMap::new()), tasks: Mutex::new(JoinSet::new()) }
     }
 
-    /// A ready sender to `target`, connecting if there is no live connection.
-    pub async fn get(&self, target: &Target) -> Result<SendRequest<Body>, ConnectError> {
+    /// A live connection to `target`, connecting if there is none.
+    pub async fn get(&self, target: &Target) -> Result<PeerConnection, ConnectError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             slots.entry(target.clone()).or_default().clone()
@@ -293,20 +335,19 @@ impl H2Pool {
         *sender = None;
         tracing::debug!(peer = %target.addr, replacing, "opening a pooled connection");
         let tls = self.connector.connect(target).await?;
-        let (s, conn) =
-            h2_handshake(tls).await.map_err(|source| ConnectError::Http2 { addr: target.addr.clone(), source })?;
-        let addr = target.addr.clone();
+        let (send, conn) = h2_client()
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| ConnectError::Http2 { addr: target.addr.clone(), source })?;
+        let closed = Arc::new(AtomicBool::new(false));
         {
             let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
             while tasks.try_join_next().is_some() {}
-            tasks.spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(peer = %addr, error = %e, "pooled connection ended");
-                }
-            });
+            tasks.spawn(drive(conn, target.addr.clone(), closed.clone()));
         }
-        *sender = Some(s.clone());
-        Ok(s)
+        let peer = PeerConnection { send, closed };
+        *sender = Some(peer.clone());
+        Ok(peer)
     }
 
     /// Drops the connection to `target` if it is the one given (after it failed a request).

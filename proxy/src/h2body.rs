@@ -130,3 +130,149 @@ pub async fn pipe(mut body: Body, mut stream: SendStream<Bytes>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Counts the writes that reach the transport.
+    struct CountingIo {
+        inner: tokio::io::DuplexStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl tokio::io::AsyncRead for CountingIo {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for CountingIo {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+            if matches!(r, Poll::Ready(Ok(_))) {
+                self.writes.fetch_add(1, Ordering::SeqCst);
+            }
+            r
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            // One write of everything, as writev(2) would do.
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &all)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// A server that answers every request with its body echoed and the trailer `x-got: <bytes>`.
+    async fn echo_server(io: tokio::io::DuplexStream) {
+        let mut conn = h2::server::handshake(io).await.expect("server handshake");
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            tokio::spawn(async move {
+                let (parts, recv) = req.into_parts();
+                let got = RecvBody::new(recv, &parts.headers).collect().await.expect("request body");
+                let trailers = got.trailers().cloned();
+                let data = got.to_bytes();
+                let mut resp = http::Response::builder().header("content-length", data.len());
+                if let Some(t) = trailers.as_ref().and_then(|t| t.get("x-sent")) {
+                    resp = resp.header("x-sent", t);
+                }
+                let send = respond.send_response(resp.body(()).expect("response"), false).expect("respond");
+                let mut t = HeaderMap::new();
+                t.insert("x-got", data.len().into());
+                let body = http_body_util::Full::new(data)
+                    .map_err(|never| match never {})
+                    .with_trailers(async move { Some(Ok::<_, BoxError>(t)) })
+                    .boxed_unsync();
+                pipe(body, send).await;
+            });
+        }
+    }
+
+    async fn client(writes: Arc<AtomicUsize>) -> h2::client::SendRequest<Bytes> {
+        let (client_io, server_io) = tokio::io::duplex(1024 * 1024);
+        tokio::spawn(echo_server(server_io));
+        let io = CountingIo { inner: client_io, writes };
+        let (send, conn) = crate::pool::h2_client().handshake::<_, Bytes>(io).await.expect("client handshake");
+        tokio::spawn(conn);
+        send.ready().await.expect("ready")
+    }
+
+    fn request() -> http::Request<()> {
+        http::Request::builder().method("POST").uri("http://api.default/echo").body(()).expect("request")
+    }
+
+    #[tokio::test]
+    async fn a_held_body_leaves_in_the_same_write_as_its_headers() {
+        let writes = Arc::new(AtomicUsize::new(0));
+        let mut send = client(writes.clone()).await;
+        // A first exchange settles the connection (settings and their acknowledgements).
+        for round in 0..3 {
+            let before = writes.load(Ordering::SeqCst);
+            let (response, mut stream) = send.send_request(request(), false).expect("send");
+            stream.send_data(Bytes::from(vec![b'y'; 1024]), true).expect("data");
+            let resp = response.await.expect("response");
+            let sent = writes.load(Ordering::SeqCst) - before;
+            let (parts, recv) = resp.into_parts();
+            let body = RecvBody::new(recv, &parts.headers);
+            assert_eq!(hyper::body::Body::size_hint(&body).exact(), Some(1024));
+            let got = body.collect().await.expect("body");
+            assert_eq!(got.trailers().and_then(|t| t.get("x-got")).map(|v| v.as_bytes()), Some(&b"1024"[..]));
+            assert_eq!(got.to_bytes().len(), 1024);
+            if round > 0 {
+                assert_eq!(sent, 1, "headers and body in one write (round {round})");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_and_its_trailers_arrive_whole() {
+        let mut send = client(Arc::new(AtomicUsize::new(0))).await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed_unsync();
+        let (response, stream) = send.send_request(request(), false).expect("send");
+        tokio::spawn(pipe(body, stream));
+        // Three megabytes, more than a stream's window, in uneven chunks; then trailers.
+        let chunk: Vec<u8> = (0..100_003u32).map(|i| (i % 251) as u8).collect();
+        let mut total = 0;
+        for _ in 0..30 {
+            tx.send(Ok(Frame::data(Bytes::from(chunk.clone())))).await.expect("chunk");
+            total += chunk.len();
+        }
+        let mut t = HeaderMap::new();
+        t.insert("x-sent", "done".parse().expect("value"));
+        tx.send(Ok(Frame::trailers(t))).await.expect("trailers");
+        drop(tx);
+        let resp = response.await.expect("response");
+        assert_eq!(resp.headers().get("x-sent").map(|v| v.as_bytes()), Some(&b"done"[..]), "request trailers arrived");
+        let (parts, recv) = resp.into_parts();
+        let got = RecvBody::new(recv, &parts.headers).boxed().collect().await.expect("body");
+        let expected = total.to_string();
+        assert_eq!(got.trailers().and_then(|t| t.get("x-got")).map(|v| v.as_bytes()), Some(expected.as_bytes()));
+        let bytes = got.to_bytes();
+        assert_eq!(bytes.len(), total);
+        assert!(bytes.chunks(chunk.len()).all(|c| c == &chunk[..]), "every byte in order");
+    }
+}

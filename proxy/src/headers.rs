@@ -42,11 +42,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The peer-identity header value for a verified caller (made once per connection).
+pub fn peer_identity_value(caller: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(caller).ok()
+}
+
 /// Replaces whatever a client claimed in the peer-identity header with the verified caller.
-pub fn set_peer_identity(headers: &mut HeaderMap, caller: &str) {
+pub fn set_peer_identity(headers: &mut HeaderMap, caller: Option<&HeaderValue>) {
     headers.remove(trellis_proto::PEER_IDENTITY_HEADER);
-    if let Ok(v) = HeaderValue::from_str(caller) {
-        headers.insert(trellis_proto::PEER_IDENTITY_HEADER, v);
+    if let Some(v) = caller {
+        headers.insert(trellis_proto::PEER_IDENTITY_HEADER, v.clone());
     }
 }
 
@@ -96,7 +101,7 @@ mod tests {
             ("x-trellis-peer-identity", "spiffe://trellis.local/ns/default/sa/admin"),
             ("x-trellis-peer-identity", "spiffe://evil/ns/x/sa/y"),
         ]);
-        set_peer_identity(&mut h, "spiffe://trellis.local/ns/default/sa/web");
+        set_peer_identity(&mut h, peer_identity_value("spiffe://trellis.local/ns/default/sa/web").as_ref());
         assert_eq!(names(&h), vec!["x-trellis-peer-identity=spiffe://trellis.local/ns/default/sa/web"]);
     }
 }

@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -25,7 +25,7 @@ use trellis_proto::{ALPN_MESH_HTTP, ALPN_MESH_TCP, SpiffeId};
 use crate::authz::{Authorizer, Decision, InboundKind, RequestMeta};
 use crate::body::{self, Body, text};
 use crate::drain::Drain;
-use crate::headers::{set_peer_identity, strip_hop_by_hop};
+use crate::headers::{peer_identity_value, set_peer_identity, strip_hop_by_hop};
 use crate::metrics::{Direction, Metrics};
 use crate::routes::AppProtocol;
 
@@ -145,12 +145,13 @@ impl Inbound {
         caller: SpiffeId,
         drain: Drain,
     ) {
-        let caller = Arc::new(caller);
+        let header = peer_identity_value(&caller.to_string());
+        let caller = Arc::new((caller, header));
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             let caller = caller.clone();
-            async move { Ok::<_, Infallible>(this.request(&caller, req).await) }
+            async move { Ok::<_, Infallible>(this.request(&caller.0, caller.1.as_ref(), req).await) }
         });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -169,14 +170,15 @@ impl Inbound {
         }
     }
 
-    async fn request(&self, caller: &SpiffeId, req: Request<Incoming>) -> Response<Body> {
+    async fn request(&self, caller: &SpiffeId, header: Option<&HeaderValue>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        let resp = self.forward(caller, req).await;
+        let resp = self.forward(caller, header, req).await;
         self.metrics.request(Direction::inbound, &self.label, resp.status().as_str(), started.elapsed());
         resp
     }
 
-    async fn forward(&self, caller: &SpiffeId, req: Request<Incoming>) -> Response<Body> {
+    /// `header`: the caller's identity as the header the application receives.
+    async fn forward(&self, caller: &SpiffeId, header: Option<&HeaderValue>, req: Request<Incoming>) -> Response<Body> {
         let meta = RequestMeta { kind: InboundKind::Http, method: Some(req.method()), path: Some(req.uri().path()) };
         if let Decision::Deny(reason) = self.authorizer.check(caller, &meta) {
             return text(StatusCode::FORBIDDEN, format!("trellis-proxy: denied: {reason}"));
@@ -186,7 +188,7 @@ impl Inbound {
         };
         let (mut parts, incoming) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        set_peer_identity(&mut parts.headers, &caller.to_string());
+        set_peer_identity(&mut parts.headers, header);
         let authority = parts.uri.authority().cloned();
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         parts.uri = match format!("http://{}{pq}", app.addr).parse::<Uri>() {
@@ -200,7 +202,7 @@ impl Inbound {
             parts.version = Version::HTTP_11;
             // The application sees the authority the caller used, not our loopback address.
             if let Some(a) = authority
-                && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+                && let Ok(v) = HeaderValue::from_str(a.as_str())
             {
                 parts.headers.insert(header::HOST, v);
             }

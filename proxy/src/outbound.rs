@@ -165,8 +165,17 @@ impl Outbound {
     /// failover or failback when it moved. (Retries say nothing about where traffic goes.)
     fn served(&self, up: &Upstream, ep: &Endpoint, region: &str) {
         let tier = self.balancer.tier(ep, region);
-        let before =
-            self.tiers.lock().unwrap_or_else(|p| p.into_inner()).insert(up.service.clone(), tier).unwrap_or(u8::MAX);
+        let before = {
+            let mut tiers = self.tiers.lock().unwrap_or_else(|p| p.into_inner());
+            match tiers.get_mut(&up.service) {
+                // The common case, once per request: no allocation.
+                Some(t) => std::mem::replace(t, tier),
+                None => {
+                    tiers.insert(up.service.clone(), tier);
+                    u8::MAX
+                }
+            }
+        };
         if before != tier {
             let labels = ServiceLabels { service: up.label.clone() };
             self.metrics.tier.get_or_create(&labels).set(i64::from(tier));

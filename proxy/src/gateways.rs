@@ -483,7 +483,7 @@ impl tokio::io::AsyncWrite for H2Tunnel {
         self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
     }
 
-    /// Every slice goes into one DATA frame (as much as the stream's window allows).
+    /// Every slice goes into one send on the stream (as much as its window allows; h2 frames it).
     fn poll_write_vectored(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

@@ -103,15 +103,34 @@ impl Upstream {
 struct AttemptError {
     failure: Failure,
     message: String,
-    /// The gateway on the way failed, not the endpoint.
-    gateway_fault: bool,
+    /// Not the endpoint's fault: the gateway on the way failed, or the peer refused the stream
+    /// before processing it (it is going away, or over its stream limit). Its record stays clean.
+    blameless: bool,
 }
 
 /// The request body, held so that it can be sent again when that is safe.
 enum ReqBody {
     Empty,
-    Buffered(Bytes),
+    Buffered { data: Bytes, trailers: Option<http::HeaderMap> },
     Streaming(Option<Body>),
+}
+
+/// A spawned task aborted when this is dropped, unless detached.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    /// Lets the task run on by itself.
+    fn detach(mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 impl ReqBody {
@@ -189,8 +208,8 @@ impl Outbound {
 
     /// Records a failed attempt on an endpoint (not when the gateway on the way failed: that is
     /// the gateway's health, and the endpoint's record stays clean).
-    fn failed(&self, up: &Upstream, guard: LoadGuard, gateway_fault: bool) {
-        if gateway_fault {
+    fn failed(&self, up: &Upstream, guard: LoadGuard, blameless: bool) {
+        if blameless {
             drop(guard);
         } else if guard.failure() {
             self.metrics.ejections.get_or_create(&ServiceLabels { service: up.label.clone() }).inc();
@@ -432,7 +451,7 @@ impl Outbound {
                     last_response = Some(resp);
                 }
                 Err(e) => {
-                    self.failed(up, guard, e.gateway_fault);
+                    self.failed(up, guard, e.blameless);
                     tracing::debug!(endpoint = %ep.id, error = %e.message, "attempt failed");
                     last_error = Some(format!("{}: {}", ep.id, e.message));
                     last_failure = Some(e.failure);
@@ -460,84 +479,103 @@ impl Outbound {
         body: &mut ReqBody,
         deadline: Instant,
     ) -> Result<Response<Body>, AttemptError> {
-        let before_write =
-            |message: String| AttemptError { failure: Failure::BeforeWrite, message, gateway_fault: false };
+        let before_write = |message: String| AttemptError { failure: Failure::BeforeWrite, message, blameless: false };
         let timeout =
-            |message: &str| AttemptError { failure: Failure::Timeout, message: message.into(), gateway_fault: false };
+            |message: &str| AttemptError { failure: Failure::Timeout, message: message.into(), blameless: false };
         let Some(target) = target_for(ep, &self.cluster, &self.routes.borrow(), &self.gateways) else {
             return Err(AttemptError {
                 failure: Failure::BeforeWrite,
                 message: "every gateway of its cluster is down".into(),
-                gateway_fault: true,
+                blameless: true,
             });
         };
-        let conn = match tokio::time::timeout_at(deadline, self.pool.get(&target)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let gateway_fault = matches!(e, ConnectError::Tunnel { gateway_fault: true, .. });
-                return Err(AttemptError { gateway_fault, ..before_write(e.to_string()) });
-            }
-            Err(_) => return Err(timeout("connect timed out")),
-        };
-        let mut sender = match tokio::time::timeout_at(deadline, conn.ready()).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                self.pool.forget(&target);
-                return Err(before_write(format!("pooled connection closed: {e}")));
-            }
-            Err(_) => return Err(timeout("connection not ready in time")),
-        };
-        let mut req = Request::new(());
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri.clone();
-        *req.version_mut() = Version::HTTP_2;
-        *req.headers_mut() = parts.headers.clone();
-        let (response, mut stream) = match sender.send_request(req, matches!(body, ReqBody::Empty)) {
-            Ok(sent) => sent,
-            Err(e) => {
-                // Never written: the body is intact and any method may go elsewhere.
-                if e.is_io() || e.is_go_away() {
-                    self.pool.forget(&target);
+        // A pooled connection may turn out to be going away (the peer restarts, or it broke
+        // while idle): nothing was written on it, so it is redialed once, blaming no one.
+        let mut redialed = false;
+        let (response, mut stream, conn) = loop {
+            let conn = match tokio::time::timeout_at(deadline, self.pool.get(&target)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    let blameless = matches!(e, ConnectError::Tunnel { gateway_fault: true, .. });
+                    return Err(AttemptError { blameless, ..before_write(e.to_string()) });
                 }
-                return Err(before_write(e.to_string()));
+                Err(_) => return Err(timeout("connect timed out")),
+            };
+            let sent = match tokio::time::timeout_at(deadline, conn.clone().ready()).await {
+                Ok(Ok(mut sender)) => {
+                    let mut req = Request::new(());
+                    *req.method_mut() = parts.method.clone();
+                    *req.uri_mut() = uri.clone();
+                    *req.version_mut() = Version::HTTP_2;
+                    *req.headers_mut() = parts.headers.clone();
+                    sender.send_request(req, matches!(body, ReqBody::Empty))
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => return Err(timeout("connection not ready in time")),
+            };
+            match sent {
+                Ok((response, stream)) => break (response, stream, conn),
+                // Never written: the body is intact and any method may go elsewhere.
+                Err(e) if e.is_io() || e.is_go_away() => {
+                    self.pool.forget(&conn);
+                    if !redialed {
+                        redialed = true;
+                        continue;
+                    }
+                    return Err(AttemptError {
+                        blameless: true,
+                        ..before_write(format!("pooled connection closed: {e}"))
+                    });
+                }
+                Err(e) => return Err(before_write(e.to_string())),
             }
         };
+        // A streamed body is written by a task of its own; if this attempt fails or is abandoned,
+        // the task stops and the stream is reset, so the peer stops working on it.
+        let mut pipe: Option<AbortOnDrop> = None;
         match body {
             ReqBody::Empty => {}
             // Queued behind the headers: both leave in the connection's next write.
-            ReqBody::Buffered(bytes) => {
-                if let Err(e) = stream.send_data(bytes.clone(), true) {
-                    return Err(AttemptError { failure: Failure::Reset, message: e.to_string(), gateway_fault: false });
+            ReqBody::Buffered { data, trailers } => {
+                let sent = match trailers {
+                    None => stream.send_data(data.clone(), true),
+                    Some(t) => stream.send_data(data.clone(), false).and_then(|()| stream.send_trailers(t.clone())),
+                };
+                if let Err(e) = sent {
+                    return Err(AttemptError { failure: Failure::Reset, message: e.to_string(), blameless: false });
                 }
             }
             ReqBody::Streaming(slot) => match slot.take() {
-                Some(b) => {
-                    tokio::spawn(h2body::pipe(b, stream));
-                }
+                Some(b) => pipe = Some(AbortOnDrop(Some(tokio::spawn(h2body::pipe(b, stream))))),
                 None => {
                     stream.send_reset(h2::Reason::CANCEL);
                     return Err(AttemptError {
                         failure: Failure::Reset,
                         message: "request body already sent".into(),
-                        gateway_fault: false,
+                        blameless: false,
                     });
                 }
             },
         }
         match tokio::time::timeout_at(deadline, response).await {
             Ok(Ok(resp)) => {
+                // The request body may go on streaming while the response does (gRPC streams).
+                if let Some(p) = pipe.take() {
+                    p.detach();
+                }
                 let (parts, recv) = resp.into_parts();
                 let body = RecvBody::new(recv, &parts.headers).boxed();
                 Ok(Response::from_parts(parts, body))
             }
             Ok(Err(e)) => {
-                // Refused before any processing (the peer is going away): safe to send elsewhere.
-                let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM);
+                // Refused by the peer before any processing (it is going away, or over its
+                // stream limit): safe to send elsewhere, and not the endpoint's failure.
+                let refused = e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM);
                 if e.is_io() || e.is_go_away() {
-                    self.pool.forget(&target);
+                    self.pool.forget(&conn);
                 }
                 let failure = if refused { Failure::BeforeWrite } else { Failure::Reset };
-                Err(AttemptError { failure, message: e.to_string(), gateway_fault: false })
+                Err(AttemptError { failure, message: e.to_string(), blameless: refused })
             }
             Err(_) => Err(timeout("no response in time")),
         }
@@ -644,7 +682,10 @@ async fn hold_body(incoming: Incoming, deadline: Instant) -> Result<ReqBody, Res
         return Ok(ReqBody::Streaming(Some(body::boxed(incoming))));
     }
     match tokio::time::timeout_at(deadline, incoming.collect()).await {
-        Ok(Ok(c)) => Ok(ReqBody::Buffered(c.to_bytes())),
+        Ok(Ok(c)) => {
+            let trailers = c.trailers().cloned();
+            Ok(ReqBody::Buffered { data: c.to_bytes(), trailers })
+        }
         Ok(Err(e)) => {
             Err(text(StatusCode::BAD_REQUEST, format!("trellis-proxy: reading the request body failed: {e}")))
         }

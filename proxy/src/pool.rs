@@ -10,7 +10,7 @@
 //! connect (the request was not written, so any method may be retried elsewhere).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -235,12 +235,17 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The HTTP/2 client settings of the mesh (peers and gateways): windows large enough that one
-/// stream can fill a fast link (the defaults of the protocol, 64 KiB, cannot), no server push.
+/// stream can fill a fast link (the defaults of the protocol, 64 KiB, cannot), header blocks up
+/// to 16 KiB, no server push.
 pub(crate) fn h2_client() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
     b.initial_window_size(2 * 1024 * 1024)
         .initial_connection_window_size(5 * 1024 * 1024)
         .max_send_buffer_size(1024 * 1024)
+        // Until the peer's SETTINGS arrive: a burst on a new connection stays within what the
+        // peer allows (it would refuse the excess).
+        .initial_max_send_streams(100)
+        .max_header_list_size(16 * 1024)
         .enable_push(false);
     b
 }
@@ -264,9 +269,78 @@ impl PeerConnection {
     }
 }
 
-/// Drives a client connection until it ends or a keepalive ping goes unanswered.
-async fn drive<T>(mut conn: h2::client::Connection<T, Bytes>, addr: String, closed: Arc<AtomicBool>)
-where
+/// A transport that records when it last read anything (milliseconds since `epoch`): a
+/// connection carrying data needs no ping to show it is alive.
+struct Stamped<T> {
+    io: T,
+    epoch: tokio::time::Instant,
+    last_read: Arc<AtomicU64>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Stamped<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let ms = u64::try_from(this.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            this.last_read.store(ms, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Stamped<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Drives a client connection until it ends or the peer stops answering: after
+/// [`KEEPALIVE_INTERVAL`] without reading anything, a ping; the connection is given up when
+/// neither the answer nor any other data arrives for [`KEEPALIVE_TIMEOUT`] (an answer queued
+/// behind a lot of data on a slow link is not a dead peer).
+async fn drive<T>(
+    mut conn: h2::client::Connection<T, Bytes>,
+    addr: String,
+    closed: Arc<AtomicBool>,
+    epoch: tokio::time::Instant,
+    last_read: Arc<AtomicU64>,
+) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let ping_pong = conn.ping_pong();
@@ -274,10 +348,27 @@ where
         let Some(mut pp) = ping_pong else { return std::future::pending::<&'static str>().await };
         loop {
             tokio::time::sleep(KEEPALIVE_INTERVAL).await;
-            match tokio::time::timeout(KEEPALIVE_TIMEOUT, pp.ping(h2::Ping::opaque())).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) => return "the connection failed a ping",
-                Err(_) => return "the peer did not answer a ping in time",
+            let last = Duration::from_millis(last_read.load(Ordering::Relaxed));
+            if epoch.elapsed().saturating_sub(last) < KEEPALIVE_INTERVAL {
+                continue;
+            }
+            let ping = pp.ping(h2::Ping::opaque());
+            tokio::pin!(ping);
+            let mut heard = last_read.load(Ordering::Relaxed);
+            loop {
+                tokio::select! {
+                    r = &mut ping => match r {
+                        Ok(_) => break,
+                        Err(_) => return "the connection failed a ping",
+                    },
+                    _ = tokio::time::sleep(KEEPALIVE_TIMEOUT) => {
+                        let now = last_read.load(Ordering::Relaxed);
+                        if now == heard {
+                            return "the peer did not answer a ping in time";
+                        }
+                        heard = now;
+                    }
+                }
             }
         }
     };
@@ -335,24 +426,27 @@ impl H2Pool {
         *sender = None;
         tracing::debug!(peer = %target.addr, replacing, "opening a pooled connection");
         let tls = self.connector.connect(target).await?;
+        let (epoch, last_read) = (tokio::time::Instant::now(), Arc::new(AtomicU64::new(0)));
+        let io = Stamped { io: tls, epoch, last_read: last_read.clone() };
         let (send, conn) = h2_client()
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|source| ConnectError::Http2 { addr: target.addr.clone(), source })?;
         let closed = Arc::new(AtomicBool::new(false));
         {
             let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
             while tasks.try_join_next().is_some() {}
-            tasks.spawn(drive(conn, target.addr.clone(), closed.clone()));
+            tasks.spawn(drive(conn, target.addr.clone(), closed.clone(), epoch, last_read));
         }
         let peer = PeerConnection { send, closed };
         *sender = Some(peer.clone());
         Ok(peer)
     }
 
-    /// Drops the connection to `target` if it is the one given (after it failed a request).
-    pub fn forget(&self, target: &Target) {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(target);
+    /// Sets `conn` aside after it failed: the next request to its target dials a new one. (A
+    /// late failure of an old connection leaves a newer one alone.)
+    pub fn forget(&self, conn: &PeerConnection) {
+        conn.closed.store(true, Ordering::Release);
     }
 
     /// Closes connections to targets that are no longer known.

@@ -376,6 +376,32 @@ async fn grpc_style_http2_streaming_with_trailers() -> anyhow::Result<()> {
     let got_trailers = got_trailers.expect("trailers crossed both proxies");
     assert_eq!(got_trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
 
+    // A small body of known length is held whole by the client proxy: its trailers go too.
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("7"));
+    let body = http_body_util::Full::new(Bytes::from_static(b"held"))
+        .map_err(|never| match never {})
+        .with_trailers(std::future::ready(Some(Ok::<_, std::convert::Infallible>(trailers))));
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{upstream}/stream"))
+        .header("content-type", "application/grpc")
+        .header("content-length", "4")
+        .header("te", "trailers")
+        .body(body)?;
+    let tcp = TcpStream::connect(upstream).await?;
+    let (mut held_sender, held_conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+    let _held_conn = TaskGuard(tokio::spawn(async move {
+        let _ = held_conn.await;
+    }));
+    let resp = tokio::time::timeout(Duration::from_secs(10), held_sender.send_request(req)).await??;
+    assert_eq!(resp.status(), 200);
+    let got = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect()).await??;
+    let got_trailers = got.trailers().cloned().expect("trailers of a held body crossed both proxies");
+    assert_eq!(got_trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"7"[..]));
+    assert_eq!(got.to_bytes(), Bytes::from_static(b"held"));
+
     drop(conn_task);
     client.shutdown().await;
     server.shutdown().await;

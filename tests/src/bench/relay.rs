@@ -19,7 +19,15 @@ pub fn serve(listen: &str, to: &str) -> anyhow::Result<()> {
     rt.block_on(async {
         let listener = TcpListener::bind(listen).await?;
         loop {
-            let (mut inbound, _) = listener.accept().await?;
+            let mut inbound = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors under saturation, say: wait and go on.
+                    eprintln!("relay: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
             let to = to.to_string();
             tokio::spawn(async move {
                 let Ok(mut outbound) = TcpStream::connect(&to).await else { return };

@@ -1,6 +1,7 @@
 //! `proxy-latency`: HTTP/1.1 and HTTP/2 (gRPC-style) requests with 1 KiB bodies at fixed rates
-//! over three paths, alternating: direct (the limit), Trellis (client → proxy → mTLS → proxy →
-//! server) and HAProxy doing the same two hops with mutual TLS between them. Reports latency added
+//! over four paths, alternating: direct (the limit), two plain TCP relays (the floor of any two
+//! sidecar processes), Trellis (client → proxy → mTLS → proxy → server) and HAProxy doing the
+//! same two hops with mutual TLS between them. Reports latency added
 //! over direct, CPU per 1,000 requests and peak RSS per proxy, and saturation throughput with
 //! both proxies pinned to one core.
 

@@ -229,10 +229,16 @@ impl MeshConnector {
     }
 }
 
-/// How long a pooled connection may sit without a ping, and how long a ping may go unanswered
-/// before the peer counts as gone (a host gone without FIN is found before requests find it).
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a pooled connection may read nothing before it is pinged, and how long a ping may go
+/// unanswered (with nothing else arriving) before the peer counts as gone: a host gone without
+/// FIN is found before requests find it.
+#[derive(Debug, Clone, Copy)]
+struct Keepalive {
+    interval: Duration,
+    timeout: Duration,
+}
+
+const KEEPALIVE: Keepalive = Keepalive { interval: Duration::from_secs(10), timeout: Duration::from_secs(5) };
 
 /// The HTTP/2 client settings of the mesh (peers and gateways): windows large enough that one
 /// stream can fill a fast link (the defaults of the protocol, 64 KiB, cannot), header blocks up
@@ -331,8 +337,8 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Stamped<T> {
 }
 
 /// Drives a client connection until it ends or the peer stops answering: after
-/// [`KEEPALIVE_INTERVAL`] without reading anything, a ping; the connection is given up when
-/// neither the answer nor any other data arrives for [`KEEPALIVE_TIMEOUT`] (an answer queued
+/// `keepalive.interval` without reading anything, a ping; the connection is given up when
+/// neither the answer nor any other data arrives for `keepalive.timeout` (an answer queued
 /// behind a lot of data on a slow link is not a dead peer).
 async fn drive<T>(
     mut conn: h2::client::Connection<T, Bytes>,
@@ -340,6 +346,7 @@ async fn drive<T>(
     closed: Arc<AtomicBool>,
     epoch: tokio::time::Instant,
     last_read: Arc<AtomicU64>,
+    keepalive: Keepalive,
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -347,9 +354,9 @@ async fn drive<T>(
     let keepalive = async move {
         let Some(mut pp) = ping_pong else { return std::future::pending::<&'static str>().await };
         loop {
-            tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+            tokio::time::sleep(keepalive.interval).await;
             let last = Duration::from_millis(last_read.load(Ordering::Relaxed));
-            if epoch.elapsed().saturating_sub(last) < KEEPALIVE_INTERVAL {
+            if epoch.elapsed().saturating_sub(last) < keepalive.interval {
                 continue;
             }
             let ping = pp.ping(h2::Ping::opaque());
@@ -361,7 +368,7 @@ async fn drive<T>(
                         Ok(_) => break,
                         Err(_) => return "the connection failed a ping",
                     },
-                    _ = tokio::time::sleep(KEEPALIVE_TIMEOUT) => {
+                    _ = tokio::time::sleep(keepalive.timeout) => {
                         let now = last_read.load(Ordering::Relaxed);
                         if now == heard {
                             return "the peer did not answer a ping in time";
@@ -436,7 +443,7 @@ impl H2Pool {
         {
             let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
             while tasks.try_join_next().is_some() {}
-            tasks.spawn(drive(conn, target.addr.clone(), closed.clone(), epoch, last_read));
+            tasks.spawn(drive(conn, target.addr.clone(), closed.clone(), epoch, last_read, KEEPALIVE));
         }
         let peer = PeerConnection { send, closed };
         *sender = Some(peer.clone());
@@ -462,5 +469,57 @@ impl H2Pool {
     /// True when no target has a slot.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUICK: Keepalive = Keepalive { interval: Duration::from_millis(50), timeout: Duration::from_millis(100) };
+
+    /// A client connection over an in-memory pipe, driven with [`QUICK`] keepalives; the server
+    /// end is handed to `server`. Returns the closed flag and the sender.
+    async fn connection<F, Fut>(server: F) -> (Arc<AtomicBool>, h2::client::SendRequest<Bytes>)
+    where
+        F: FnOnce(tokio::io::DuplexStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(server(server_io));
+        let (epoch, last_read) = (tokio::time::Instant::now(), Arc::new(AtomicU64::new(0)));
+        let io = Stamped { io: client_io, epoch, last_read: last_read.clone() };
+        let (send, conn) = h2_client().handshake::<_, Bytes>(io).await.expect("handshake");
+        let closed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(drive(conn, "peer:1".into(), closed.clone(), epoch, last_read, QUICK));
+        (closed, send)
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_to_a_peer_that_answers_pings_stays_open() {
+        let (closed, _send) = connection(|io| async move {
+            // Polling the connection answers pings.
+            let mut conn = h2::server::handshake(io).await.expect("server handshake");
+            while conn.accept().await.is_some() {}
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(!closed.load(Ordering::Acquire), "pings answered: the connection stays");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_answering_is_given_up() {
+        let (closed, _send) = connection(|io| async move {
+            // Settings exchanged, then never polled again: no answer to anything.
+            let conn = h2::server::handshake(io).await.expect("server handshake");
+            std::future::pending::<()>().await;
+            drop(conn);
+        })
+        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !closed.load(Ordering::Acquire) {
+            assert!(tokio::time::Instant::now() < deadline, "a silent peer must be given up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

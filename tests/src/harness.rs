@@ -69,6 +69,25 @@ impl Proc {
         None
     }
 
+    /// Waits until something accepts TCP connections on `addr`: an error with the log if the
+    /// process exits first or nothing listens within `timeout`.
+    pub fn wait_listening(&mut self, addr: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Some(status) = self.exited() {
+                anyhow::bail!("{} exited ({status}) at start; its log:\n{}", self.name, self.log());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} not listening on {addr} after {timeout:?}; its log:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     /// Its log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

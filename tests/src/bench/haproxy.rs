@@ -88,17 +88,6 @@ fn spawn(dir: &Path, name: &str, cfg: &str, addr: &str) -> anyhow::Result<Proc> 
         &dir.join(format!("{name}.log")),
         &[],
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        if let Some(status) = proc.exited() {
-            anyhow::bail!("{name} exited ({status}) at start; its log:\n{}", proc.log());
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "{name} not listening on {addr} after 10 s; its log:\n{}",
-            proc.log()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    proc.wait_listening(addr, Duration::from_secs(10))?;
     Ok(proc)
 }

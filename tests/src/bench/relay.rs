@@ -66,14 +66,7 @@ pub fn start(dir: &Path, app: &str) -> anyhow::Result<RelayPair> {
             &dir.join(format!("{name}.log")),
             &[],
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(listen).is_err() {
-            if let Some(status) = p.exited() {
-                anyhow::bail!("{name} exited ({status}) at start; its log:\n{}", p.log());
-            }
-            anyhow::ensure!(std::time::Instant::now() < deadline, "{name} not listening on {listen} after 10 s");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        p.wait_listening(listen, Duration::from_secs(10))?;
         Ok(p)
     };
     let server = spawn("server-relay", &hop, app)?;

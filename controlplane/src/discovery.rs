@@ -44,12 +44,92 @@ fn visible(state: &State, e: &crate::state::Endpoint, viewer: &str) -> bool {
     e.cluster == viewer || state.services.get(&e.service).is_some_and(|s| s.exported)
 }
 
-/// Builds the response that brings a proxy of cluster `viewer` from `since` to `state` (full when
-/// `since` is 0 or the changelog no longer reaches back). Pure: the stream only sends what this
-/// returns.
-pub fn build_response(state: &State, since: u64, viewer: &str) -> Option<pb::DiscoveryResponse> {
+/// Most services one scoped session may subscribe to; a proxy that wants more gets the full view.
+pub const MAX_SUBSCRIBED: usize = 10_000;
+
+/// Which endpoints a session's view holds. Every service's definition is always sent (they are
+/// few, and a proxy needs them to recognise a service's virtual address before it calls it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every endpoint the viewer may see (gateways; proxies run with a full view).
+    All,
+    /// Only the endpoints of these services (`name.namespace`): what the proxy calls.
+    Services(BTreeSet<String>),
+}
+
+impl Scope {
+    /// The scope a Hello asks for, checked.
+    pub fn from_hello(hello: &pb::Hello) -> Result<Self, Status> {
+        if !hello.scoped {
+            return Ok(Scope::All);
+        }
+        let mut scope = Scope::Services(BTreeSet::new());
+        scope.add(&hello.services)?;
+        Ok(scope)
+    }
+
+    /// Adds `services`; returns those not in the scope before. Past [`MAX_SUBSCRIBED`] the scope
+    /// becomes [`Scope::All`] (and nothing is returned: the caller sends a full view).
+    pub fn add(&mut self, services: &[String]) -> Result<Vec<String>, Status> {
+        for s in services {
+            validate_service_key(s).map_err(|e| Status::invalid_argument(format!("subscription to '{s}': {e}")))?;
+        }
+        let Scope::Services(set) = self else { return Ok(Vec::new()) };
+        let added: Vec<String> =
+            services.iter().filter(|s| !set.contains(*s)).cloned().collect::<BTreeSet<_>>().into_iter().collect();
+        if set.len() + added.len() > MAX_SUBSCRIBED {
+            tracing::info!(
+                services = set.len() + added.len(),
+                "subscriptions past {MAX_SUBSCRIBED}: sending the full view"
+            );
+            *self = Scope::All;
+            return Ok(Vec::new());
+        }
+        set.extend(added.iter().cloned());
+        Ok(added)
+    }
+
+    fn covers(&self, service: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Services(set) => set.contains(service),
+        }
+    }
+
+    /// Whether the endpoint with this id (`<cluster>/<namespace>/<name>/<instance>`) is in scope.
+    fn covers_id(&self, id: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Services(set) => {
+                let mut parts = id.splitn(4, '/');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(_), Some(ns), Some(name)) => set.contains(&format!("{name}.{ns}")),
+                    // Not an id this control plane makes: let the proxy drop it if it has it.
+                    _ => true,
+                }
+            }
+        }
+    }
+}
+
+/// Builds the response that brings a proxy of cluster `viewer` whose view is `scope` from `since`
+/// to `state` (full when `since` is 0 or the changelog no longer reaches back), adding the
+/// endpoints of the newly subscribed services `added` (not yet in `scope`). Pure: the stream only
+/// sends what this returns.
+pub fn build_response(
+    state: &State,
+    since: u64,
+    viewer: &str,
+    scope: &Scope,
+    added: &[String],
+) -> Option<pb::DiscoveryResponse> {
     let keys = if since == 0 { None } else { state.changes_since(since) };
     let Some(keys) = keys else {
+        let in_view = |service: &str| scope.covers(service) || added.iter().any(|a| a == service);
+        let subscribed = match scope {
+            Scope::All => Vec::new(),
+            Scope::Services(set) => set.iter().chain(added).cloned().collect::<BTreeSet<_>>().into_iter().collect(),
+        };
         return Some(pb::DiscoveryResponse {
             version: state.revision,
             full: true,
@@ -57,15 +137,17 @@ pub fn build_response(state: &State, since: u64, viewer: &str) -> Option<pb::Dis
             endpoints: state
                 .endpoints
                 .values()
-                .filter(|e| visible(state, e, viewer))
+                .filter(|e| in_view(&e.service) && visible(state, e, viewer))
                 .map(|e| endpoint_to_pb(state, e))
                 .collect(),
             trust_bundle: Some(bundle_to_pb(state)),
             region: state.clusters.get(viewer).map(|c| c.region.clone()).unwrap_or_default(),
+            scoped: matches!(scope, Scope::Services(_)),
+            subscribed,
             ..Default::default()
         });
     };
-    if keys.is_empty() {
+    if keys.is_empty() && added.is_empty() {
         return None;
     }
     let mut resp = pb::DiscoveryResponse { version: state.revision, full: false, ..Default::default() };
@@ -78,10 +160,15 @@ pub fn build_response(state: &State, since: u64, viewer: &str) -> Option<pb::Dis
                     None => resp.removed_services.push(k.clone()),
                 }
                 // Exporting or unexporting a service changes which remote endpoints are seen.
-                endpoint_ids.extend(state.endpoints_of(&k).filter(|e| e.cluster != viewer).map(|e| e.id.clone()));
+                if scope.covers(&k) {
+                    endpoint_ids.extend(state.endpoints_of(&k).filter(|e| e.cluster != viewer).map(|e| e.id.clone()));
+                }
             }
             ChangeKey::Endpoint(id) => {
-                endpoint_ids.insert(id);
+                // Out of scope: the proxy does not hold it and need not hear of it.
+                if scope.covers_id(&id) {
+                    endpoint_ids.insert(id);
+                }
             }
             ChangeKey::Trust => resp.trust_bundle = Some(bundle_to_pb(state)),
         }
@@ -92,6 +179,28 @@ pub fn build_response(state: &State, since: u64, viewer: &str) -> Option<pb::Dis
             // Gone, or no longer visible here; removing an id the proxy never had is harmless.
             _ => resp.removed_endpoints.push(id),
         }
+    }
+    if !added.is_empty() {
+        // Everything of the new services: they were out of scope, so none is in the delta above.
+        let wanted: BTreeSet<&str> = added.iter().map(String::as_str).collect();
+        resp.endpoints.extend(
+            state
+                .endpoints
+                .values()
+                .filter(|e| wanted.contains(e.service.as_str()) && visible(state, e, viewer))
+                .map(|e| endpoint_to_pb(state, e)),
+        );
+        resp.subscribed = added.to_vec();
+    }
+    if resp.services.is_empty()
+        && resp.removed_services.is_empty()
+        && resp.endpoints.is_empty()
+        && resp.removed_endpoints.is_empty()
+        && resp.trust_bundle.is_none()
+        && resp.subscribed.is_empty()
+    {
+        // Only changes out of this proxy's scope.
+        return None;
     }
     Some(resp)
 }
@@ -194,6 +303,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             return Err(Status::invalid_argument("the first message of a discovery stream must be Hello"));
         };
         let mut regs = registrations(&hello, &peer, &self.cluster)?;
+        let scope = Scope::from_hello(&hello)?;
         for (e, _) in &mut regs {
             e.registrar = self.registrar();
         }
@@ -234,7 +344,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
-            let deregistered = this.serve(session, hello.known_version, &mut inbound, tx).await;
+            let deregistered = this.serve(session, hello.known_version, scope, &mut inbound, tx).await;
             let owned = this.proxies.close(session);
             for id in owned {
                 let registrar = Some(this.registrar());
@@ -273,6 +383,7 @@ impl DiscoveryService {
         &self,
         session: u64,
         known: u64,
+        mut scope: Scope,
         inbound: &mut Streaming<pb::DiscoveryRequest>,
         tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
     ) -> bool {
@@ -283,39 +394,77 @@ impl DiscoveryService {
         let mut sent = if known > states.borrow().revision { 0 } else { known };
         // Whether the last response included observations not yet committed.
         let mut showed_overlay = false;
+        // Services subscribed since the last response, not yet in `scope`.
+        let mut added: Vec<String> = Vec::new();
+        // Something to look at: the state, the kept observations or the scope changed. (An ACK
+        // alone sends nothing; while observations are kept every response is a full view, and
+        // answering each ACK with another would never end.)
+        let mut dirty = true;
         loop {
-            let state = states.borrow_and_update().clone();
-            kept.borrow_and_update();
-            // Observations that wait for the quorum: a full view of the state with them applied
-            // (they have no revision of their own); once they are gone, one more full view.
-            let view = self.overlay.view(&state);
-            let resp = match &view {
-                Some(v) => build_response(v, 0, &self.cluster),
-                None if showed_overlay => build_response(&state, 0, &self.cluster),
-                None => build_response(&state, sent, &self.cluster),
-            };
-            showed_overlay = view.is_some();
-            if let Some(resp) = resp {
-                let bytes = resp.encoded_len() as u64;
-                let full = resp.full;
-                if tx.send(Ok(resp)).await.is_err() {
-                    return false;
+            if dirty {
+                dirty = false;
+                let state = states.borrow_and_update().clone();
+                kept.borrow_and_update();
+                // Observations that wait for the quorum: a full view of the state with them
+                // applied (they have no revision of their own); once they are gone, one more full
+                // view.
+                let view = self.overlay.view(&state);
+                let resp = match &view {
+                    Some(v) => build_response(v, 0, &self.cluster, &scope, &added),
+                    None if showed_overlay => build_response(&state, 0, &self.cluster, &scope, &added),
+                    None => build_response(&state, sent, &self.cluster, &scope, &added),
+                };
+                showed_overlay = view.is_some();
+                if let Scope::Services(set) = &mut scope {
+                    set.extend(added.drain(..));
                 }
-                sent = state.revision;
-                self.proxies.sent(session, sent);
-                self.metrics.record_push(full, bytes);
-            } else {
-                sent = state.revision;
+                if let Some(resp) = resp {
+                    let bytes = resp.encoded_len() as u64;
+                    let full = resp.full;
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return false;
+                    }
+                    sent = state.revision;
+                    self.proxies.sent(session, sent);
+                    self.metrics.record_push(full, bytes);
+                } else {
+                    sent = state.revision;
+                }
             }
             tokio::select! {
-                changed = states.changed() => if changed.is_err() { return false },
-                changed = kept.changed() => if changed.is_err() { return false },
+                changed = states.changed() => if changed.is_err() { return false } else { dirty = true },
+                changed = kept.changed() => if changed.is_err() { return false } else { dirty = true },
                 msg = inbound.message() => match msg {
                     Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Ack(a)) })) => self.proxies.acked(session, a.version),
                     Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Nack(n)) })) => {
                         tracing::warn!(session, version = n.version, reason = %n.reason, "proxy refused a configuration");
                         self.metrics.nacks.inc();
                         self.proxies.nacked(session, &n.reason);
+                    }
+                    Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Subscribe(sub)) })) => {
+                        let was_scoped = matches!(scope, Scope::Services(_));
+                        let mut wanted = scope.clone();
+                        match wanted.add(&sub.services) {
+                            Ok(new) => {
+                                // Checked against the scope plus what waits to be sent.
+                                let new: Vec<String> = new.into_iter().filter(|s| !added.contains(s)).collect();
+                                if was_scoped && wanted == Scope::All {
+                                    // Past the limit: the whole view, once.
+                                    scope = Scope::All;
+                                    added.clear();
+                                    sent = 0;
+                                    dirty = true;
+                                } else if !new.is_empty() {
+                                    added.extend(new);
+                                    dirty = true;
+                                }
+                            }
+                            Err(status) => {
+                                tracing::info!(session, error = %status.message(), "subscription refused");
+                                let _ = tx.send(Err(status)).await;
+                                return false;
+                            }
+                        }
                     }
                     Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Deregister(_)) })) => return true,
                     Ok(Some(_)) => {}
@@ -375,6 +524,8 @@ mod tests {
             }],
             known_version: 0,
             gateway_address: String::new(),
+            scoped: false,
+            services: Vec::new(),
         }
     }
 
@@ -415,20 +566,20 @@ mod tests {
             e.id = format!("a/default/web/{i}");
             s.apply(i + 1, &Command::UpsertEndpoint { endpoint: e, protocol: Protocol::Http }).unwrap();
         }
-        let full = build_response(&s, 0, "a").unwrap();
+        let full = build_response(&s, 0, "a", &Scope::All, &[]).unwrap();
         assert!(full.full);
         assert_eq!(full.endpoints.len(), 100);
         let v = s.revision;
         s.apply(v + 1, &Command::SetEndpointHealth { id: "a/default/web/7".into(), healthy: false, registrar: None })
             .unwrap();
         s.apply(v + 2, &Command::DeleteEndpoint { id: "a/default/web/8".into(), registrar: None }).unwrap();
-        let delta = build_response(&s, v, "a").unwrap();
+        let delta = build_response(&s, v, "a", &Scope::All, &[]).unwrap();
         assert!(!delta.full);
         assert_eq!(delta.endpoints.len(), 1);
         assert!(!delta.endpoints[0].healthy);
         assert_eq!(delta.removed_endpoints, vec!["a/default/web/8".to_string()]);
         assert!(delta.encoded_len() * 20 < full.encoded_len(), "a delta must be far smaller than the full view");
-        assert!(build_response(&s, s.revision, "a").is_none());
+        assert!(build_response(&s, s.revision, "a", &Scope::All, &[]).is_none());
     }
 
     fn endpoint(cluster: &str, service: &str, i: u32) -> Command {
@@ -462,37 +613,113 @@ mod tests {
         s.apply(2, &endpoint("b", "web", 1)).unwrap();
         s.apply(3, &endpoint("b", "db", 1)).unwrap();
         // Nothing is exported: each cluster sees its own.
-        assert_eq!(ids(&build_response(&s, 0, "a").unwrap()), vec!["a/default/web/1"]);
-        assert_eq!(ids(&build_response(&s, 0, "b").unwrap()), vec!["b/default/db/1", "b/default/web/1"]);
+        assert_eq!(ids(&build_response(&s, 0, "a", &Scope::All, &[]).unwrap()), vec!["a/default/web/1"]);
+        assert_eq!(
+            ids(&build_response(&s, 0, "b", &Scope::All, &[]).unwrap()),
+            vec!["b/default/db/1", "b/default/web/1"]
+        );
         // Exporting web brings b's web endpoint to a, as a delta.
         let v = s.revision;
         let mut web = s.services.get("web.default").cloned().unwrap();
         web.exported = true;
         s.apply(4, &Command::UpsertService(web.clone())).unwrap();
-        let d = build_response(&s, v, "a").unwrap();
+        let d = build_response(&s, v, "a", &Scope::All, &[]).unwrap();
         assert_eq!(ids(&d), vec!["b/default/web/1"]);
         assert!(d.removed_endpoints.is_empty());
-        assert_eq!(ids(&build_response(&s, 0, "a").unwrap()), vec!["a/default/web/1", "b/default/web/1"]);
+        assert_eq!(
+            ids(&build_response(&s, 0, "a", &Scope::All, &[]).unwrap()),
+            vec!["a/default/web/1", "b/default/web/1"]
+        );
         // Endpoints carry their cluster's region, and a full response the viewer's, for the
         // proxy's failover order.
         for (name, region) in [("a", "us"), ("b", "eu")] {
             let c = crate::state::Cluster::named(name, region);
             s.clusters.insert(name.into(), c);
         }
-        let full = build_response(&s, 0, "a").unwrap();
+        let full = build_response(&s, 0, "a", &Scope::All, &[]).unwrap();
         assert_eq!(full.region, "us");
         let regions: Vec<&str> = full.endpoints.iter().map(|e| e.region.as_str()).collect();
         assert_eq!(regions, ["us", "eu"]);
         // A new endpoint of b's local db is not sent to a, even as a delta: at most a removal.
         let v = s.revision;
         s.apply(5, &endpoint("b", "db", 2)).unwrap();
-        let d = build_response(&s, v, "a").unwrap();
+        let d = build_response(&s, v, "a", &Scope::All, &[]).unwrap();
         assert!(d.endpoints.is_empty(), "{:?}", d.endpoints);
         // Unexporting takes b's web endpoint away from a again.
         let v = s.revision;
         web.exported = false;
         s.apply(6, &Command::UpsertService(web)).unwrap();
-        let d = build_response(&s, v, "a").unwrap();
+        let d = build_response(&s, v, "a", &Scope::All, &[]).unwrap();
         assert_eq!(d.removed_endpoints, vec!["b/default/web/1".to_string()]);
+    }
+
+    fn scope(services: &[&str]) -> Scope {
+        Scope::Services(services.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn a_scoped_view_holds_the_subscribed_services_and_hears_only_of_their_changes() {
+        let mut s = State::default();
+        s.apply(1, &endpoint("a", "web", 1)).unwrap();
+        s.apply(2, &endpoint("a", "db", 1)).unwrap();
+        s.apply(3, &endpoint("a", "cache", 1)).unwrap();
+        let web = scope(&["web.default"]);
+        let full = build_response(&s, 0, "a", &web, &[]).unwrap();
+        assert!(full.full && full.scoped);
+        assert_eq!(ids(&full), vec!["a/default/web/1"]);
+        assert_eq!(full.subscribed, vec!["web.default".to_string()]);
+        // Every service's definition is still there (virtual addresses, policy).
+        assert_eq!(full.services.len(), 3);
+        let all = build_response(&s, 0, "a", &Scope::All, &[]).unwrap();
+        assert!(!all.scoped && all.subscribed.is_empty());
+        assert_eq!(all.endpoints.len(), 3);
+
+        // A change of a service out of scope is not sent at all, not even as a removal.
+        let v = s.revision;
+        s.apply(4, &endpoint("a", "db", 2)).unwrap();
+        s.apply(5, &Command::DeleteEndpoint { id: "a/default/cache/1".into(), registrar: None }).unwrap();
+        assert!(build_response(&s, v, "a", &web, &[]).is_none());
+        // One in scope is.
+        s.apply(6, &endpoint("a", "web", 2)).unwrap();
+        let d = build_response(&s, v, "a", &web, &[]).unwrap();
+        assert_eq!(ids(&d), vec!["a/default/web/2"]);
+        assert!(d.removed_endpoints.is_empty(), "{:?}", d.removed_endpoints);
+
+        // Subscribing to db brings all of its endpoints, with or without other changes, once.
+        let v = s.revision;
+        let d = build_response(&s, v, "a", &web, &["db.default".to_string()]).unwrap();
+        assert!(!d.full);
+        assert_eq!(ids(&d), vec!["a/default/db/1", "a/default/db/2"]);
+        assert_eq!(d.subscribed, vec!["db.default".to_string()]);
+        s.apply(7, &endpoint("a", "db", 3)).unwrap();
+        s.apply(8, &endpoint("a", "web", 3)).unwrap();
+        let d = build_response(&s, v, "a", &web, &["db.default".to_string()]).unwrap();
+        assert_eq!(ids(&d), vec!["a/default/db/1", "a/default/db/2", "a/default/db/3", "a/default/web/3"]);
+        // A service with no endpoint yet is confirmed all the same: the proxy stops waiting.
+        let d = build_response(&s, s.revision, "a", &web, &["new.default".to_string()]).unwrap();
+        assert!(d.endpoints.is_empty());
+        assert_eq!(d.subscribed, vec!["new.default".to_string()]);
+        // A full view names the whole scope, the services added with it included.
+        let full = build_response(&s, 0, "a", &web, &["db.default".to_string()]).unwrap();
+        assert_eq!(full.subscribed, vec!["db.default".to_string(), "web.default".to_string()]);
+        assert_eq!(full.endpoints.len(), 6);
+    }
+
+    #[test]
+    fn subscriptions_are_checked_and_too_many_become_the_full_view() {
+        let mut sc = scope(&["web.default"]);
+        assert_eq!(sc.add(&["db.default".into(), "web.default".into(), "db.default".into()]).unwrap(), ["db.default"]);
+        let err = sc.add(&["not a service".into()]).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("not a service"), "{}", err.message());
+        assert_eq!(sc, scope(&["db.default", "web.default"]), "a refused subscription changes nothing");
+        let many: Vec<String> = (0..MAX_SUBSCRIBED).map(|i| format!("s{i}.default")).collect();
+        assert!(sc.add(&many).unwrap().is_empty());
+        assert_eq!(sc, Scope::All);
+        let mut hello = hello("", "web.default", "127.0.0.1:9");
+        assert_eq!(Scope::from_hello(&hello).unwrap(), Scope::All);
+        hello.scoped = true;
+        hello.services = vec!["api.default".into()];
+        assert_eq!(Scope::from_hello(&hello).unwrap(), scope(&["api.default"]));
     }
 }

@@ -36,7 +36,7 @@ use trellis_proto::tls::{IdentityStore, client_config, server_config};
 use trellis_proto::verify::{IdMatcher, SharedBundle, TrustBundle};
 use trellis_proto::{SpiffeId, grpc};
 use trellis_proxy::balance::Balancer;
-use trellis_proxy::discovery::{DiscoveryTask, NodeInfo};
+use trellis_proxy::discovery::{DiscoveryTask, NodeInfo, View};
 use trellis_proxy::drain::Drain;
 use trellis_proxy::identity::{self, Signer};
 use trellis_proxy::routes::{Routes, ServiceName};
@@ -398,8 +398,11 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         instance: config.instance.clone(),
         serves: None,
         gateway_address: Some(advertise.to_string()),
+        // A gateway routes to any endpoint of its cluster's exported services.
+        view: View::Full,
     };
-    let (discovery, routes) = DiscoveryTask::new(channel, node, bundle.clone(), proxy_metrics.clone(), drain.clone());
+    let (discovery, routes, _) =
+        DiscoveryTask::new(channel, node, bundle.clone(), proxy_metrics.clone(), drain.clone());
     let discovery = tokio::spawn(discovery.run());
     let renew = tokio::spawn(identity::renew_forever(
         signer,

@@ -56,6 +56,8 @@ pub struct ConfigView<'a> {
     pub services: Vec<&'a Service>,
     /// Known endpoints.
     pub endpoints: Vec<&'a Endpoint>,
+    /// The services whose endpoints the view holds (`null`: a full view, every endpoint).
+    pub subscribed: Option<Vec<String>>,
 }
 
 /// Serves admin requests until the drain starts.
@@ -117,6 +119,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
                 identity: state.identity.current().map(|i| i.id.to_string()),
                 services: routes.services.values().collect(),
                 endpoints: routes.endpoints.values().map(|e| e.as_ref()).collect(),
+                subscribed: routes.scope.as_ref().map(|s| s.iter().map(ToString::to_string).collect()),
             };
             match serde_json::to_string_pretty(&view) {
                 Ok(json) => {

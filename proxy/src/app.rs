@@ -22,7 +22,7 @@ use crate::admin::{self, AdminState, not_ready_reason};
 use crate::authz::AllowTrustDomain;
 use crate::balance::Locality;
 use crate::config::{Config, ConfigError};
-use crate::discovery::{DiscoveryTask, NodeInfo, Registration};
+use crate::discovery::{DiscoveryTask, NodeInfo, Registration, Subscriptions, View};
 use crate::drain::Drain;
 use crate::gateways::{self, GatewayHealth, GatewayPool};
 use crate::identity::{self, IdentityError, Signer};
@@ -69,6 +69,7 @@ pub struct App {
     upstreams: BTreeMap<String, SocketAddr>,
     identity: Arc<IdentityStore>,
     routes: watch::Receiver<Arc<Routes>>,
+    subscriptions: Subscriptions,
     metrics: Arc<Metrics>,
     drain: Drain,
     drain_timeout: Duration,
@@ -172,8 +173,14 @@ pub async fn build(config: Config) -> Result<App, AppError> {
             protocol: config.protocol,
         }),
         gateway_address: None,
+        view: if config.full_view {
+            View::Full
+        } else {
+            View::Scoped(config.upstreams.iter().map(|u| u.service.clone()).collect())
+        },
     };
-    let (discovery, routes) = DiscoveryTask::new(channel, node, bundle.clone(), metrics.clone(), drain.clone());
+    let (discovery, routes, subscriptions) =
+        DiscoveryTask::new(channel, node, bundle.clone(), metrics.clone(), drain.clone());
     let discovery = tokio::spawn(discovery.run());
 
     let mut tasks = Vec::new();
@@ -213,7 +220,7 @@ pub async fn build(config: Config) -> Result<App, AppError> {
         client_config(Some(store.clone()), bundle.clone(), IdMatcher::AnyGateway, &[b"h2"]).map_err(tls_err)?;
     let gateways = GatewayPool::new(gateway_tls, GatewayHealth::new(metrics.clone()));
     let outbound = Outbound::new(
-        routes.clone(),
+        subscriptions.clone(),
         MeshConnector::new(h2_tls, ALPN_MESH_HTTP, config.connect_timeout(), metrics.clone())
             .with_gateways(gateways.clone()),
         MeshConnector::new(tcp_tls, ALPN_MESH_TCP, config.connect_timeout(), metrics.clone())
@@ -254,6 +261,7 @@ pub async fn build(config: Config) -> Result<App, AppError> {
         upstreams,
         identity: store,
         routes,
+        subscriptions,
         metrics,
         drain,
         drain_timeout: config.drain_timeout(),
@@ -317,6 +325,11 @@ impl App {
     /// The routes as published by the discovery client.
     pub fn routes(&self) -> watch::Receiver<Arc<Routes>> {
         self.routes.clone()
+    }
+
+    /// What brings a service's endpoints into a scoped view (as a first call to it does).
+    pub fn subscriptions(&self) -> &Subscriptions {
+        &self.subscriptions
     }
 
     /// The metrics registry.

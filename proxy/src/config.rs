@@ -138,6 +138,12 @@ pub struct Config {
     #[arg(long, env = "TRELLIS_TRANSPARENT")]
     pub transparent: Option<SocketAddr>,
 
+    /// Receive every endpoint the proxy may see instead of those of the services it calls (the
+    /// default view holds the `--upstream` services and each service the application calls
+    /// through its virtual address, subscribed to on its first call).
+    #[arg(long, env = "TRELLIS_FULL_VIEW")]
+    pub full_view: bool,
+
     /// Admin listener (metrics, readiness); loopback only, it is unauthenticated.
     #[arg(long, env = "TRELLIS_ADMIN", default_value = "127.0.0.1:0")]
     pub admin: SocketAddr,

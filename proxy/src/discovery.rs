@@ -6,18 +6,26 @@
 //! `tokio::sync::watch`, so request paths read a snapshot without locks. When the stream breaks the
 //! last good routes stay in place (static stability) and the client reconnects with jittered
 //! exponential backoff. When the proxy drains it sends `Deregister` before closing.
+//!
+//! A proxy's view is scoped by default: the control plane sends every service's definition but
+//! only the endpoints of the services the proxy calls: those of its `--upstream` listeners from
+//! the start, and any other the first time the application calls it (transparent mode), through
+//! a [`Subscriptions`] handle. At 100,000 endpoints a full view is about 15 MiB per proxy; a
+//! scoped one is the size of what the proxy uses. Gateways, which route to every endpoint of
+//! their cluster, take the full view.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use trellis_proto::SpiffeId;
 use trellis_proto::pb::discovery_client::DiscoveryClient;
 use trellis_proto::pb::discovery_request::Kind;
 use trellis_proto::pb::{
-    Ack, Deregister, DiscoveryRequest, DiscoveryResponse, EndpointRegistration, Hello, Nack, Node,
+    Ack, Deregister, DiscoveryRequest, DiscoveryResponse, EndpointRegistration, Hello, Nack, Node, Subscribe,
 };
 use trellis_proto::verify::SharedBundle;
 
@@ -32,6 +40,47 @@ pub const RECONNECT_MIN: Duration = Duration::from_millis(100);
 pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// How long a draining proxy waits for the control plane to close the stream after `Deregister`.
 pub const DEREGISTER_WAIT: Duration = Duration::from_secs(1);
+/// How long a connection to a service out of the proxy's view waits for the control plane to
+/// bring that service's endpoints.
+pub const SUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
+
+/// Which endpoints the proxy asks the control plane for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum View {
+    /// Every endpoint the proxy may see.
+    Full,
+    /// The endpoints of these services, and of those it subscribes to later.
+    Scoped(Vec<ServiceName>),
+}
+
+/// Asks for services' endpoints to be added to a scoped view, and waits for them. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Subscriptions {
+    wanted: Arc<Mutex<BTreeSet<ServiceName>>>,
+    notify: Arc<Notify>,
+    routes: watch::Receiver<Arc<Routes>>,
+}
+
+impl Subscriptions {
+    /// The routes of the view.
+    pub fn routes(&self) -> watch::Receiver<Arc<Routes>> {
+        self.routes.clone()
+    }
+
+    /// Waits until `service`'s endpoints are in the view, subscribing to it if need be; false if
+    /// the control plane did not bring them within `wait` (the caller goes on with what it has).
+    pub async fn ensure(&self, service: &ServiceName, wait: Duration) -> bool {
+        if self.routes.borrow().in_view(service) {
+            return true;
+        }
+        if self.wanted.lock().unwrap_or_else(|p| p.into_inner()).insert(service.clone()) {
+            self.notify.notify_one();
+        }
+        let mut routes = self.routes.clone();
+        let arrived = tokio::time::timeout(wait, routes.wait_for(|r| r.in_view(service))).await;
+        matches!(arrived, Ok(Ok(_)))
+    }
+}
 
 /// Who this proxy is, as told in `Hello`.
 #[derive(Debug, Clone)]
@@ -48,6 +97,8 @@ pub struct NodeInfo {
     pub serves: Option<Registration>,
     /// An east-west gateway: the address other clusters' proxies dial.
     pub gateway_address: Option<String>,
+    /// Which endpoints it asks for.
+    pub view: View,
 }
 
 /// The endpoint a proxy registers for its workload.
@@ -62,7 +113,7 @@ pub struct Registration {
 }
 
 impl NodeInfo {
-    fn hello(&self, known_version: u64) -> DiscoveryRequest {
+    fn hello(&self, known_version: u64, services: &BTreeSet<ServiceName>) -> DiscoveryRequest {
         let endpoints = self
             .serves
             .iter()
@@ -85,6 +136,8 @@ impl NodeInfo {
                 endpoints,
                 known_version,
                 gateway_address: self.gateway_address.clone().unwrap_or_default(),
+                scoped: self.view != View::Full,
+                services: services.iter().map(ToString::to_string).collect(),
             })),
         }
     }
@@ -106,20 +159,34 @@ pub struct DiscoveryTask {
     routes: watch::Sender<Arc<Routes>>,
     acked: u64,
     drain: Drain,
+    /// Services a scoped view subscribes to (asked for in every Hello).
+    interest: BTreeSet<ServiceName>,
+    wanted: Arc<Mutex<BTreeSet<ServiceName>>>,
+    notify: Arc<Notify>,
 }
 
 impl DiscoveryTask {
-    /// A task streaming from `channel`; returns it and the routes it will publish.
+    /// A task streaming from `channel`; returns it, the routes it will publish and the handle
+    /// that subscribes to more services.
     pub fn new(
         channel: Channel,
         node: NodeInfo,
         bundle: SharedBundle,
         metrics: Arc<Metrics>,
         drain: Drain,
-    ) -> (Self, watch::Receiver<Arc<Routes>>) {
+    ) -> (Self, watch::Receiver<Arc<Routes>>, Subscriptions) {
         let (tx, rx) = watch::channel(Arc::new(Routes::default()));
         let trust_domain = node.identity.trust_domain().to_string();
+        let interest = match &node.view {
+            View::Full => BTreeSet::new(),
+            View::Scoped(calls) => calls.iter().cloned().collect(),
+        };
+        let subscriptions =
+            Subscriptions { wanted: Default::default(), notify: Arc::new(Notify::new()), routes: rx.clone() };
         let task = Self {
+            interest,
+            wanted: subscriptions.wanted.clone(),
+            notify: subscriptions.notify.clone(),
             client: DiscoveryClient::new(channel),
             node,
             trust_domain,
@@ -129,7 +196,15 @@ impl DiscoveryTask {
             acked: 0,
             drain,
         };
-        (task, rx)
+        (task, rx, subscriptions)
+    }
+
+    /// Services wanted since they were last looked at and not yet subscribed to.
+    fn newly_wanted(&mut self) -> Vec<ServiceName> {
+        let wanted = std::mem::take(&mut *self.wanted.lock().unwrap_or_else(|p| p.into_inner()));
+        let new: Vec<ServiceName> = wanted.into_iter().filter(|s| !self.interest.contains(s)).collect();
+        self.interest.extend(new.iter().cloned());
+        new
     }
 
     /// Streams until the drain; reconnects on every failure.
@@ -156,10 +231,19 @@ impl DiscoveryTask {
 
     async fn session(&mut self, backoff: &mut Backoff) -> SessionEnd {
         let (tx, rx) = mpsc::channel(16);
-        if tx.send(self.node.hello(self.acked)).await.is_err() {
+        self.newly_wanted();
+        // A delta from the version held brings only changes: a service subscribed to while the
+        // stream was down needs a full view.
+        let confirmed = self.routes.borrow().scope.clone();
+        let known = match (&self.node.view, confirmed) {
+            (View::Scoped(_), Some(scope)) if !self.interest.is_subset(&scope) => 0,
+            _ => self.acked,
+        };
+        if tx.send(self.node.hello(known, &self.interest)).await.is_err() {
             return SessionEnd::Broken("request stream closed".into());
         }
         let drain = self.drain.clone();
+        let notify = self.notify.clone();
         let mut client = self.client.clone();
         let opened = tokio::select! {
             r = client.stream(ReceiverStream::new(rx)) => r,
@@ -181,6 +265,17 @@ impl DiscoveryTask {
                     }
                     Ok(None) => return SessionEnd::Broken("closed by the control plane".into()),
                     Err(status) => return SessionEnd::Broken(status.to_string()),
+                },
+                _ = notify.notified() => {
+                    let new = self.newly_wanted();
+                    if !new.is_empty() && self.node.view != View::Full {
+                        tracing::debug!(services = ?new, "subscribing");
+                        let services = new.iter().map(ToString::to_string).collect();
+                        let sub = DiscoveryRequest { kind: Some(Kind::Subscribe(Subscribe { services })) };
+                        if tx.send(sub).await.is_err() {
+                            return SessionEnd::Broken("request stream closed".into());
+                        }
+                    }
                 },
                 _ = drain.signaled() => {
                     let _ = tx.send(DiscoveryRequest { kind: Some(Kind::Deregister(Deregister {})) }).await;

@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::balance::{Balancer, EndpointLoad as LoadHandle, LoadGuard, Locality};
 use crate::body::{self, Body, text};
 use crate::detect::{FirstByte, Protocol, sniff};
+use crate::discovery::{SUBSCRIBE_WAIT, Subscriptions};
 use crate::drain::Drain;
 use crate::gateways::{GatewayHealth, Way};
 use crate::h2body::{self, RecvBody};
@@ -76,6 +77,8 @@ pub struct Outbound {
     timeouts: OutboundTimeouts,
     /// Tier of the endpoints that first attempts to each service go to now.
     tiers: std::sync::Mutex<std::collections::HashMap<ServiceName, u8>>,
+    /// Brings the endpoints of a service called for the first time into a scoped view.
+    subscriptions: Subscriptions,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -140,9 +143,10 @@ impl ReqBody {
 }
 
 impl Outbound {
-    /// The outbound side over `routes`, dialing HTTP with `h2` and TCP with `tcp`.
+    /// The outbound side over the routes `view` publishes (subscribing to services as they are
+    /// first called), dialing HTTP with `h2` and TCP with `tcp`.
     pub fn new(
-        routes: watch::Receiver<Arc<Routes>>,
+        view: Subscriptions,
         h2: MeshConnector,
         tcp: MeshConnector,
         metrics: Arc<Metrics>,
@@ -150,6 +154,7 @@ impl Outbound {
         locality: Locality,
         gateways: Arc<GatewayHealth>,
     ) -> Arc<Self> {
+        let routes = view.routes();
         let cluster = locality.cluster.clone();
         let balancer = Balancer::with_locality(locality);
         Arc::new(Self {
@@ -162,6 +167,7 @@ impl Outbound {
             metrics,
             timeouts,
             tiers: Default::default(),
+            subscriptions: view,
         })
     }
 
@@ -298,6 +304,15 @@ impl Outbound {
 
     async fn connection(self: Arc<Self>, up: Arc<Upstream>, tcp: TcpStream, drain: Drain) {
         let _open = self.metrics.connection(Direction::outbound);
+        // The first call to a service out of the proxy's view waits for its endpoints (one round
+        // trip to the control plane); later ones find them there.
+        if !self.subscriptions.ensure(&up.service, SUBSCRIBE_WAIT).await {
+            tracing::warn!(
+                service = %up.label,
+                "the control plane has not sent this service's endpoints within {} s; calling it with the endpoints known",
+                SUBSCRIBE_WAIT.as_secs()
+            );
+        }
         match self.declared(&up) {
             // A service declared TCP skips detection, so server-speaks-first protocols work at once.
             Some(AppProtocol::Tcp) => self.splice(&up, crate::detect::Prefixed::new(Bytes::new(), tcp)).await,

@@ -5,7 +5,7 @@
 //! own, and one that cannot be converted keeps its previous value and is reported (the caller
 //! NACKs), so a bad resource never poisons the rest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -240,7 +240,11 @@ pub struct Routes {
     pub endpoints: BTreeMap<String, Arc<Endpoint>>,
     /// Region of this proxy's cluster, as the control plane says (empty when unknown).
     pub region: String,
+    /// The services whose endpoints the control plane sends this proxy (a scoped view), as it
+    /// confirmed them; `None`: every endpoint the proxy may see.
+    pub scope: Option<BTreeSet<ServiceName>>,
     by_service: BTreeMap<ServiceName, Vec<Arc<Endpoint>>>,
+    by_vip: HashMap<std::net::Ipv4Addr, ServiceName>,
 }
 
 /// The result of applying one discovery response.
@@ -260,7 +264,13 @@ impl Routes {
 
     /// The service with virtual address `vip`, if any (transparent mode).
     pub fn service_at(&self, vip: std::net::Ipv4Addr) -> Option<&Service> {
-        self.services.values().find(|s| s.vip == Some(vip))
+        self.by_vip.get(&vip).and_then(|n| self.services.get(n))
+    }
+
+    /// Whether the endpoints of `service` are in this proxy's view (all of them, as the control
+    /// plane knows them). A scoped proxy subscribes to a service before it calls it.
+    pub fn in_view(&self, service: &ServiceName) -> bool {
+        self.loaded && self.scope.as_ref().is_none_or(|s| s.contains(service))
     }
 
     /// The service's description, if the control plane sent one.
@@ -316,13 +326,26 @@ impl Routes {
                 }
             }
         }
+        let mut scope = if resp.full { resp.scoped.then(BTreeSet::new) } else { self.scope.clone() };
+        if let Some(scope) = &mut scope {
+            for name in &resp.subscribed {
+                match name.parse::<ServiceName>() {
+                    Ok(n) => {
+                        scope.insert(n);
+                    }
+                    Err(e) => rejected.push(format!("subscribed service: {e}")),
+                }
+            }
+        }
         let mut routes = Routes {
             version: resp.version,
             loaded: true,
             services,
             endpoints,
             region: if resp.full { resp.region.clone() } else { self.region.clone() },
+            scope,
             by_service: BTreeMap::new(),
+            by_vip: HashMap::new(),
         };
         routes.reindex();
         Applied { routes, rejected }
@@ -333,6 +356,7 @@ impl Routes {
         for ep in self.endpoints.values() {
             self.by_service.entry(ep.service.clone()).or_default().push(ep.clone());
         }
+        self.by_vip = self.services.values().filter_map(|s| Some((s.vip?, s.name.clone()))).collect();
     }
 }
 
@@ -480,5 +504,39 @@ mod tests {
         for (input, ok) in cases {
             assert_eq!(Endpoint::from_proto(&input).is_ok(), ok, "{input:?}");
         }
+    }
+
+    #[test]
+    fn the_view_scope_follows_the_control_plane_and_vips_are_indexed() {
+        let db: ServiceName = "db.default".parse().unwrap();
+        let mut with_vip = svc("web", "http");
+        with_vip.vip = "10.96.0.7".into();
+        let full = pb::DiscoveryResponse {
+            version: 1,
+            full: true,
+            scoped: true,
+            subscribed: vec!["web.default".into()],
+            services: vec![with_vip, svc("db", "http")],
+            endpoints: vec![ep("local/default/web/a", "web.default", "127.0.0.1:1001")],
+            ..Default::default()
+        };
+        let r1 = Routes::default().apply(&full).routes;
+        assert!(!Routes::default().in_view(&web()), "nothing is in view before the first response");
+        assert!(r1.in_view(&web()) && !r1.in_view(&db));
+        assert_eq!(r1.service_at("10.96.0.7".parse().unwrap()).map(|s| s.name.clone()), Some(web()));
+        assert!(r1.service_at("10.96.0.8".parse().unwrap()).is_none());
+        // A delta naming db brings it into view, even without endpoints.
+        let sub = pb::DiscoveryResponse { version: 1, subscribed: vec!["db.default".into()], ..Default::default() };
+        let r2 = r1.apply(&sub).routes;
+        assert!(r2.in_view(&db) && r2.in_view(&web()));
+        assert_eq!(r2.service_at("10.96.0.7".parse().unwrap()).map(|s| s.name.clone()), Some(web()));
+        // A full view that is not scoped holds everything.
+        let r3 = r2.apply(&pb::DiscoveryResponse { version: 2, full: true, ..Default::default() }).routes;
+        assert!(r3.scope.is_none() && r3.in_view(&db));
+        // A malformed name is refused (NACK) and the rest applies.
+        let bad = pb::DiscoveryResponse { version: 2, subscribed: vec!["nope".into()], ..Default::default() };
+        let a = r1.apply(&bad);
+        assert_eq!(a.rejected.len(), 1);
+        assert!(a.routes.in_view(&web()));
     }
 }

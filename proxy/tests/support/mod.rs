@@ -182,6 +182,10 @@ impl CpState {
             removed_endpoints: vec![],
             trust_bundle: Some(pb::TrustBundle { trust_domain: TD.into(), roots_pem: vec![self.pki.root_pem.clone()] }),
             region: String::new(),
+            // The fake control plane sends every endpoint (a proxy's scoped view is tested
+            // against the real control plane in the tests crate).
+            scoped: false,
+            subscribed: vec![],
         }
     }
 

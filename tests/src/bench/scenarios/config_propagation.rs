@@ -67,6 +67,10 @@ async fn subscriber(
             endpoints: endpoint.into_iter().collect(),
             known_version: 0,
             gateway_address: String::new(),
+            // Every subscriber holds every endpoint: each change reaches all of them (the worst
+            // case; a scoped proxy hears only of the services it calls).
+            scoped: false,
+            services: Vec::new(),
         })),
     };
     if tx.send(hello).await.is_err() {

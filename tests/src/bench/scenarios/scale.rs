@@ -4,7 +4,9 @@
 //! process. Figures: the memory the state takes (growth of this process's resident set while it
 //! is built, after the CA material), the Raft snapshot's size (the same JSON encoding the
 //! store's snapshots use) and the time to encode and decode it, the apply rate, and the size of
-//! one proxy's full discovery view.
+//! one proxy's discovery view: full (every endpoint it may see, as gateways get it) and scoped to
+//! the ten services it calls (the proxies' default), with the time the control plane takes to
+//! build each.
 //!
 //! It does not start 50 control-plane processes: memory per endpoint is the state's, and the
 //! process overhead of a control plane (about 25 MiB idle, see config-propagation) comes on top.
@@ -134,8 +136,16 @@ pub fn run(clusters: usize, endpoints: usize, services: usize, report: &mut Repo
     let decode_ms = t.elapsed().as_secs_f64() * 1000.0;
     anyhow::ensure!(restored.endpoints.len() == endpoints, "the snapshot lost endpoints");
     drop(restored);
-    let view = trellis_controlplane::discovery::build_response(&state, 0, "c00")
+    use trellis_controlplane::discovery::{Scope, build_response};
+    let t = Instant::now();
+    let view = build_response(&state, 0, "c00", &Scope::All, &[])
         .ok_or_else(|| anyhow::anyhow!("no discovery view for cluster c00"))?;
+    let full_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let calls = Scope::Services((0..services.min(10)).map(|s| format!("svc-{s:04}.default")).collect());
+    let t = Instant::now();
+    let scoped = build_response(&state, 0, "c00", &calls, &[])
+        .ok_or_else(|| anyhow::anyhow!("no scoped discovery view for cluster c00"))?;
+    let scoped_ms = t.elapsed().as_secs_f64() * 1000.0;
 
     let labels = json!({"clusters": clusters, "endpoints": endpoints, "services": services});
     let state_mib = rss_after - rss_before;
@@ -158,5 +168,16 @@ pub fn run(clusters: usize, endpoints: usize, services: usize, report: &mut Repo
         view.encoded_len() as f64 / 1_048_576.0,
         "MiB",
     );
+    report.figure(SCENARIO, "full_view_build", labels.clone(), full_ms, "ms");
+    let scoped_labels = json!({"clusters": clusters, "endpoints": endpoints, "services": services,
+        "subscribed": services.min(10), "endpoints_in_view": scoped.endpoints.len()});
+    report.figure(
+        SCENARIO,
+        "scoped_view_one_proxy",
+        scoped_labels.clone(),
+        scoped.encoded_len() as f64 / 1_048_576.0,
+        "MiB",
+    );
+    report.figure(SCENARIO, "scoped_view_build", scoped_labels, scoped_ms, "ms");
     Ok(())
 }

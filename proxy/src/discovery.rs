@@ -232,12 +232,14 @@ impl DiscoveryTask {
     async fn session(&mut self, backoff: &mut Backoff) -> SessionEnd {
         let (tx, rx) = mpsc::channel(16);
         self.newly_wanted();
-        // A delta from the version held brings only changes: a service subscribed to while the
-        // stream was down needs a full view.
+        // A delta from the version held brings only changes, within the view asked for now: the
+        // view held must be that view (a service subscribed to while the stream was down, or a
+        // full view held where a scoped one is asked for, needs a full response).
         let confirmed = self.routes.borrow().scope.clone();
         let known = match (&self.node.view, confirmed) {
-            (View::Scoped(_), Some(scope)) if !self.interest.is_subset(&scope) => 0,
-            _ => self.acked,
+            (View::Full, None) => self.acked,
+            (View::Scoped(_), Some(scope)) if self.interest.is_subset(&scope) => self.acked,
+            _ => 0,
         };
         if tx.send(self.node.hello(known, &self.interest)).await.is_err() {
             return SessionEnd::Broken("request stream closed".into());

@@ -112,6 +112,17 @@ impl Scope {
     }
 }
 
+/// The endpoints of `services` a proxy of cluster `viewer` sees (through the state's index: the
+/// cost is what the services have, not the registry's size).
+fn endpoints_of(state: &State, viewer: &str, services: &[String]) -> Vec<pb::Endpoint> {
+    services
+        .iter()
+        .flat_map(|s| state.endpoints_of(s))
+        .filter(|e| visible(state, e, viewer))
+        .map(|e| endpoint_to_pb(state, e))
+        .collect()
+}
+
 /// Builds the response that brings a proxy of cluster `viewer` whose view is `scope` from `since`
 /// to `state` (full when `since` is 0 or the changelog no longer reaches back), adding the
 /// endpoints of the newly subscribed services `added` (not yet in `scope`). Pure: the stream only
@@ -125,21 +136,27 @@ pub fn build_response(
 ) -> Option<pb::DiscoveryResponse> {
     let keys = if since == 0 { None } else { state.changes_since(since) };
     let Some(keys) = keys else {
-        let in_view = |service: &str| scope.covers(service) || added.iter().any(|a| a == service);
-        let subscribed = match scope {
-            Scope::All => Vec::new(),
-            Scope::Services(set) => set.iter().chain(added).cloned().collect::<BTreeSet<_>>().into_iter().collect(),
+        let (endpoints, subscribed) = match scope {
+            Scope::All => (
+                state
+                    .endpoints
+                    .values()
+                    .filter(|e| visible(state, e, viewer))
+                    .map(|e| endpoint_to_pb(state, e))
+                    .collect(),
+                Vec::new(),
+            ),
+            Scope::Services(set) => {
+                let subscribed: Vec<String> =
+                    set.iter().chain(added).cloned().collect::<BTreeSet<_>>().into_iter().collect();
+                (endpoints_of(state, viewer, &subscribed), subscribed)
+            }
         };
         return Some(pb::DiscoveryResponse {
             version: state.revision,
             full: true,
             services: state.services.values().map(service_to_pb).collect(),
-            endpoints: state
-                .endpoints
-                .values()
-                .filter(|e| in_view(&e.service) && visible(state, e, viewer))
-                .map(|e| endpoint_to_pb(state, e))
-                .collect(),
+            endpoints,
             trust_bundle: Some(bundle_to_pb(state)),
             region: state.clusters.get(viewer).map(|c| c.region.clone()).unwrap_or_default(),
             scoped: matches!(scope, Scope::Services(_)),
@@ -182,14 +199,7 @@ pub fn build_response(
     }
     if !added.is_empty() {
         // Everything of the new services: they were out of scope, so none is in the delta above.
-        let wanted: BTreeSet<&str> = added.iter().map(String::as_str).collect();
-        resp.endpoints.extend(
-            state
-                .endpoints
-                .values()
-                .filter(|e| wanted.contains(e.service.as_str()) && visible(state, e, viewer))
-                .map(|e| endpoint_to_pb(state, e)),
-        );
+        resp.endpoints.extend(endpoints_of(state, viewer, added));
         resp.subscribed = added.to_vec();
     }
     if resp.services.is_empty()

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use imbl::{OrdMap, Vector};
+use imbl::{OrdMap, OrdSet, Vector};
 use serde::{Deserialize, Serialize};
 use trellis_proto::identity::validate_name;
 
@@ -372,6 +372,7 @@ pub enum ChangeKey {
 
 /// The whole replicated state at one revision.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(from = "StateWire")]
 pub struct State {
     /// Index of the last applied log entry.
     pub revision: u64,
@@ -379,6 +380,7 @@ pub struct State {
     pub roots: Vec<RootCa>,
     pub clusters: OrdMap<String, Cluster>,
     pub services: OrdMap<String, Service>,
+    /// Endpoints by id. Changed only by [`State::apply`], which keeps `by_service` in step.
     pub endpoints: OrdMap<String, Endpoint>,
     pub workload_tokens: OrdMap<String, WorkloadToken>,
     /// Members of the control-plane group, by Raft id.
@@ -392,6 +394,49 @@ pub struct State {
     /// The newest revision some of whose changes have left `changes` (0: none have).
     #[serde(skip)]
     pub changes_dropped_through: u64,
+    /// Endpoint ids by service: a proxy's scoped view and a service's changes cost what the
+    /// service has, not the whole registry. Derived; rebuilt when a snapshot is read.
+    #[serde(skip)]
+    by_service: OrdMap<String, OrdSet<String>>,
+}
+
+/// [`State`] as snapshots hold it (without what is derived).
+#[derive(Deserialize)]
+struct StateWire {
+    revision: u64,
+    federation: Option<Federation>,
+    roots: Vec<RootCa>,
+    clusters: OrdMap<String, Cluster>,
+    services: OrdMap<String, Service>,
+    endpoints: OrdMap<String, Endpoint>,
+    workload_tokens: OrdMap<String, WorkloadToken>,
+    #[serde(default)]
+    members: OrdMap<u64, Member>,
+    #[serde(default)]
+    join_tokens: OrdMap<String, JoinToken>,
+}
+
+impl From<StateWire> for State {
+    fn from(w: StateWire) -> Self {
+        let mut by_service: OrdMap<String, OrdSet<String>> = OrdMap::new();
+        for e in w.endpoints.values() {
+            by_service.entry(e.service.clone()).or_default().insert(e.id.clone());
+        }
+        State {
+            revision: w.revision,
+            federation: w.federation,
+            roots: w.roots,
+            clusters: w.clusters,
+            services: w.services,
+            endpoints: w.endpoints,
+            workload_tokens: w.workload_tokens,
+            members: w.members,
+            join_tokens: w.join_tokens,
+            changes: Vector::new(),
+            changes_dropped_through: 0,
+            by_service,
+        }
+    }
 }
 
 /// Validates `name.namespace`.
@@ -427,7 +472,33 @@ impl State {
 
     /// Endpoints of one service.
     pub fn endpoints_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Endpoint> + 'a {
-        self.endpoints.values().filter(move |e| e.service == service)
+        self.by_service.get(service).into_iter().flat_map(|ids| ids.iter().filter_map(|id| self.endpoints.get(id)))
+    }
+
+    fn insert_endpoint(&mut self, ep: Endpoint) {
+        if let Some(old) = self.endpoints.get(&ep.id)
+            && old.service != ep.service
+        {
+            let (id, service) = (old.id.clone(), old.service.clone());
+            self.unindex(&service, &id);
+        }
+        self.by_service.entry(ep.service.clone()).or_default().insert(ep.id.clone());
+        self.endpoints.insert(ep.id.clone(), ep);
+    }
+
+    fn remove_endpoint(&mut self, id: &str) {
+        if let Some(old) = self.endpoints.remove(id) {
+            self.unindex(&old.service, id);
+        }
+    }
+
+    fn unindex(&mut self, service: &str, id: &str) {
+        if let Some(ids) = self.by_service.get_mut(service) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_service.remove(service);
+            }
+        }
     }
 
     /// Changes after `since`, or `None` when the changelog no longer reaches back that far.
@@ -498,7 +569,7 @@ impl State {
                 }
                 let ids: Vec<String> = self.endpoints_of(key).map(|e| e.id.clone()).collect();
                 for id in ids {
-                    self.endpoints.remove(&id);
+                    self.remove_endpoint(&id);
                     self.record(ChangeKey::Endpoint(id));
                 }
                 self.record(ChangeKey::Service(key.clone()));
@@ -537,8 +608,9 @@ impl State {
                     // Unchanged re-registration (proxy reconnect): no change to push.
                     return Ok(());
                 }
-                self.endpoints.insert(ep.id.clone(), ep.clone());
-                self.record(ChangeKey::Endpoint(ep.id));
+                let id = ep.id.clone();
+                self.insert_endpoint(ep);
+                self.record(ChangeKey::Endpoint(id));
                 Ok(())
             }
             Command::SetEndpointHealth { id, healthy, registrar } => {
@@ -557,7 +629,7 @@ impl State {
                 match self.endpoints.get(id) {
                     None => return Err(ApplyError::NotFound(format!("endpoint {id}"))),
                     Some(ep) if registrar.as_ref().is_some_and(|r| *r != ep.registrar) => return Ok(()),
-                    Some(_) => self.endpoints.remove(id),
+                    Some(_) => self.remove_endpoint(id),
                 };
                 self.record(ChangeKey::Endpoint(id.clone()));
                 Ok(())
@@ -732,7 +804,7 @@ impl State {
                 let gone: Vec<String> =
                     self.endpoints.values().filter(|e| e.cluster == *name).map(|e| e.id.clone()).collect();
                 for id in gone {
-                    self.endpoints.remove(&id);
+                    self.remove_endpoint(&id);
                     self.record(ChangeKey::Endpoint(id));
                 }
                 let tokens: Vec<String> = self
@@ -917,6 +989,59 @@ mod tests {
         assert_eq!(s.changes.front().map(|(r, _)| *r), Some(n + 1), "the window holds only that revision");
         assert!(s.changes_since(n).is_none(), "part of revision {} is gone: a delta would miss endpoints", n + 1);
         assert_eq!(s.changes_since(n + 1), Some(Vec::new()));
+    }
+
+    /// The index by service agrees with a scan of every endpoint.
+    fn assert_index_agrees(s: &State) {
+        let services: std::collections::BTreeSet<&String> = s.endpoints.values().map(|e| &e.service).collect();
+        for svc in services.iter().copied().chain([&"nothing.default".to_string()]) {
+            let indexed: Vec<&str> = s.endpoints_of(svc).map(|e| e.id.as_str()).collect();
+            let scanned: Vec<&str> =
+                s.endpoints.values().filter(|e| e.service == *svc).map(|e| e.id.as_str()).collect();
+            assert_eq!(indexed, scanned, "{svc}");
+        }
+        let indexed: usize = s.by_service.values().map(|ids| ids.len()).sum();
+        assert_eq!(indexed, s.endpoints.len(), "ids indexed under services they no longer belong to");
+    }
+
+    #[test]
+    fn endpoints_by_service_stay_in_step_through_every_change_and_a_snapshot() {
+        let mut s = State::default();
+        for c in ["a", "b"] {
+            s.clusters.insert(c.into(), Cluster::named(c, "r"));
+        }
+        let mut n = 0;
+        let mut apply = |s: &mut State, cmd: Command| {
+            n += 1;
+            let _ = s.apply(n, &cmd);
+        };
+        for i in 0..30 {
+            let (cluster, service) = (["a", "b"][i % 2], ["web", "db", "cache"][i % 3]);
+            let mut e = ep(&format!("{cluster}/default/{service}/{i}"), &format!("{service}.default"));
+            e.cluster = cluster.into();
+            apply(&mut s, Command::UpsertEndpoint { endpoint: e, protocol: Protocol::Http });
+        }
+        assert_index_agrees(&s);
+        // The same id registered again under another service moves in the index.
+        apply(
+            &mut s,
+            Command::UpsertEndpoint { endpoint: ep("a/default/web/0", "db.default"), protocol: Protocol::Http },
+        );
+        assert_index_agrees(&s);
+        apply(&mut s, Command::DeleteEndpoint { id: "b/default/db/1".into(), registrar: None });
+        apply(&mut s, Command::SetEndpointHealth { id: "a/default/web/6".into(), healthy: false, registrar: None });
+        assert_index_agrees(&s);
+        apply(&mut s, Command::DeleteService { key: "cache.default".into() });
+        assert_index_agrees(&s);
+        assert_eq!(s.endpoints_of("cache.default").count(), 0);
+        apply(&mut s, Command::RemoveCluster { name: "b".into() });
+        assert_index_agrees(&s);
+        assert!(s.endpoints.values().all(|e| e.cluster == "a"));
+        // Read back from a snapshot, the index is rebuilt.
+        let restored: State = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_index_agrees(&restored);
+        assert_eq!(restored.endpoints_of("web.default").count(), s.endpoints_of("web.default").count());
+        assert!(restored.endpoints_of("web.default").count() > 0);
     }
 
     #[test]

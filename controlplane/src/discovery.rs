@@ -55,6 +55,9 @@ pub enum Scope {
     All,
     /// Only the endpoints of these services (`name.namespace`): what the proxy calls.
     Services(BTreeSet<String>),
+    /// Only the viewer's own cluster's endpoints: an east-west gateway, which routes other
+    /// clusters' callers to them and never dials another cluster.
+    OwnCluster,
 }
 
 impl Scope {
@@ -74,7 +77,10 @@ impl Scope {
         for s in services {
             validate_service_key(s).map_err(|e| Status::invalid_argument(format!("subscription to '{s}': {e}")))?;
         }
-        let Scope::Services(set) = self else { return Ok(Vec::new()) };
+        let Scope::Services(set) = self else {
+            // A full or own-cluster view already holds every service's endpoints it may see.
+            return Ok(Vec::new());
+        };
         let added: Vec<String> =
             services.iter().filter(|s| !set.contains(*s)).cloned().collect::<BTreeSet<_>>().into_iter().collect();
         if set.len() + added.len() > MAX_SUBSCRIBED {
@@ -91,15 +97,26 @@ impl Scope {
 
     fn covers(&self, service: &str) -> bool {
         match self {
-            Scope::All => true,
+            Scope::All | Scope::OwnCluster => true,
             Scope::Services(set) => set.contains(service),
         }
     }
 
-    /// Whether the endpoint with this id (`<cluster>/<namespace>/<name>/<instance>`) is in scope.
-    fn covers_id(&self, id: &str) -> bool {
+    /// Whether endpoint `e`, visible to a proxy of `viewer`, is in scope.
+    fn admits(&self, e: &crate::state::Endpoint, viewer: &str) -> bool {
         match self {
             Scope::All => true,
+            Scope::OwnCluster => e.cluster == viewer,
+            Scope::Services(set) => set.contains(&e.service),
+        }
+    }
+
+    /// Whether the endpoint with this id (`<cluster>/<namespace>/<name>/<instance>`) is in the
+    /// scope of a proxy of `viewer`.
+    fn covers_id(&self, id: &str, viewer: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::OwnCluster => id.split('/').next() == Some(viewer),
             Scope::Services(set) => {
                 let mut parts = id.splitn(4, '/');
                 match (parts.next(), parts.next(), parts.next()) {
@@ -137,11 +154,11 @@ pub fn build_response(
     let keys = if since == 0 { None } else { state.changes_since(since) };
     let Some(keys) = keys else {
         let (endpoints, subscribed) = match scope {
-            Scope::All => (
+            Scope::All | Scope::OwnCluster => (
                 state
                     .endpoints
                     .values()
-                    .filter(|e| visible(state, e, viewer))
+                    .filter(|e| scope.admits(e, viewer) && visible(state, e, viewer))
                     .map(|e| endpoint_to_pb(state, e))
                     .collect(),
                 Vec::new(),
@@ -177,13 +194,13 @@ pub fn build_response(
                     None => resp.removed_services.push(k.clone()),
                 }
                 // Exporting or unexporting a service changes which remote endpoints are seen.
-                if scope.covers(&k) {
+                if scope.covers(&k) && *scope != Scope::OwnCluster {
                     endpoint_ids.extend(state.endpoints_of(&k).filter(|e| e.cluster != viewer).map(|e| e.id.clone()));
                 }
             }
             ChangeKey::Endpoint(id) => {
                 // Out of scope: the proxy does not hold it and need not hear of it.
-                if scope.covers_id(&id) {
+                if scope.covers_id(&id, viewer) {
                     endpoint_ids.insert(id);
                 }
             }
@@ -313,7 +330,12 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             return Err(Status::invalid_argument("the first message of a discovery stream must be Hello"));
         };
         let mut regs = registrations(&hello, &peer, &self.cluster)?;
-        let scope = Scope::from_hello(&hello)?;
+        let scope = match peer.principal() {
+            // A gateway routes only to its own cluster's endpoints: the rest of the federation's
+            // would be memory and pushes it never uses.
+            Principal::Gateway { .. } => Scope::OwnCluster,
+            _ => Scope::from_hello(&hello)?,
+        };
         for (e, _) in &mut regs {
             e.registrar = self.registrar();
         }
@@ -731,5 +753,33 @@ mod tests {
         hello.scoped = true;
         hello.services = vec!["api.default".into()];
         assert_eq!(Scope::from_hello(&hello).unwrap(), scope(&["api.default"]));
+    }
+
+    #[test]
+    fn a_gateway_sees_its_own_clusters_endpoints_only() {
+        let mut s = State::default();
+        s.apply(1, &endpoint("a", "web", 1)).unwrap();
+        s.apply(2, &endpoint("b", "web", 1)).unwrap();
+        let mut web = s.services.get("web.default").cloned().unwrap();
+        web.exported = true;
+        s.apply(3, &Command::UpsertService(web.clone())).unwrap();
+        assert_eq!(ids(&build_response(&s, 0, "a", &Scope::All, &[]).unwrap()), ["a/default/web/1", "b/default/web/1"]);
+        let full = build_response(&s, 0, "a", &Scope::OwnCluster, &[]).unwrap();
+        assert_eq!(ids(&full), ["a/default/web/1"]);
+        assert!(!full.scoped);
+        // Changes in other clusters, and exporting or not, send it nothing; its own cluster's do.
+        let v = s.revision;
+        s.apply(4, &endpoint("b", "web", 2)).unwrap();
+        web.exported = false;
+        s.apply(5, &Command::UpsertService(web)).unwrap();
+        let d = build_response(&s, v, "a", &Scope::OwnCluster, &[]).unwrap();
+        assert!(d.endpoints.is_empty() && d.removed_endpoints.is_empty(), "{d:?}");
+        assert_eq!(d.services.len(), 1, "the service definition itself is sent");
+        let v = s.revision;
+        s.apply(6, &endpoint("a", "web", 2)).unwrap();
+        assert_eq!(ids(&build_response(&s, v, "a", &Scope::OwnCluster, &[]).unwrap()), ["a/default/web/2"]);
+        let mut own = Scope::OwnCluster;
+        assert!(own.add(&["db.default".into()]).unwrap().is_empty());
+        assert_eq!(own, Scope::OwnCluster);
     }
 }

@@ -11,8 +11,8 @@
 //! only the endpoints of the services the proxy calls: those of its `--upstream` listeners from
 //! the start, and any other the first time the application calls it (transparent mode), through
 //! a [`Subscriptions`] handle. At 100,000 endpoints a full view is about 15 MiB per proxy; a
-//! scoped one is the size of what the proxy uses. Gateways, which route to every endpoint of
-//! their cluster, take the full view.
+//! scoped one is the size of what the proxy uses. Gateways ask for the full view; the control
+//! plane sends them their own cluster's endpoints, the only ones they dial.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};

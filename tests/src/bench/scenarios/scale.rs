@@ -4,9 +4,9 @@
 //! process. Figures: the memory the state takes (growth of this process's resident set while it
 //! is built, after the CA material), the Raft snapshot's size (the same JSON encoding the
 //! store's snapshots use) and the time to encode and decode it, the apply rate, and the size of
-//! one proxy's discovery view: full (every endpoint it may see, as gateways get it) and scoped to
-//! the ten services it calls (the proxies' default), with the time the control plane takes to
-//! build each.
+//! one proxy's discovery view: full (every endpoint it may see, `--full-view`), scoped to the ten
+//! services it calls (the proxies' default) and a gateway's (its own cluster's endpoints), with
+//! the time the control plane takes to build each.
 //!
 //! It does not start 50 control-plane processes: memory per endpoint is the state's, and the
 //! process overhead of a control plane (about 25 MiB idle, see config-propagation) comes on top.
@@ -146,6 +146,10 @@ pub fn run(clusters: usize, endpoints: usize, services: usize, report: &mut Repo
     let scoped = build_response(&state, 0, "c00", &calls, &[])
         .ok_or_else(|| anyhow::anyhow!("no scoped discovery view for cluster c00"))?;
     let scoped_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    let gateway = build_response(&state, 0, "c00", &Scope::OwnCluster, &[])
+        .ok_or_else(|| anyhow::anyhow!("no gateway view for cluster c00"))?;
+    let gateway_ms = t.elapsed().as_secs_f64() * 1000.0;
 
     let labels = json!({"clusters": clusters, "endpoints": endpoints, "services": services});
     let state_mib = rss_after - rss_before;
@@ -179,5 +183,9 @@ pub fn run(clusters: usize, endpoints: usize, services: usize, report: &mut Repo
         "MiB",
     );
     report.figure(SCENARIO, "scoped_view_build", scoped_labels, scoped_ms, "ms");
+    let gateway_labels = json!({"clusters": clusters, "endpoints": endpoints, "services": services,
+        "endpoints_in_view": gateway.endpoints.len()});
+    report.figure(SCENARIO, "gateway_view", gateway_labels.clone(), gateway.encoded_len() as f64 / 1_048_576.0, "MiB");
+    report.figure(SCENARIO, "gateway_view_build", gateway_labels, gateway_ms, "ms");
     Ok(())
 }

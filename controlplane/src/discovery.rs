@@ -154,15 +154,25 @@ pub fn build_response(
     let keys = if since == 0 { None } else { state.changes_since(since) };
     let Some(keys) = keys else {
         let (endpoints, subscribed) = match scope {
-            Scope::All | Scope::OwnCluster => (
+            Scope::All => (
                 state
                     .endpoints
                     .values()
-                    .filter(|e| scope.admits(e, viewer) && visible(state, e, viewer))
+                    .filter(|e| visible(state, e, viewer))
                     .map(|e| endpoint_to_pb(state, e))
                     .collect(),
                 Vec::new(),
             ),
+            Scope::OwnCluster => {
+                // Registration names endpoints `<cluster>/...` (the only way they are made): a
+                // cluster's endpoints are one range of the map.
+                let prefix = format!("{viewer}/");
+                let own = state.endpoints.range(prefix.clone()..).take_while(|(id, _)| id.starts_with(&prefix));
+                (
+                    own.map(|(_, e)| e).filter(|e| scope.admits(e, viewer)).map(|e| endpoint_to_pb(state, e)).collect(),
+                    Vec::new(),
+                )
+            }
             Scope::Services(set) => {
                 let subscribed: Vec<String> =
                     set.iter().chain(added).cloned().collect::<BTreeSet<_>>().into_iter().collect();

@@ -8,6 +8,12 @@
 //! of an exported service registers in cluster A; the time until every subscriber has received
 //! and acked it is measured, with the bytes each received for it and the control planes' CPU
 //! and memory.
+//!
+//! Each count runs twice. First every subscriber holds a full view (every change reaches every
+//! one of them: the worst case). Then with scoped views, as proxies run by default: each
+//! subscriber calls ten of the 300 services, and one in [`PROBE_CALLERS_ONE_IN`] also calls the
+//! service that changes; the time until those have it, whether any other subscriber heard of
+//! the change at all, and the bytes the control planes sent for it over all subscribers.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,6 +38,10 @@ const CLUSTERS: [&str; 3] = ["a", "b", "c"];
 const SERVICES_PER_CLUSTER: usize = 100;
 /// Discovery streams per HTTP/2 connection.
 const STREAMS_PER_CONNECTION: usize = 200;
+/// Services a scoped subscriber calls.
+const CALLS_PER_SUBSCRIBER: usize = 10;
+/// With scoped views, one subscriber in this many calls the service that changes.
+const PROBE_CALLERS_ONE_IN: usize = 30;
 
 /// One cluster's control plane and the TLS its subscribers use.
 struct Cluster {
@@ -42,35 +52,56 @@ struct Cluster {
     identity: SpiffeId,
 }
 
-/// What a subscriber reports: when it received the awaited endpoint, and that response's size.
-type Seen = (Instant, usize);
+/// What a subscriber reports of a response received while an endpoint is awaited.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    at: Instant,
+    /// The response's encoded size.
+    bytes: usize,
+    /// It names the awaited endpoint.
+    hit: bool,
+    /// The subscriber's view includes the awaited endpoint's service.
+    interested: bool,
+}
 
-/// One discovery stream: sends Hello (registering `endpoint` if any), acks every version, and
-/// reports on `loaded` once its first response arrived and on `seen` when a response names
-/// `awaited` (an endpoint id). Ends when `stop` turns true.
-#[allow(clippy::too_many_arguments)]
-async fn subscriber(
-    channel: tonic::transport::Channel,
+/// Who a subscriber is and what it asks for.
+struct Subscriber {
     cluster: &'static str,
     identity: String,
     instance: String,
     endpoint: Option<pb::EndpointRegistration>,
+    /// `None`: a full view; otherwise the services it calls.
+    calls: Option<Vec<String>>,
+    /// Whether its view includes the service of the change.
+    interested: bool,
+}
+
+/// One discovery stream: sends Hello (registering its endpoint if any), acks every version, and
+/// reports on `loaded` once its first response arrived and on `seen` every response received
+/// while `awaited` (an endpoint id) is set. Ends when `stop` turns true.
+async fn subscriber(
+    channel: tonic::transport::Channel,
+    me: Subscriber,
     awaited: watch::Receiver<String>,
     loaded: mpsc::UnboundedSender<()>,
     seen: mpsc::UnboundedSender<Seen>,
     mut stop: watch::Receiver<bool>,
 ) {
     let (tx, rx) = mpsc::channel(4);
+    let cluster = me.cluster;
     let hello = pb::DiscoveryRequest {
         kind: Some(Kind::Hello(pb::Hello {
-            node: Some(pb::Node { identity, cluster: cluster.into(), zone: format!("{cluster}-1"), instance }),
-            endpoints: endpoint.into_iter().collect(),
+            node: Some(pb::Node {
+                identity: me.identity,
+                cluster: cluster.into(),
+                zone: format!("{cluster}-1"),
+                instance: me.instance,
+            }),
+            endpoints: me.endpoint.into_iter().collect(),
             known_version: 0,
             gateway_address: String::new(),
-            // Every subscriber holds every endpoint: each change reaches all of them (the worst
-            // case; a scoped proxy hears only of the services it calls).
-            scoped: false,
-            services: Vec::new(),
+            scoped: me.calls.is_some(),
+            services: me.calls.unwrap_or_default(),
         })),
     };
     if tx.send(hello).await.is_err() {
@@ -91,8 +122,13 @@ async fn subscriber(
                     let _ = loaded.send(());
                 }
                 let want = awaited.borrow().clone();
-                if !want.is_empty() && r.endpoints.iter().any(|e| e.id == want) {
-                    let _ = seen.send((now, prost::Message::encoded_len(&r)));
+                if !want.is_empty() {
+                    let _ = seen.send(Seen {
+                        at: now,
+                        bytes: prost::Message::encoded_len(&r),
+                        hit: r.endpoints.iter().any(|e| e.id == want),
+                        interested: me.interested,
+                    });
                 }
                 let ack = pb::DiscoveryRequest { kind: Some(Kind::Ack(pb::Ack { version: r.version })) };
                 if tx.send(ack).await.is_err() {
@@ -147,21 +183,27 @@ struct Running {
     loaded: mpsc::UnboundedReceiver<()>,
     seen: mpsc::UnboundedReceiver<Seen>,
     count: usize,
+    /// How many have the changed service in their view.
+    interested: usize,
 }
 
 /// Starts `count` subscribers spread over the clusters; subscriber `i < with_endpoints` of each
-/// cluster registers one endpoint of `svc-<cluster>-<i>.default`.
+/// cluster registers one endpoint of `svc-<cluster>-<i>.default`. With `probe` (the service of the
+/// change) the subscribers' views are scoped: each calls [`CALLS_PER_SUBSCRIBER`] services, and
+/// one in [`PROBE_CALLERS_ONE_IN`] `probe` as well; without, each has the full view.
 fn start(
     clusters: &[Cluster],
     count: usize,
     with_endpoints: usize,
     prefix: &str,
     awaited: &watch::Receiver<String>,
+    probe: Option<&str>,
 ) -> anyhow::Result<Running> {
     let (stop, stop_rx) = watch::channel(false);
     let (loaded_tx, loaded) = mpsc::unbounded_channel();
     let (seen_tx, seen) = mpsc::unbounded_channel();
     let mut channels: Vec<Vec<tonic::transport::Channel>> = vec![Vec::new(); clusters.len()];
+    let mut interested_count = 0;
     for i in 0..count {
         let c = i % clusters.len();
         let k = i / clusters.len();
@@ -177,19 +219,34 @@ fn start(
             weight: 1,
             ready: true,
         });
-        tokio::spawn(subscriber(
-            channel,
-            cl.name,
-            cl.identity.to_string(),
-            format!("{prefix}-{k}"),
+        let (calls, interested) = match probe {
+            None => (None, true),
+            Some(probe) => {
+                let mut calls: Vec<String> = (0..CALLS_PER_SUBSCRIBER)
+                    .map(|j| {
+                        let n = i * 7 + j * 31;
+                        format!("svc-{}-{}.default", CLUSTERS[n % CLUSTERS.len()], n % SERVICES_PER_CLUSTER)
+                    })
+                    .collect();
+                let interested = i.is_multiple_of(PROBE_CALLERS_ONE_IN);
+                if interested {
+                    calls.push(format!("{probe}.default"));
+                }
+                (Some(calls), interested)
+            }
+        };
+        interested_count += usize::from(interested);
+        let me = Subscriber {
+            cluster: cl.name,
+            identity: cl.identity.to_string(),
+            instance: format!("{prefix}-{k}"),
             endpoint,
-            awaited.clone(),
-            loaded_tx.clone(),
-            seen_tx.clone(),
-            stop_rx.clone(),
-        ));
+            calls,
+            interested,
+        };
+        tokio::spawn(subscriber(channel, me, awaited.clone(), loaded_tx.clone(), seen_tx.clone(), stop_rx.clone()));
     }
-    Ok(Running { stop, loaded, seen, count })
+    Ok(Running { stop, loaded, seen, count, interested: interested_count })
 }
 
 /// Waits until every subscriber has its first view, or `deadline`; how many did, and when the
@@ -215,6 +272,128 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
         return 0.0;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The service whose new endpoint is the change of the round with `n` subscribers.
+fn probe_service(n: usize, scoped: bool) -> String {
+    if scoped { format!("probe-{n}-scoped") } else { format!("probe-{n}") }
+}
+
+/// One round: `n` subscribers (full or scoped views) load their view, then one new endpoint of
+/// the round's probe service registers in A. The 300 registering streams of `base` hold full
+/// views; they count in the full round's figures (as they always have), not in the scoped one's.
+async fn round(
+    clusters: &[Cluster],
+    base: &mut Running,
+    awaited_tx: &watch::Sender<String>,
+    awaited: &watch::Receiver<String>,
+    n: usize,
+    scoped: bool,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let probe = probe_service(n, scoped);
+    let view = if scoped { "scoped" } else { "full" };
+    let mut subs = start(clusters, n, 0, &format!("sub{n}{view}"), awaited, scoped.then_some(probe.as_str()))?;
+    let (loaded, load_time) = wait_loaded(&mut subs, Duration::from_secs(600)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu0: Vec<f64> = clusters.iter().map(|c| cpu_seconds(c.pid)).collect();
+    // Nothing seen before the change counts.
+    while subs.seen.try_recv().is_ok() || base.seen.try_recv().is_ok() {}
+    // The change: one new endpoint of an exported service in cluster A.
+    awaited_tx.send_replace(format!("a/default/{probe}/{probe}"));
+    let t0 = Instant::now();
+    let (stop_probe, stop_rx) = watch::channel(false);
+    let (l_tx, _l_rx) = mpsc::unbounded_channel();
+    let (s_tx, _s_rx) = mpsc::unbounded_channel();
+    let (dummy_tx, dummy) = watch::channel(String::new());
+    let registrant = Subscriber {
+        cluster: clusters[0].name,
+        identity: clusters[0].identity.to_string(),
+        instance: probe.clone(),
+        endpoint: Some(pb::EndpointRegistration {
+            service: format!("{probe}.default"),
+            address: "127.0.1.250:9".into(),
+            protocol: "http".into(),
+            weight: 1,
+            ready: true,
+        }),
+        calls: Some(Vec::new()),
+        interested: false,
+    };
+    tokio::spawn(subscriber(
+        grpc::channel(&clusters[0].grpc, clusters[0].tls.clone())?,
+        registrant,
+        dummy,
+        l_tx,
+        s_tx,
+        stop_rx,
+    ));
+    let expected = subs.interested + if scoped { 0 } else { base.count };
+    let mut latencies = Vec::new();
+    let (mut hit_bytes, mut all_bytes, mut needless) = (0usize, 0usize, 0usize);
+    let mut record = |seen: Seen, latencies: &mut Vec<f64>| {
+        all_bytes += seen.bytes;
+        if seen.hit {
+            latencies.push(seen.at.duration_since(t0).as_secs_f64() * 1000.0);
+            hit_bytes += seen.bytes;
+        } else if !seen.interested {
+            needless += 1;
+        }
+    };
+    let deadline = Duration::from_secs(120);
+    while latencies.len() < expected {
+        let next = tokio::time::timeout(deadline.saturating_sub(t0.elapsed()), async {
+            tokio::select! {
+                s = subs.seen.recv() => s,
+                s = base.seen.recv(), if !scoped => s,
+            }
+        })
+        .await;
+        match next {
+            Ok(Some(seen)) => record(seen, &mut latencies),
+            _ => break,
+        }
+    }
+    // Anything else the change set off (with scoped views: nothing, for those not calling it).
+    let settle = Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(seen)) = tokio::time::timeout_at(settle.into(), subs.seen.recv()).await {
+        record(seen, &mut latencies);
+    }
+    let total = n + if scoped { 0 } else { base.count };
+    let missing = expected.saturating_sub(latencies.len());
+    latencies.sort_by(f64::total_cmp);
+    let labels = json!({"subscribers": total, "clusters": 3, "view": view});
+    report.figure(SCENARIO, "propagation_p50", labels.clone(), percentile(&latencies, 0.5), "ms");
+    report.figure(SCENARIO, "propagation_p99", labels.clone(), percentile(&latencies, 0.99), "ms");
+    report.figure(SCENARIO, "propagation_max", labels.clone(), latencies.last().copied().unwrap_or(0.0), "ms");
+    report.figure(SCENARIO, "subscribers_to_reach", labels.clone(), expected as f64, "count");
+    report.figure(SCENARIO, "subscribers_missed", labels.clone(), missing as f64, "count");
+    report.figure(SCENARIO, "responses_to_subscribers_not_calling_it", labels.clone(), needless as f64, "count");
+    report.figure(
+        SCENARIO,
+        "bytes_per_subscriber_per_change",
+        labels.clone(),
+        hit_bytes as f64 / latencies.len().max(1) as f64,
+        "bytes",
+    );
+    report.figure(SCENARIO, "bytes_all_subscribers_per_change", labels.clone(), all_bytes as f64, "bytes");
+    report.figure(SCENARIO, "initial_load", labels.clone(), load_time.as_secs_f64(), "s");
+    report.figure(SCENARIO, "subscribers_loaded", labels.clone(), loaded as f64, "count");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (c, before) in clusters.iter().zip(cpu0) {
+        let l = json!({"subscribers": total, "instance": c.name, "view": view});
+        report.figure(SCENARIO, "controlplane_cpu_for_change", l.clone(), cpu_seconds(c.pid) - before, "s");
+        report.figure(SCENARIO, "controlplane_rss", l.clone(), rss_mib(c.pid), "MiB");
+        report.figure(SCENARIO, "controlplane_peak_rss", l, peak_rss_mib(c.pid), "MiB");
+    }
+    // The next round awaits its own endpoint; this one stays registered (unhealthy once its
+    // stream ends) and would otherwise be "seen" in every new subscriber's first view.
+    awaited_tx.send_replace(String::new());
+    let _ = subs.stop.send(true);
+    let _ = stop_probe.send(true);
+    drop(dummy_tx);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(())
 }
 
 /// Runs the scenario for each subscriber count in `counts`.
@@ -250,7 +429,7 @@ pub async fn run(counts: &[usize], report: &mut Report) -> anyhow::Result<()> {
     let services = CLUSTERS
         .iter()
         .flat_map(|c| (0..SERVICES_PER_CLUSTER).map(move |k| format!("svc-{c}-{k}")))
-        .chain(counts.iter().map(|n| format!("probe-{n}")));
+        .chain(counts.iter().flat_map(|n| [probe_service(*n, false), probe_service(*n, true)]));
     for name in services {
         admin
             .apply_service(pb::Service {
@@ -281,7 +460,8 @@ pub async fn run(counts: &[usize], report: &mut Report) -> anyhow::Result<()> {
 
     // The registry: 3 clusters × 100 services, each endpoint with its own stream.
     let (awaited_tx, awaited) = watch::channel(String::new());
-    let mut base = start(&clusters, CLUSTERS.len() * SERVICES_PER_CLUSTER, SERVICES_PER_CLUSTER, "svc", &awaited)?;
+    let mut base =
+        start(&clusters, CLUSTERS.len() * SERVICES_PER_CLUSTER, SERVICES_PER_CLUSTER, "svc", &awaited, None)?;
     let (loaded, _) = wait_loaded(&mut base, Duration::from_secs(60)).await;
     anyhow::ensure!(
         loaded == base.count,
@@ -295,87 +475,9 @@ pub async fn run(counts: &[usize], report: &mut Report) -> anyhow::Result<()> {
     }
 
     for &n in counts {
-        let mut subs = start(&clusters, n, 0, &format!("sub{n}"), &awaited)?;
-        let (loaded, load_time) = wait_loaded(&mut subs, Duration::from_secs(600)).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let cpu0: Vec<f64> = clusters.iter().map(|c| cpu_seconds(c.pid)).collect();
-        // Nothing seen before the change counts.
-        while subs.seen.try_recv().is_ok() || base.seen.try_recv().is_ok() {}
-        // The change: one new endpoint of an exported service in cluster A.
-        let probe = format!("a/default/probe-{n}/probe-{n}");
-        awaited_tx.send_replace(probe.clone());
-        let t0 = Instant::now();
-        let (stop_probe, stop_rx) = watch::channel(false);
-        let (l_tx, _l_rx) = mpsc::unbounded_channel();
-        let (s_tx, _s_rx) = mpsc::unbounded_channel();
-        let (dummy_tx, dummy) = watch::channel(String::new());
-        tokio::spawn(subscriber(
-            grpc::channel(&clusters[0].grpc, clusters[0].tls.clone())?,
-            clusters[0].name,
-            clusters[0].identity.to_string(),
-            format!("probe-{n}"),
-            Some(pb::EndpointRegistration {
-                service: format!("probe-{n}.default"),
-                address: "127.0.1.250:9".into(),
-                protocol: "http".into(),
-                weight: 1,
-                ready: true,
-            }),
-            dummy,
-            l_tx,
-            s_tx,
-            stop_rx,
-        ));
-        let mut latencies = Vec::new();
-        let mut bytes = 0usize;
-        let deadline = Duration::from_secs(120);
-        while latencies.len() < n + base.count {
-            match tokio::time::timeout(deadline.saturating_sub(t0.elapsed()), async {
-                tokio::select! {
-                    s = subs.seen.recv() => s,
-                    s = base.seen.recv() => s,
-                }
-            })
-            .await
-            {
-                Ok(Some((at, size))) => {
-                    latencies.push(at.duration_since(t0).as_secs_f64() * 1000.0);
-                    bytes += size;
-                }
-                _ => break,
-            }
+        for scoped in [false, true] {
+            round(&clusters, &mut base, &awaited_tx, &awaited, n, scoped, report).await?;
         }
-        let total = n + base.count;
-        let missing = total - latencies.len();
-        latencies.sort_by(f64::total_cmp);
-        let labels = json!({"subscribers": total, "clusters": 3});
-        report.figure(SCENARIO, "propagation_p50", labels.clone(), percentile(&latencies, 0.5), "ms");
-        report.figure(SCENARIO, "propagation_p99", labels.clone(), percentile(&latencies, 0.99), "ms");
-        report.figure(SCENARIO, "propagation_max", labels.clone(), latencies.last().copied().unwrap_or(0.0), "ms");
-        report.figure(SCENARIO, "subscribers_missed", labels.clone(), missing as f64, "count");
-        report.figure(
-            SCENARIO,
-            "bytes_per_subscriber_per_change",
-            labels.clone(),
-            bytes as f64 / latencies.len().max(1) as f64,
-            "bytes",
-        );
-        report.figure(SCENARIO, "initial_load", labels.clone(), load_time.as_secs_f64(), "s");
-        report.figure(SCENARIO, "subscribers_loaded", labels.clone(), (loaded + base.count) as f64, "count");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        for (c, before) in clusters.iter().zip(cpu0) {
-            let l = json!({"subscribers": total, "instance": c.name});
-            report.figure(SCENARIO, "controlplane_cpu_for_change", l.clone(), cpu_seconds(c.pid) - before, "s");
-            report.figure(SCENARIO, "controlplane_rss", l.clone(), rss_mib(c.pid), "MiB");
-            report.figure(SCENARIO, "controlplane_peak_rss", l, peak_rss_mib(c.pid), "MiB");
-        }
-        // The next round awaits its own endpoint; this one stays registered (unhealthy once its
-        // stream ends) and would otherwise be "seen" in every new subscriber's first view.
-        awaited_tx.send_replace(String::new());
-        let _ = subs.stop.send(true);
-        let _ = stop_probe.send(true);
-        drop(dummy_tx);
-        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let _ = base.stop.send(true);
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -61,38 +61,48 @@ pub enum Scope {
 }
 
 impl Scope {
-    /// The scope a Hello asks for, checked.
-    pub fn from_hello(hello: &pb::Hello) -> Result<Self, Status> {
+    /// The scope a Hello asks for.
+    pub fn from_hello(hello: &pb::Hello) -> Self {
         if !hello.scoped {
-            return Ok(Scope::All);
+            return Scope::All;
         }
         let mut scope = Scope::Services(BTreeSet::new());
-        scope.add(&hello.services)?;
-        Ok(scope)
+        scope.add(&hello.services);
+        scope
     }
 
-    /// Adds `services`; returns those not in the scope before. Past [`MAX_SUBSCRIBED`] the scope
-    /// becomes [`Scope::All`] (and nothing is returned: the caller sends a full view).
-    pub fn add(&mut self, services: &[String]) -> Result<Vec<String>, Status> {
-        for s in services {
-            validate_service_key(s).map_err(|e| Status::invalid_argument(format!("subscription to '{s}': {e}")))?;
-        }
+    /// Adds `services`; returns those not in the scope before. A name that is not
+    /// `name.namespace` is skipped with a log line (no such service can exist; ending the stream
+    /// would only bring the same request back). Past [`MAX_SUBSCRIBED`] the scope becomes
+    /// [`Scope::All`] (and nothing is returned: the caller sends a full view).
+    pub fn add(&mut self, services: &[String]) -> Vec<String> {
         let Scope::Services(set) = self else {
             // A full or own-cluster view already holds every service's endpoints it may see.
-            return Ok(Vec::new());
+            return Vec::new();
         };
-        let added: Vec<String> =
-            services.iter().filter(|s| !set.contains(*s)).cloned().collect::<BTreeSet<_>>().into_iter().collect();
+        let added: Vec<String> = services
+            .iter()
+            .filter(|s| match validate_service_key(s) {
+                Ok(()) => !set.contains(*s),
+                Err(e) => {
+                    tracing::warn!(service = %s, error = %e, "subscription to an impossible service name ignored");
+                    false
+                }
+            })
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         if set.len() + added.len() > MAX_SUBSCRIBED {
             tracing::info!(
                 services = set.len() + added.len(),
                 "subscriptions past {MAX_SUBSCRIBED}: sending the full view"
             );
             *self = Scope::All;
-            return Ok(Vec::new());
+            return Vec::new();
         }
         set.extend(added.iter().cloned());
-        Ok(added)
+        added
     }
 
     fn covers(&self, service: &str) -> bool {
@@ -340,11 +350,13 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             return Err(Status::invalid_argument("the first message of a discovery stream must be Hello"));
         };
         let mut regs = registrations(&hello, &peer, &self.cluster)?;
-        let scope = match peer.principal() {
+        let (scope, known) = match peer.principal() {
             // A gateway routes only to its own cluster's endpoints: the rest of the federation's
-            // would be memory and pushes it never uses.
-            Principal::Gateway { .. } => Scope::OwnCluster,
-            _ => Scope::from_hello(&hello)?,
+            // would be memory and pushes it never uses. It starts from a full view of those (it
+            // may hold more, from a control plane that sent it everything).
+            Principal::Gateway { .. } => (Scope::OwnCluster, 0),
+            _ if hello.scoped => (Scope::from_hello(&hello), hello.scoped_known_version),
+            _ => (Scope::All, hello.known_version),
         };
         for (e, _) in &mut regs {
             e.registrar = self.registrar();
@@ -386,7 +398,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
-            let deregistered = this.serve(session, hello.known_version, scope, &mut inbound, tx).await;
+            let deregistered = this.serve(session, known, scope, &mut inbound, tx).await;
             let owned = this.proxies.close(session);
             for id in owned {
                 let registrar = Some(this.registrar());
@@ -457,6 +469,10 @@ impl DiscoveryService {
                     None => build_response(&state, sent, &self.cluster, &scope, &added),
                 };
                 showed_overlay = view.is_some();
+                let resp = resp.map(|mut r| {
+                    r.provisional = showed_overlay;
+                    r
+                });
                 if let Scope::Services(set) = &mut scope {
                     set.extend(added.drain(..));
                 }
@@ -484,28 +500,22 @@ impl DiscoveryService {
                         self.proxies.nacked(session, &n.reason);
                     }
                     Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Subscribe(sub)) })) => {
+                        // `added` is empty here: each pass of the loop moves it into `scope`.
                         let was_scoped = matches!(scope, Scope::Services(_));
-                        let mut wanted = scope.clone();
-                        match wanted.add(&sub.services) {
-                            Ok(new) => {
-                                // Checked against the scope plus what waits to be sent.
-                                let new: Vec<String> = new.into_iter().filter(|s| !added.contains(s)).collect();
-                                if was_scoped && wanted == Scope::All {
-                                    // Past the limit: the whole view, once.
-                                    scope = Scope::All;
-                                    added.clear();
-                                    sent = 0;
-                                    dirty = true;
-                                } else if !new.is_empty() {
-                                    added.extend(new);
-                                    dirty = true;
+                        let new = scope.add(&sub.services);
+                        if was_scoped && scope == Scope::All {
+                            // Past the limit: the whole view, once.
+                            sent = 0;
+                            dirty = true;
+                        } else if !new.is_empty() {
+                            // Out of `scope` again until the response carrying them is built.
+                            if let Scope::Services(set) = &mut scope {
+                                for s in &new {
+                                    set.remove(s);
                                 }
                             }
-                            Err(status) => {
-                                tracing::info!(session, error = %status.message(), "subscription refused");
-                                let _ = tx.send(Err(status)).await;
-                                return false;
-                            }
+                            added = new;
+                            dirty = true;
                         }
                     }
                     Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Deregister(_)) })) => return true,
@@ -568,6 +578,7 @@ mod tests {
             gateway_address: String::new(),
             scoped: false,
             services: Vec::new(),
+            scoped_known_version: 0,
         }
     }
 
@@ -748,21 +759,19 @@ mod tests {
     }
 
     #[test]
-    fn subscriptions_are_checked_and_too_many_become_the_full_view() {
+    fn subscriptions_skip_impossible_names_and_too_many_become_the_full_view() {
         let mut sc = scope(&["web.default"]);
-        assert_eq!(sc.add(&["db.default".into(), "web.default".into(), "db.default".into()]).unwrap(), ["db.default"]);
-        let err = sc.add(&["not a service".into()]).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(err.message().contains("not a service"), "{}", err.message());
-        assert_eq!(sc, scope(&["db.default", "web.default"]), "a refused subscription changes nothing");
+        assert_eq!(sc.add(&["db.default".into(), "web.default".into(), "db.default".into()]), ["db.default"]);
+        assert!(sc.add(&["not a service".into()]).is_empty());
+        assert_eq!(sc, scope(&["db.default", "web.default"]), "an impossible name is not subscribed");
         let many: Vec<String> = (0..MAX_SUBSCRIBED).map(|i| format!("s{i}.default")).collect();
-        assert!(sc.add(&many).unwrap().is_empty());
+        assert!(sc.add(&many).is_empty());
         assert_eq!(sc, Scope::All);
         let mut hello = hello("", "web.default", "127.0.0.1:9");
-        assert_eq!(Scope::from_hello(&hello).unwrap(), Scope::All);
+        assert_eq!(Scope::from_hello(&hello), Scope::All);
         hello.scoped = true;
-        hello.services = vec!["api.default".into()];
-        assert_eq!(Scope::from_hello(&hello).unwrap(), scope(&["api.default"]));
+        hello.services = vec!["api.default".into(), "Bad".into()];
+        assert_eq!(Scope::from_hello(&hello), scope(&["api.default"]));
     }
 
     #[test]
@@ -789,7 +798,7 @@ mod tests {
         s.apply(6, &endpoint("a", "web", 2)).unwrap();
         assert_eq!(ids(&build_response(&s, v, "a", &Scope::OwnCluster, &[]).unwrap()), ["a/default/web/2"]);
         let mut own = Scope::OwnCluster;
-        assert!(own.add(&["db.default".into()]).unwrap().is_empty());
+        assert!(own.add(&["db.default".into()]).is_empty());
         assert_eq!(own, Scope::OwnCluster);
     }
 }

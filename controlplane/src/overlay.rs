@@ -128,10 +128,14 @@ impl Overlay {
                 && self.store.current().endpoints.get(&endpoint.id).is_some_and(|e| e.registrar != endpoint.registrar)
             {
                 tracing::info!(endpoint = %endpoint.id, "another instance registered this endpoint meanwhile; dropping ours");
-                let mut p = self.lock();
-                if p.front() == Some(&cmd) {
-                    p.pop_front();
+                {
+                    let mut p = self.lock();
+                    if p.front() == Some(&cmd) {
+                        p.pop_front();
+                    }
                 }
+                // Proxies shown it must see the view without it.
+                self.changed();
                 continue;
             }
             let result = tokio::time::timeout(COMMIT_WAIT, self.store.propose(cmd.clone())).await;

@@ -114,6 +114,7 @@ pub struct Registration {
 
 impl NodeInfo {
     fn hello(&self, known_version: u64, services: &BTreeSet<ServiceName>) -> DiscoveryRequest {
+        let scoped = self.view != View::Full;
         let endpoints = self
             .serves
             .iter()
@@ -134,10 +135,13 @@ impl NodeInfo {
                     instance: self.instance.clone(),
                 }),
                 endpoints,
-                known_version,
+                // A scoped proxy's version travels in a field of its own: a control plane that
+                // does not know scoped views answers known_version 0 with a full view.
+                known_version: if scoped { 0 } else { known_version },
+                scoped_known_version: if scoped { known_version } else { 0 },
                 gateway_address: self.gateway_address.clone().unwrap_or_default(),
-                scoped: self.view != View::Full,
-                services: services.iter().map(ToString::to_string).collect(),
+                scoped,
+                services: if scoped { services.iter().map(ToString::to_string).collect() } else { Vec::new() },
             })),
         }
     }
@@ -312,7 +316,8 @@ impl DiscoveryTask {
         self.routes.send_replace(Arc::new(applied.routes));
         self.metrics.config_version.set(i64::try_from(resp.version).unwrap_or(i64::MAX));
         if rejected.is_empty() {
-            self.acked = resp.version;
+            // A view with uncommitted observations is no base for a delta from another instance.
+            self.acked = if resp.provisional { 0 } else { resp.version };
             self.metrics.config_acks.inc();
             tracing::debug!(version = resp.version, full = resp.full, endpoints, "configuration applied");
             DiscoveryRequest { kind: Some(Kind::Ack(Ack { version: resp.version })) }
@@ -322,5 +327,43 @@ impl DiscoveryTask {
             tracing::warn!(version = resp.version, %reason, "configuration partly refused (NACK)");
             DiscoveryRequest { kind: Some(Kind::Nack(Nack { version: resp.version, reason })) }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(view: View) -> NodeInfo {
+        NodeInfo {
+            identity: "spiffe://trellis.local/ns/default/sa/web".parse().expect("id"),
+            cluster: "a".into(),
+            zone: "z".into(),
+            instance: "web-1".into(),
+            serves: None,
+            gateway_address: None,
+            view,
+        }
+    }
+
+    fn hello_of(r: DiscoveryRequest) -> Hello {
+        match r.kind {
+            Some(Kind::Hello(h)) => h,
+            other => panic!("not a Hello: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_scoped_hello_keeps_its_version_where_only_a_scope_aware_control_plane_reads_it() {
+        let web: ServiceName = "web.default".parse().expect("name");
+        let services = BTreeSet::from([web.clone()]);
+        let scoped = hello_of(node(View::Scoped(vec![web])).hello(42, &services));
+        assert!(scoped.scoped);
+        assert_eq!(scoped.services, ["web.default"]);
+        // A control plane that ignores the scope sees known_version 0 and sends a full view.
+        assert_eq!((scoped.known_version, scoped.scoped_known_version), (0, 42));
+        let full = hello_of(node(View::Full).hello(42, &services));
+        assert!(!full.scoped && full.services.is_empty());
+        assert_eq!((full.known_version, full.scoped_known_version), (42, 0));
     }
 }

@@ -186,6 +186,7 @@ impl CpState {
             // against the real control plane in the tests crate).
             scoped: false,
             subscribed: vec![],
+            provisional: false,
         }
     }
 

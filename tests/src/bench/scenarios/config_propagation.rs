@@ -102,6 +102,7 @@ async fn subscriber(
             gateway_address: String::new(),
             scoped: me.calls.is_some(),
             services: me.calls.unwrap_or_default(),
+            scoped_known_version: 0,
         })),
     };
     if tx.send(hello).await.is_err() {

@@ -236,13 +236,25 @@ impl DiscoveryTask {
     async fn session(&mut self, backoff: &mut Backoff) -> SessionEnd {
         let (tx, rx) = mpsc::channel(16);
         self.newly_wanted();
+        // Subscriptions to services that no longer exist (or never did) end with the stream, so
+        // a long-lived proxy's interest follows the services it can still call.
+        // (The view held still counts them in: a full view replaces it.)
+        let mut pruned = false;
+        if let View::Scoped(calls) = &self.node.view {
+            let routes = self.routes.borrow().clone();
+            if routes.loaded {
+                let before = self.interest.len();
+                self.interest.retain(|s| routes.services.contains_key(s) || calls.contains(s));
+                pruned = self.interest.len() != before;
+            }
+        }
         // A delta from the version held brings only changes, within the view asked for now: the
         // view held must be that view (a service subscribed to while the stream was down, or a
         // full view held where a scoped one is asked for, needs a full response).
         let confirmed = self.routes.borrow().scope.clone();
         let known = match (&self.node.view, confirmed) {
             (View::Full, None) => self.acked,
-            (View::Scoped(_), Some(scope)) if self.interest.is_subset(&scope) => self.acked,
+            (View::Scoped(_), Some(scope)) if !pruned && self.interest.is_subset(&scope) => self.acked,
             _ => 0,
         };
         if tx.send(self.node.hello(known, &self.interest)).await.is_err() {

@@ -379,6 +379,7 @@ async fn round(
     );
     report.figure(SCENARIO, "bytes_all_subscribers_per_change", labels.clone(), all_bytes as f64, "bytes");
     report.figure(SCENARIO, "initial_load", labels.clone(), load_time.as_secs_f64(), "s");
+    let loaded = loaded + if scoped { 0 } else { base.count };
     report.figure(SCENARIO, "subscribers_loaded", labels.clone(), loaded as f64, "count");
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (c, before) in clusters.iter().zip(cpu0) {

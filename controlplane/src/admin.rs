@@ -196,6 +196,7 @@ impl pb::admin_server::Admin for AdminService {
                 last_nack: p.last_nack,
                 connected: p.connected,
                 peer_address: p.peer_address,
+                view: p.view,
             })
             .collect();
         Ok(Response::new(pb::ListProxiesResponse { proxies }))

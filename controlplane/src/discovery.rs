@@ -105,6 +105,16 @@ impl Scope {
         added
     }
 
+    /// How `trellis get proxies` shows it.
+    pub fn describe(&self) -> String {
+        match self {
+            Scope::All => "full".into(),
+            Scope::OwnCluster => "own cluster".into(),
+            Scope::Services(set) if set.len() == 1 => "1 service".into(),
+            Scope::Services(set) => format!("{} services", set.len()),
+        }
+    }
+
     fn covers(&self, service: &str) -> bool {
         match self {
             Scope::All | Scope::OwnCluster => true,
@@ -392,6 +402,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             instance: node.instance.clone(),
             peer_address: peer_addr,
             endpoints: regs.iter().map(|(e, _)| e.id.clone()).collect(),
+            view: scope.describe(),
             ..Default::default()
         });
         tracing::info!(%peer, instance = %node.instance, endpoints = regs.len(), "proxy connected");
@@ -473,8 +484,11 @@ impl DiscoveryService {
                     r.provisional = showed_overlay;
                     r
                 });
-                if let Scope::Services(set) = &mut scope {
+                if let Scope::Services(set) = &mut scope
+                    && !added.is_empty()
+                {
                     set.extend(added.drain(..));
+                    self.proxies.set_view(session, scope.describe());
                 }
                 if let Some(resp) = resp {
                     let bytes = resp.encoded_len() as u64;
@@ -507,6 +521,7 @@ impl DiscoveryService {
                             // Past the limit: the whole view, once.
                             sent = 0;
                             dirty = true;
+                            self.proxies.set_view(session, scope.describe());
                         } else if !new.is_empty() {
                             // Out of `scope` again until the response carrying them is built.
                             if let Scope::Services(set) = &mut scope {

@@ -17,6 +17,8 @@ pub struct ProxyInfo {
     pub last_nack: String,
     pub connected: bool,
     pub endpoints: Vec<String>,
+    /// Which endpoints its view holds: `full`, `own cluster` (a gateway) or `N services`.
+    pub view: String,
 }
 
 /// Sessions by id, plus which session owns each endpoint.
@@ -56,6 +58,13 @@ impl ProxyTracker {
     pub fn sent(&self, session: u64, version: u64) {
         if let Some(s) = self.lock().sessions.get_mut(&session) {
             s.sent_version = version;
+        }
+    }
+
+    /// Records what the session's view holds now.
+    pub fn set_view(&self, session: u64, view: String) {
+        if let Some(s) = self.lock().sessions.get_mut(&session) {
+            s.view = view;
         }
     }
 

@@ -138,6 +138,17 @@ async fn a_scoped_view_holds_what_the_proxy_calls_and_grows_on_a_first_call() {
     assert!(caller.subscriptions().ensure(&svc("nothing"), Duration::from_secs(10)).await);
     assert!(routes.borrow().endpoints_of(&svc("nothing")).is_empty());
 
+    // The control plane shows each proxy's view.
+    let listed = trellis(&cluster.config, &["get", "proxies", "-o", "json"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let proxies: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).expect("proxies as JSON");
+    let view_of = |instance: &str| {
+        proxies.iter().find(|p| p["instance"] == instance).map(|p| p["view"].as_str().unwrap_or_default().to_string())
+    };
+    assert_eq!(view_of("caller-1").as_deref(), Some("3 services"), "{proxies:?}");
+    assert_eq!(view_of("caller-full").as_deref(), Some("full"), "{proxies:?}");
+    assert_eq!(view_of("web-1").as_deref(), Some("0 services"), "{proxies:?}");
+
     // Changes: a new cache endpoint (not called) and then a new db endpoint (called). Deltas
     // arrive in order, so once db-2 is there, cache-2 would have been too.
     let _cache2 = cluster.serve("cache", "cache-2");

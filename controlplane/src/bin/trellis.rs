@@ -639,7 +639,16 @@ async fn run(cli: Cli) -> Result<(), String> {
                     let r =
                         admin.list_proxies(pb::ListProxiesRequest {}).await.map_err(status(&ctx.server))?.into_inner();
                     Listing {
-                        columns: vec!["IDENTITY", "INSTANCE", "CONNECTED", "SENT", "ACKED", "STATE", "LAST NACK"],
+                        columns: vec![
+                            "IDENTITY",
+                            "INSTANCE",
+                            "CONNECTED",
+                            "VIEW",
+                            "SENT",
+                            "ACKED",
+                            "STATE",
+                            "LAST NACK",
+                        ],
                         rows: r
                             .proxies
                             .iter()
@@ -655,6 +664,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                                     p.identity.clone(),
                                     p.instance.clone(),
                                     p.connected.to_string(),
+                                    p.view.clone(),
                                     p.sent_version.to_string(),
                                     p.acked_version.to_string(),
                                     state.to_string(),
@@ -669,7 +679,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                                     "identity": p.identity, "cluster": p.cluster, "instance": p.instance,
                                     "connected": p.connected, "sent_version": p.sent_version,
                                     "acked_version": p.acked_version, "last_nack": p.last_nack,
-                                    "peer_address": p.peer_address,
+                                    "peer_address": p.peer_address, "view": p.view,
                                 }))
                                 .collect::<Vec<_>>()
                         ),

@@ -71,16 +71,27 @@ impl Scope {
         scope
     }
 
-    /// Adds `services`; returns those not in the scope before. A name that is not
-    /// `name.namespace` is skipped with a log line (no such service can exist; ending the stream
-    /// would only bring the same request back). Past [`MAX_SUBSCRIBED`] the scope becomes
-    /// [`Scope::All`] (and nothing is returned: the caller sends a full view).
+    /// Adds `services`; returns those not in the scope before. Past [`MAX_SUBSCRIBED`] the scope
+    /// becomes [`Scope::All`] (and nothing is returned: the caller sends a full view).
     pub fn add(&mut self, services: &[String]) -> Vec<String> {
-        let Scope::Services(set) = self else {
-            // A full or own-cluster view already holds every service's endpoints it may see.
+        let new = self.missing(services);
+        if !self.fits(new.len()) {
+            *self = Scope::All;
             return Vec::new();
-        };
-        let added: Vec<String> = services
+        }
+        if let Scope::Services(set) = self {
+            set.extend(new.iter().cloned());
+        }
+        new
+    }
+
+    /// The services of `services` this scope lacks, each once; none for a full or own-cluster
+    /// view, which holds every service's endpoints it may see. A name that is not
+    /// `name.namespace` is skipped with a log line (no such service can exist; ending the stream
+    /// would only bring the same request back).
+    fn missing(&self, services: &[String]) -> Vec<String> {
+        let Scope::Services(set) = self else { return Vec::new() };
+        services
             .iter()
             .filter(|s| match validate_service_key(s) {
                 Ok(()) => !set.contains(*s),
@@ -92,17 +103,17 @@ impl Scope {
             .cloned()
             .collect::<BTreeSet<_>>()
             .into_iter()
-            .collect();
-        if set.len() + added.len() > MAX_SUBSCRIBED {
-            tracing::info!(
-                services = set.len() + added.len(),
-                "subscriptions past {MAX_SUBSCRIBED}: sending the full view"
-            );
-            *self = Scope::All;
-            return Vec::new();
+            .collect()
+    }
+
+    /// Whether `more` services can join the scope without passing [`MAX_SUBSCRIBED`].
+    fn fits(&self, more: usize) -> bool {
+        let Scope::Services(set) = self else { return true };
+        let fits = set.len() + more <= MAX_SUBSCRIBED;
+        if !fits {
+            tracing::info!(services = set.len() + more, "subscriptions past {MAX_SUBSCRIBED}: sending the full view");
         }
-        set.extend(added.iter().cloned());
-        added
+        fits
     }
 
     /// How `trellis get proxies` shows it.
@@ -115,9 +126,12 @@ impl Scope {
         }
     }
 
-    fn covers(&self, service: &str) -> bool {
+    /// Whether other clusters' endpoints of `service` are in scope (an own-cluster view holds
+    /// none).
+    fn holds_remote(&self, service: &str) -> bool {
         match self {
-            Scope::All | Scope::OwnCluster => true,
+            Scope::All => true,
+            Scope::OwnCluster => false,
             Scope::Services(set) => set.contains(service),
         }
     }
@@ -224,7 +238,7 @@ pub fn build_response(
                     None => resp.removed_services.push(k.clone()),
                 }
                 // Exporting or unexporting a service changes which remote endpoints are seen.
-                if scope.covers(&k) && *scope != Scope::OwnCluster {
+                if scope.holds_remote(&k) {
                     endpoint_ids.extend(state.endpoints_of(&k).filter(|e| e.cluster != viewer).map(|e| e.id.clone()));
                 }
             }
@@ -515,22 +529,18 @@ impl DiscoveryService {
                     }
                     Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Subscribe(sub)) })) => {
                         // `added` is empty here: each pass of the loop moves it into `scope`.
-                        let was_scoped = matches!(scope, Scope::Services(_));
-                        let new = scope.add(&sub.services);
-                        if was_scoped && scope == Scope::All {
-                            // Past the limit: the whole view, once.
-                            sent = 0;
+                        let new = scope.missing(&sub.services);
+                        if !new.is_empty() {
                             dirty = true;
-                            self.proxies.set_view(session, scope.describe());
-                        } else if !new.is_empty() {
-                            // Out of `scope` again until the response carrying them is built.
-                            if let Scope::Services(set) = &mut scope {
-                                for s in &new {
-                                    set.remove(s);
-                                }
+                            if scope.fits(new.len()) {
+                                // Into `scope` once the response carrying their endpoints is built.
+                                added = new;
+                            } else {
+                                // Past the limit: the whole view, once.
+                                scope = Scope::All;
+                                sent = 0;
+                                self.proxies.set_view(session, scope.describe());
                             }
-                            added = new;
-                            dirty = true;
                         }
                     }
                     Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Deregister(_)) })) => return true,

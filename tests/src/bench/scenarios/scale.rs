@@ -137,19 +137,17 @@ pub fn run(clusters: usize, endpoints: usize, services: usize, report: &mut Repo
     anyhow::ensure!(restored.endpoints.len() == endpoints, "the snapshot lost endpoints");
     drop(restored);
     use trellis_controlplane::discovery::{Scope, build_response};
-    let t = Instant::now();
-    let view = build_response(&state, 0, "c00", &Scope::All, &[])
-        .ok_or_else(|| anyhow::anyhow!("no discovery view for cluster c00"))?;
-    let full_ms = t.elapsed().as_secs_f64() * 1000.0;
+    // One proxy's first view of cluster c00 with `scope`, and the milliseconds it took to build.
+    let first_view = |scope: &Scope, what: &str| {
+        let t = Instant::now();
+        let view = build_response(&state, 0, "c00", scope, &[])
+            .ok_or_else(|| anyhow::anyhow!("no {what} discovery view for cluster c00"))?;
+        anyhow::Ok((view, t.elapsed().as_secs_f64() * 1000.0))
+    };
+    let (view, full_ms) = first_view(&Scope::All, "full")?;
     let calls = Scope::Services((0..services.min(10)).map(|s| format!("svc-{s:04}.default")).collect());
-    let t = Instant::now();
-    let scoped = build_response(&state, 0, "c00", &calls, &[])
-        .ok_or_else(|| anyhow::anyhow!("no scoped discovery view for cluster c00"))?;
-    let scoped_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let t = Instant::now();
-    let gateway = build_response(&state, 0, "c00", &Scope::OwnCluster, &[])
-        .ok_or_else(|| anyhow::anyhow!("no gateway view for cluster c00"))?;
-    let gateway_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let (scoped, scoped_ms) = first_view(&calls, "scoped")?;
+    let (gateway, gateway_ms) = first_view(&Scope::OwnCluster, "gateway")?;
 
     let labels = json!({"clusters": clusters, "endpoints": endpoints, "services": services});
     let state_mib = rss_after - rss_before;

@@ -7,7 +7,9 @@
 //! the connection once and splices it to the application.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
@@ -24,6 +26,7 @@ use trellis_proto::{ALPN_MESH_HTTP, ALPN_MESH_TCP, SpiffeId};
 
 use crate::authz::{Authorizer, Decision, InboundKind, RequestMeta};
 use crate::body::{self, Body, text};
+use crate::coalesce::Coalesce;
 use crate::drain::Drain;
 use crate::headers::{peer_identity_value, set_peer_identity, strip_hop_by_hop};
 use crate::metrics::{Direction, Metrics};
@@ -45,11 +48,39 @@ pub struct AppTarget {
     pub service: String,
 }
 
+/// Dials the local application. An HTTP/2 (gRPC) application's connection holds writes until
+/// a flush ([`Coalesce`]): a request's headers and body, and the requests of several streams,
+/// leave in one write.
+#[derive(Clone)]
+struct AppConnector {
+    http: HttpConnector,
+    multiplexed: bool,
+}
+
+impl tower_service::Service<Uri> for AppConnector {
+    type Response = TokioIo<Coalesce<TcpStream>>;
+    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.http.call(uri);
+        let multiplexed = self.multiplexed;
+        Box::pin(async move {
+            let tcp = connecting.await?.into_inner();
+            Ok(TokioIo::new(Coalesce::holding_if(tcp, multiplexed)))
+        })
+    }
+}
+
 /// The inbound side.
 pub struct Inbound {
     tls: TlsAcceptor,
     app: Option<AppTarget>,
-    client: Client<HttpConnector, Body>,
+    client: Client<AppConnector, Body>,
     authorizer: Arc<dyn Authorizer>,
     metrics: Arc<Metrics>,
     label: String,
@@ -77,7 +108,7 @@ impl Inbound {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .http2_only(h2c)
-            .build(connector);
+            .build(AppConnector { http: connector, multiplexed: h2c });
         let label = app.as_ref().map(|a| a.service.clone()).unwrap_or_else(|| "none".into());
         Arc::new(Self { tls: TlsAcceptor::from(tls), app, client, authorizer, metrics, label })
     }
@@ -155,7 +186,7 @@ impl Inbound {
         });
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .serve_connection(TokioIo::new(tls), svc);
+            .serve_connection(TokioIo::new(Coalesce::new(tls)), svc);
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => {

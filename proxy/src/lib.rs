@@ -14,6 +14,7 @@ pub mod authz;
 pub mod backoff;
 pub mod balance;
 pub mod body;
+pub mod coalesce;
 pub mod config;
 pub mod detect;
 pub mod discovery;

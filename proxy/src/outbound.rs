@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::balance::{Balancer, EndpointLoad as LoadHandle, LoadGuard, Locality};
 use crate::body::{self, Body, text};
+use crate::coalesce::Coalesce;
 use crate::detect::{FirstByte, Protocol, sniff};
 use crate::discovery::{SUBSCRIBE_WAIT, Subscriptions};
 use crate::drain::Drain;
@@ -323,7 +324,8 @@ impl Outbound {
                     if declared.is_some() { FirstByte::Patiently } else { FirstByte::Within(self.timeouts.sniff) };
                 let Some((protocol, io)) = self.detect(&up, tcp, first).await else { return };
                 match protocol {
-                    Protocol::Http1 | Protocol::Http2 => self.serve_http(up, io, drain).await,
+                    Protocol::Http1 => self.serve_http(up, Coalesce::direct(io), drain).await,
+                    Protocol::Http2 => self.serve_http(up, Coalesce::new(io), drain).await,
                     Protocol::Tcp => self.splice(&up, io).await,
                 }
             }

@@ -434,7 +434,7 @@ impl H2Pool {
         tracing::debug!(peer = %target.addr, replacing, "opening a pooled connection");
         let tls = self.connector.connect(target).await?;
         let (epoch, last_read) = (tokio::time::Instant::now(), Arc::new(AtomicU64::new(0)));
-        let io = Stamped { io: tls, epoch, last_read: last_read.clone() };
+        let io = Stamped { io: crate::coalesce::Coalesce::new(tls), epoch, last_read: last_read.clone() };
         let (send, conn) = h2_client()
             .handshake::<_, Bytes>(io)
             .await

@@ -512,8 +512,10 @@ impl State {
         if oldest > since + 1 || since < self.changes_dropped_through {
             return None;
         }
+        // The log is in revision order: read it from the newest end and stop at `since`, rather
+        // than the whole window (every session asks after every commit, usually for one change).
         let mut keys: Vec<ChangeKey> =
-            self.changes.iter().filter(|(r, _)| *r > since).map(|(_, k)| k.clone()).collect();
+            self.changes.iter().rev().take_while(|(r, _)| *r > since).map(|(_, k)| k.clone()).collect();
         keys.sort();
         keys.dedup();
         Some(keys)
@@ -966,6 +968,44 @@ mod tests {
         }
         assert!(s.changes_since(1).is_none());
         assert!(s.changes_since(s.revision - 5).is_some());
+    }
+
+    #[test]
+    fn changes_since_returns_exactly_the_later_revisions() {
+        let mut s = State::default();
+        s.clusters.insert("a".into(), Cluster::named("a", "r"));
+        // Revisions 1..=40, one endpoint each; revision 41 touches every endpoint at once.
+        for i in 1..=40u64 {
+            let cmd =
+                Command::UpsertEndpoint { endpoint: ep(&format!("e{i:02}"), "web.default"), protocol: Protocol::Http };
+            s.apply(i, &cmd).unwrap();
+        }
+        let gw = Command::SetGateway {
+            cluster: "a".into(),
+            instance: "gw".into(),
+            address: Some("10.0.0.1:15443".into()),
+            only_if: None,
+        };
+        s.apply(41, &gw).unwrap();
+        let endpoint_keys = |keys: Vec<ChangeKey>| -> Vec<String> {
+            keys.into_iter()
+                .filter_map(|k| match k {
+                    ChangeKey::Endpoint(id) => Some(id),
+                    _ => None,
+                })
+                .collect()
+        };
+        for since in [0u64, 1, 17, 39, 40] {
+            // What a scan of the whole log finds, against what the search finds.
+            let mut scanned: Vec<ChangeKey> =
+                s.changes.iter().filter(|(r, _)| *r > since).map(|(_, k)| k.clone()).collect();
+            scanned.sort();
+            scanned.dedup();
+            assert_eq!(s.changes_since(since), Some(scanned), "since {since}");
+        }
+        assert_eq!(endpoint_keys(s.changes_since(40).unwrap()).len(), 40, "revision 41 is every endpoint");
+        assert_eq!(s.changes_since(41), Some(Vec::new()));
+        assert_eq!(s.changes_since(99), Some(Vec::new()));
     }
 
     #[test]

@@ -149,6 +149,26 @@ pub fn run(clusters: usize, endpoints: usize, services: usize, report: &mut Repo
     let (scoped, scoped_ms) = first_view(&calls, "scoped")?;
     let (gateway, gateway_ms) = first_view(&Scope::OwnCluster, "gateway")?;
 
+    // What one commit costs each connected session once the change log is full: a health change
+    // of a service the scoped proxy does not call, looked at by every kind of session.
+    let id = state
+        .endpoints_of(&format!("svc-{:04}.default", services - 1))
+        .next()
+        .map(|e| e.id.clone())
+        .ok_or_else(|| anyhow::anyhow!("no endpoint of the last service"))?;
+    apply(&mut state, Command::SetEndpointHealth { id, healthy: false, registrar: None })?;
+    let since = state.revision - 1;
+    const LOOKS: u32 = 2_000;
+    let mut per_change = Vec::new();
+    for (scope, what) in [(&Scope::All, "full"), (&calls, "scoped"), (&Scope::OwnCluster, "gateway")] {
+        let t = Instant::now();
+        let mut sent = 0usize;
+        for _ in 0..LOOKS {
+            sent += build_response(&state, since, "c00", scope, &[]).map_or(0, |r| r.encoded_len());
+        }
+        per_change.push((what, t.elapsed().as_secs_f64() * 1e6 / f64::from(LOOKS), sent / LOOKS as usize));
+    }
+
     let labels = json!({"clusters": clusters, "endpoints": endpoints, "services": services});
     let state_mib = rss_after - rss_before;
     report.figure(SCENARIO, "state_memory", labels.clone(), state_mib, "MiB");
@@ -185,5 +205,10 @@ pub fn run(clusters: usize, endpoints: usize, services: usize, report: &mut Repo
         "endpoints_in_view": gateway.endpoints.len()});
     report.figure(SCENARIO, "gateway_view", gateway_labels.clone(), gateway.encoded_len() as f64 / 1_048_576.0, "MiB");
     report.figure(SCENARIO, "gateway_view_build", gateway_labels, gateway_ms, "ms");
+    for (what, us, bytes) in per_change {
+        let labels = json!({"clusters": clusters, "endpoints": endpoints, "view": what, "bytes_sent": bytes,
+            "change_log": state.changes.len()});
+        report.figure(SCENARIO, "one_change_per_session", labels, us, "us");
+    }
     Ok(())
 }

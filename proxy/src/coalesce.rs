@@ -23,6 +23,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes held before a write goes out without waiting for a flush.
 const HOLD: usize = 64 * 1024;
+/// Buffer kept between flushes; a bigger burst's buffer is given back once written.
+const KEEP: usize = 16 * 1024;
 
 /// A transport whose writes are held until a flush, and whose flushes yield once first.
 #[derive(Debug)]
@@ -51,11 +53,6 @@ impl<T> Coalesce<T> {
     pub fn holding_if(io: T, hold: bool) -> Self {
         if hold { Self::new(io) } else { Self::direct(io) }
     }
-
-    /// The transport inside.
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
 }
 
 impl<T: AsyncWrite + Unpin> Coalesce<T> {
@@ -70,8 +67,8 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
         }
         self.buf.clear();
         self.written = 0;
-        // A burst does not keep its buffer: an idle connection holds no memory for writes.
-        if self.buf.capacity() > HOLD {
+        // A connection keeps a small buffer for its next flush, not the largest burst it saw.
+        if self.buf.capacity() > KEEP {
             self.buf = Vec::new();
         }
         Poll::Ready(Ok(()))

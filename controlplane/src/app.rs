@@ -223,7 +223,10 @@ pub async fn build_with_progress(cfg: CpConfig, progress: Progress<'_>) -> Resul
     let tls = server_config(identity.clone(), bundle.clone(), IdMatcher::AnyInTrustDomain, false, &[b"h2"])?;
     let incoming = trellis_proto::grpc::tls_incoming(listener, TlsAcceptor::from(tls));
     let overlay = crate::overlay::Overlay::new(store.clone(), Some(metrics.clone()));
+    let fanout = crate::fanout::Fanout::new();
+    tokio::spawn(fanout.clone().follow(store.subscribe()));
     let discovery = DiscoveryService {
+        fanout,
         store: store.clone(),
         overlay: overlay.clone(),
         proxies: proxies.clone(),

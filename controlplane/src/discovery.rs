@@ -17,6 +17,7 @@ use trellis_proto::pb::{self, discovery_request::Kind};
 use trellis_proto::{SpiffeId, grpc};
 
 use crate::convert::{bundle_to_pb, endpoint_to_pb, service_to_pb};
+use crate::fanout::Fanout;
 use crate::metrics::Metrics;
 use crate::proxies::{ProxyInfo, ProxyTracker};
 use crate::state::{ChangeKey, Command, Endpoint, Protocol, State, validate_service_key};
@@ -36,6 +37,8 @@ pub struct DiscoveryService {
     /// This instance's name, recorded on the endpoints registered through it.
     pub node: String,
     pub metrics: Arc<Metrics>,
+    /// Hands each committed change to the sessions it concerns (its task runs in `app`).
+    pub fanout: Arc<Fanout>,
 }
 
 /// Whether a proxy of cluster `viewer` sees endpoint `e`: its own cluster's endpoints, and other
@@ -186,66 +189,77 @@ pub fn build_response(
     added: &[String],
 ) -> Option<pb::DiscoveryResponse> {
     let keys = if since == 0 { None } else { state.changes_since(since) };
-    let Some(keys) = keys else {
-        let (endpoints, subscribed) = match scope {
-            Scope::All => (
-                state
-                    .endpoints
-                    .values()
-                    .filter(|e| visible(state, e, viewer))
-                    .map(|e| endpoint_to_pb(state, e))
-                    .collect(),
-                Vec::new(),
-            ),
-            Scope::OwnCluster => {
-                // Registration names endpoints `<cluster>/...` (the only way they are made): a
-                // cluster's endpoints are one range of the map.
-                let prefix = format!("{viewer}/");
-                let own = state.endpoints.range(prefix.clone()..).take_while(|(id, _)| id.starts_with(&prefix));
-                (
-                    own.map(|(_, e)| e).filter(|e| scope.admits(e, viewer)).map(|e| endpoint_to_pb(state, e)).collect(),
-                    Vec::new(),
-                )
-            }
-            Scope::Services(set) => {
-                let subscribed: Vec<String> =
-                    set.iter().chain(added).cloned().collect::<BTreeSet<_>>().into_iter().collect();
-                (endpoints_of(state, viewer, &subscribed), subscribed)
-            }
-        };
-        return Some(pb::DiscoveryResponse {
-            version: state.revision,
-            full: true,
-            services: state.services.values().map(service_to_pb).collect(),
-            endpoints,
-            trust_bundle: Some(bundle_to_pb(state)),
-            region: state.clusters.get(viewer).map(|c| c.region.clone()).unwrap_or_default(),
-            scoped: matches!(scope, Scope::Services(_)),
-            subscribed,
-            ..Default::default()
-        });
-    };
-    if keys.is_empty() && added.is_empty() {
-        return None;
+    match keys {
+        None => Some(full_view(state, viewer, scope, added)),
+        Some(keys) => build_delta(state, &keys, viewer, scope, added),
     }
+}
+
+/// The full view of `state` for a proxy of cluster `viewer` whose view is `scope`, with the
+/// endpoints of the newly subscribed services `added`.
+pub fn full_view(state: &State, viewer: &str, scope: &Scope, added: &[String]) -> pb::DiscoveryResponse {
+    let (endpoints, subscribed) = match scope {
+        Scope::All => (
+            state.endpoints.values().filter(|e| visible(state, e, viewer)).map(|e| endpoint_to_pb(state, e)).collect(),
+            Vec::new(),
+        ),
+        Scope::OwnCluster => {
+            // Registration names endpoints `<cluster>/...` (the only way they are made): a
+            // cluster's endpoints are one range of the map.
+            let prefix = format!("{viewer}/");
+            let own = state.endpoints.range(prefix.clone()..).take_while(|(id, _)| id.starts_with(&prefix));
+            (
+                own.map(|(_, e)| e).filter(|e| scope.admits(e, viewer)).map(|e| endpoint_to_pb(state, e)).collect(),
+                Vec::new(),
+            )
+        }
+        Scope::Services(set) => {
+            let subscribed: Vec<String> =
+                set.iter().chain(added).cloned().collect::<BTreeSet<_>>().into_iter().collect();
+            (endpoints_of(state, viewer, &subscribed), subscribed)
+        }
+    };
+    pb::DiscoveryResponse {
+        version: state.revision,
+        full: true,
+        services: state.services.values().map(service_to_pb).collect(),
+        endpoints,
+        trust_bundle: Some(bundle_to_pb(state)),
+        region: state.clusters.get(viewer).map(|c| c.region.clone()).unwrap_or_default(),
+        scoped: matches!(scope, Scope::Services(_)),
+        subscribed,
+        ..Default::default()
+    }
+}
+
+/// The delta that brings a proxy of cluster `viewer` whose view is `scope` the resources named by
+/// `keys` as they are in `state` (and the endpoints of the newly subscribed services `added`);
+/// none when nothing of it concerns the proxy.
+pub fn build_delta<'a>(
+    state: &State,
+    keys: impl IntoIterator<Item = &'a ChangeKey>,
+    viewer: &str,
+    scope: &Scope,
+    added: &[String],
+) -> Option<pb::DiscoveryResponse> {
     let mut resp = pb::DiscoveryResponse { version: state.revision, full: false, ..Default::default() };
     let mut endpoint_ids = std::collections::BTreeSet::new();
     for key in keys {
         match key {
             ChangeKey::Service(k) => {
-                match state.services.get(&k) {
+                match state.services.get(k) {
                     Some(s) => resp.services.push(service_to_pb(s)),
                     None => resp.removed_services.push(k.clone()),
                 }
                 // Exporting or unexporting a service changes which remote endpoints are seen.
-                if scope.holds_remote(&k) {
-                    endpoint_ids.extend(state.endpoints_of(&k).filter(|e| e.cluster != viewer).map(|e| e.id.clone()));
+                if scope.holds_remote(k) {
+                    endpoint_ids.extend(state.endpoints_of(k).filter(|e| e.cluster != viewer).map(|e| e.id.clone()));
                 }
             }
             ChangeKey::Endpoint(id) => {
                 // Out of scope: the proxy does not hold it and need not hear of it.
-                if scope.covers_id(&id, viewer) {
-                    endpoint_ids.insert(id);
+                if scope.covers_id(id, viewer) {
+                    endpoint_ids.insert(id.clone());
                 }
             }
             ChangeKey::Trust => resp.trust_bundle = Some(bundle_to_pb(state)),
@@ -466,36 +480,58 @@ impl DiscoveryService {
         inbound: &mut Streaming<pb::DiscoveryRequest>,
         tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
     ) -> bool {
-        let mut states = self.store.subscribe();
+        // Interest first, state second: a change committed in between is in the state read below
+        // or reaches this session through the fanout.
+        let mut membership = self.fanout.join(session, &scope, &self.cluster);
         let mut kept = self.overlay.subscribe();
         // A proxy that already holds a version newer than ours (we restarted from an older
         // snapshot, or it talked to another instance) gets a full view.
-        let mut sent = if known > states.borrow().revision { 0 } else { known };
+        let mut sent = if known > self.store.current().revision { 0 } else { known };
+        // The first response brings the proxy from the version it says it has, through the
+        // change log; later ones carry the changes the fanout hands this session.
+        let mut first = true;
         // Whether the last response included observations not yet committed.
         let mut showed_overlay = false;
         // Services subscribed since the last response, not yet in `scope`.
         let mut added: Vec<String> = Vec::new();
-        // Something to look at: the state, the kept observations or the scope changed. (An ACK
-        // alone sends nothing; while observations are kept every response is a full view, and
-        // answering each ACK with another would never end.)
+        // Something to look at: changes were handed over, the kept observations or the scope
+        // changed. (An ACK alone sends nothing; while observations are kept every response is a
+        // full view, and answering each ACK with another would never end.)
         let mut dirty = true;
         loop {
             if dirty {
                 dirty = false;
-                let state = states.borrow_and_update().clone();
+                // In this order: see `Fanout::through`.
+                let through = self.fanout.through();
+                let pending = membership.take();
+                if pending.closed {
+                    return false;
+                }
+                let state = self.store.current();
                 kept.borrow_and_update();
                 // Observations that wait for the quorum: a full view of the state with them
                 // applied (they have no revision of their own); once they are gone, one more full
                 // view.
                 let view = self.overlay.view(&state);
-                let resp = match &view {
-                    Some(v) => build_response(v, 0, &self.cluster, &scope, &added),
-                    None if showed_overlay => build_response(&state, 0, &self.cluster, &scope, &added),
-                    None => build_response(&state, sent, &self.cluster, &scope, &added),
+                let (resp, version) = match &view {
+                    Some(v) => (Some(full_view(v, &self.cluster, &scope, &added)), v.revision),
+                    None if showed_overlay || pending.full => {
+                        (Some(full_view(&state, &self.cluster, &scope, &added)), state.revision)
+                    }
+                    None if first => (build_response(&state, sent, &self.cluster, &scope, &added), state.revision),
+                    // Every change up to `through` (and up to what was handed over) that
+                    // concerns this proxy is in `pending` or was sent before; one committed since
+                    // is on its way here and will be sent again, which is harmless.
+                    None => (
+                        build_delta(&state, &pending.keys, &self.cluster, &scope, &added),
+                        sent.max(through).max(pending.through),
+                    ),
                 };
+                first = false;
                 showed_overlay = view.is_some();
                 let resp = resp.map(|mut r| {
                     r.provisional = showed_overlay;
+                    r.version = version;
                     r
                 });
                 if let Scope::Services(set) = &mut scope
@@ -504,21 +540,19 @@ impl DiscoveryService {
                     set.extend(added.drain(..));
                     self.proxies.set_view(session, scope.describe());
                 }
+                sent = version;
                 if let Some(resp) = resp {
                     let bytes = resp.encoded_len() as u64;
                     let full = resp.full;
                     if tx.send(Ok(resp)).await.is_err() {
                         return false;
                     }
-                    sent = state.revision;
                     self.proxies.sent(session, sent);
                     self.metrics.record_push(full, bytes);
-                } else {
-                    sent = state.revision;
                 }
             }
             tokio::select! {
-                changed = states.changed() => if changed.is_err() { return false } else { dirty = true },
+                () = membership.wait() => dirty = true,
                 changed = kept.changed() => if changed.is_err() { return false } else { dirty = true },
                 msg = inbound.message() => match msg {
                     Ok(Some(pb::DiscoveryRequest { kind: Some(Kind::Ack(a)) })) => self.proxies.acked(session, a.version),
@@ -533,12 +567,16 @@ impl DiscoveryService {
                         if !new.is_empty() {
                             dirty = true;
                             if scope.fits(new.len()) {
-                                // Into `scope` once the response carrying their endpoints is built.
+                                // Changes reach the session from now on; into `scope` once the
+                                // response carrying their endpoints is built.
+                                membership.add_services(&new);
                                 added = new;
                             } else {
                                 // Past the limit: the whole view, once.
+                                membership.widen_to_all();
                                 scope = Scope::All;
                                 sent = 0;
+                                first = true;
                                 self.proxies.set_view(session, scope.describe());
                             }
                         }

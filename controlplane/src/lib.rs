@@ -11,6 +11,7 @@ pub mod config;
 pub mod context;
 pub mod convert;
 pub mod discovery;
+pub mod fanout;
 pub mod linearizability;
 pub mod membership;
 pub mod metrics;

@@ -14,6 +14,10 @@
 //! subscriber calls ten of the 300 services, and one in [`PROBE_CALLERS_ONE_IN`] also calls the
 //! service that changes; the time until those have it, whether any other subscriber heard of
 //! the change at all, and the bytes the control planes sent for it over all subscribers.
+//!
+//! After each round's change comes churn, as a rolling update makes it: endpoints of the changed
+//! service come and go, one change every 20 ms, and each control plane's CPU per change (less its
+//! idle CPU) is the figure; it shows what a busy mesh costs each instance as it grows.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,7 +44,7 @@ const SERVICES_PER_CLUSTER: usize = 100;
 const STREAMS_PER_CONNECTION: usize = 200;
 /// Services a scoped subscriber calls.
 const CALLS_PER_SUBSCRIBER: usize = 10;
-/// With scoped views, one subscriber in this many calls the service that changes.
+/// With scoped views, one subscriber in this many (in each cluster) calls the service that changes.
 const PROBE_CALLERS_ONE_IN: usize = 30;
 
 /// One cluster's control plane and the TLS its subscribers use.
@@ -229,7 +233,9 @@ fn start(
                         format!("svc-{}-{}.default", CLUSTERS[n % CLUSTERS.len()], n % SERVICES_PER_CLUSTER)
                     })
                     .collect();
-                let interested = i.is_multiple_of(PROBE_CALLERS_ONE_IN);
+                // Counted within the cluster, so the callers are spread over all of them (the
+                // change then crosses the group to reach most of its callers).
+                let interested = k.is_multiple_of(PROBE_CALLERS_ONE_IN);
                 if interested {
                     calls.push(format!("{probe}.default"));
                 }
@@ -307,23 +313,9 @@ async fn round(
     let (l_tx, _l_rx) = mpsc::unbounded_channel();
     let (s_tx, _s_rx) = mpsc::unbounded_channel();
     let (dummy_tx, dummy) = watch::channel(String::new());
-    let registrant = Subscriber {
-        cluster: clusters[0].name,
-        identity: clusters[0].identity.to_string(),
-        instance: probe.clone(),
-        endpoint: Some(pb::EndpointRegistration {
-            service: format!("{probe}.default"),
-            address: "127.0.1.250:9".into(),
-            protocol: "http".into(),
-            weight: 1,
-            ready: true,
-        }),
-        calls: Some(Vec::new()),
-        interested: false,
-    };
     tokio::spawn(subscriber(
         grpc::channel(&clusters[0].grpc, clusters[0].tls.clone())?,
-        registrant,
+        registrant(&clusters[0], &probe, probe.clone()),
         dummy,
         l_tx,
         s_tx,
@@ -391,10 +383,80 @@ async fn round(
     // The next round awaits its own endpoint; this one stays registered (unhealthy once its
     // stream ends) and would otherwise be "seen" in every new subscriber's first view.
     awaited_tx.send_replace(String::new());
+    churn(clusters, &probe, total, view, report).await?;
     let _ = subs.stop.send(true);
     let _ = stop_probe.send(true);
     drop(dummy_tx);
     tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(())
+}
+
+/// A stream of cluster A registering one endpoint of `probe` (instance `instance`) and calling
+/// nothing.
+fn registrant(a: &Cluster, probe: &str, instance: String) -> Subscriber {
+    Subscriber {
+        cluster: a.name,
+        identity: a.identity.to_string(),
+        instance,
+        endpoint: Some(pb::EndpointRegistration {
+            service: format!("{probe}.default"),
+            address: "127.0.1.250:9".into(),
+            protocol: "http".into(),
+            weight: 1,
+            ready: true,
+        }),
+        calls: Some(Vec::new()),
+        interested: false,
+    }
+}
+
+/// Endpoints that come and go in the churn that follows each round's change.
+const CHURN_ENDPOINTS: usize = 100;
+/// Time between two changes of the churn.
+const CHURN_GAP: Duration = Duration::from_millis(20);
+
+/// Churn, as a rolling update makes it: [`CHURN_ENDPOINTS`] endpoints of the round's service
+/// register one by one and then go away one by one (each an endpoint change: registered, then
+/// unhealthy), one change every [`CHURN_GAP`], while the round's subscribers are connected. The
+/// control planes' CPU over the churn, less their CPU for as long idle just before, per change.
+async fn churn(clusters: &[Cluster], probe: &str, total: usize, view: &str, report: &mut Report) -> anyhow::Result<()> {
+    let changes = 2 * CHURN_ENDPOINTS;
+    let span = CHURN_GAP * changes as u32;
+    let idle0: Vec<f64> = clusters.iter().map(|c| cpu_seconds(c.pid)).collect();
+    let t = Instant::now();
+    tokio::time::sleep(span).await;
+    let idle: Vec<f64> = clusters.iter().zip(&idle0).map(|(c, before)| cpu_seconds(c.pid) - before).collect();
+    let idle_span = t.elapsed();
+
+    let busy0: Vec<f64> = clusters.iter().map(|c| cpu_seconds(c.pid)).collect();
+    let t = Instant::now();
+    let channel = grpc::channel(&clusters[0].grpc, clusters[0].tls.clone())?;
+    let (_keep, awaited) = watch::channel(String::new());
+    let (loaded, _) = mpsc::unbounded_channel();
+    let (seen, _) = mpsc::unbounded_channel();
+    let mut stops = Vec::new();
+    for k in 0..CHURN_ENDPOINTS {
+        let (stop, stop_rx) = watch::channel(false);
+        let me = registrant(&clusters[0], probe, format!("{probe}-churn-{k}"));
+        tokio::spawn(subscriber(channel.clone(), me, awaited.clone(), loaded.clone(), seen.clone(), stop_rx));
+        stops.push(stop);
+        tokio::time::sleep(CHURN_GAP).await;
+    }
+    for stop in stops {
+        let _ = stop.send(true);
+        tokio::time::sleep(CHURN_GAP).await;
+    }
+    // The last changes' pushes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let busy_span = t.elapsed();
+    for ((c, before), idle) in clusters.iter().zip(busy0).zip(idle) {
+        let busy = cpu_seconds(c.pid) - before;
+        let extra = busy - idle * busy_span.as_secs_f64() / idle_span.as_secs_f64();
+        let round2 = |x: f64| (x * 100.0).round() / 100.0;
+        let l = json!({"subscribers": total, "instance": c.name, "view": view, "changes": changes,
+            "busy_s": round2(busy), "idle_s": round2(idle)});
+        report.figure(SCENARIO, "controlplane_cpu_per_churn_change", l, extra.max(0.0) * 1000.0 / changes as f64, "ms");
+    }
     Ok(())
 }
 

@@ -36,6 +36,7 @@ use trellis_proto::tls::{IdentityStore, client_config, server_config};
 use trellis_proto::verify::{IdMatcher, SharedBundle, TrustBundle};
 use trellis_proto::{SpiffeId, grpc};
 use trellis_proxy::balance::Balancer;
+use trellis_proxy::coalesce::Coalesce;
 use trellis_proxy::discovery::{DiscoveryTask, NodeInfo, View};
 use trellis_proxy::drain::Drain;
 use trellis_proxy::identity::{self, Signer};
@@ -467,8 +468,10 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
                     let (shared, peer) = (shared.clone(), peer.clone());
                     async move { Ok::<_, std::convert::Infallible>(handle(shared, peer, req).await) }
                 });
+                // The tunnels of one caller share this connection: what they write while one
+                // read is handled leaves in one write (see `trellis_proxy::coalesce`).
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), svc);
+                    .serve_connection(TokioIo::new(Coalesce::new(tls)), svc);
                 if let Err(e) = conn.await {
                     tracing::debug!(%from, error = %e, "caller connection ended");
                 }

@@ -235,6 +235,9 @@ impl GatewayPool {
             .await
             .map_err(|_| "TLS handshake timed out".to_string())?
             .map_err(|e| format!("TLS handshake: {e}"))?;
+        // The tunnels to one gateway share this connection; their writes are held so that
+        // frames produced together leave together.
+        let tls = crate::coalesce::Coalesce::new(tls);
         let (send, conn) = tokio::time::timeout(timeout, crate::pool::h2_client().handshake::<_, Bytes>(tls))
             .await
             .map_err(|_| "HTTP/2 handshake timed out".to_string())?

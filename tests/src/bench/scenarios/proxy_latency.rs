@@ -35,6 +35,8 @@ struct Path {
     /// Processes that do the proxying on this path, with a label each.
     pids: Vec<(&'static str, u32)>,
     samples: Samples,
+    /// The p99 of each round at the current rate, µs.
+    round_p99: Vec<f64>,
     cpu: Vec<f64>,
 }
 
@@ -62,12 +64,20 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
         let app2 = app.clone();
         let relays = tokio::task::spawn_blocking(move || relay::start(&dir_path, &app2)).await??;
         let mut paths = vec![
-            Path { name: "direct", addr: app.clone(), pids: vec![], samples: Samples::default(), cpu: vec![] },
+            Path {
+                name: "direct",
+                addr: app.clone(),
+                pids: vec![],
+                samples: Samples::default(),
+                round_p99: vec![],
+                cpu: vec![],
+            },
             Path {
                 name: "relays",
                 addr: relays.entry.clone(),
                 pids: relays.pids(),
                 samples: Samples::default(),
+                round_p99: Vec::new(),
                 cpu: vec![0.0; 2],
             },
             Path {
@@ -75,6 +85,7 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
                 addr: mesh.outbound.clone(),
                 pids: vec![("client-proxy", mesh.client_proxy.pid()), ("server-proxy", mesh.server_proxy.pid())],
                 samples: Samples::default(),
+                round_p99: Vec::new(),
                 cpu: vec![0.0; 2],
             },
         ];
@@ -84,6 +95,7 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
                 addr: h.entry.clone(),
                 pids: h.pids(),
                 samples: Samples::default(),
+                round_p99: Vec::new(),
                 cpu: vec![0.0; 2],
             });
         }
@@ -95,6 +107,7 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
         for &rate in &opts.rates {
             for p in &mut paths {
                 p.samples = Samples::default();
+                p.round_p99.clear();
                 p.cpu.iter_mut().for_each(|c| *c = 0.0);
             }
             for _ in 0..opts.rounds {
@@ -104,6 +117,7 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
                     for (i, (_, pid)) in p.pids.iter().enumerate() {
                         p.cpu[i] += cpu_seconds(*pid) - before[i];
                     }
+                    p.round_p99.push(s.percentile_us(0.99));
                     p.samples.merge(s);
                 }
             }
@@ -124,6 +138,13 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
                         p.samples.percentile_us(q),
                         "us",
                     );
+                }
+                // A p99 over several rounds can be one bad round's: the spread tells a steady tail
+                // from an episode.
+                let (lo, hi) = p.round_p99.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+                if lo.is_finite() {
+                    report.figure(SCENARIO, "latency_p99_best_round", labels(json!({})), lo, "us");
+                    report.figure(SCENARIO, "latency_p99_worst_round", labels(json!({})), hi, "us");
                 }
                 report.figure(SCENARIO, "achieved_rps", labels(json!({})), p.samples.rps(), "req/s");
                 report.figure(SCENARIO, "errors", labels(json!({})), p.samples.errors as f64, "requests");

@@ -154,15 +154,22 @@ impl Scope {
         match self {
             Scope::All => true,
             Scope::OwnCluster => id.split('/').next() == Some(viewer),
-            Scope::Services(set) => {
-                let mut parts = id.splitn(4, '/');
-                match (parts.next(), parts.next(), parts.next()) {
-                    (Some(_), Some(ns), Some(name)) => set.contains(&format!("{name}.{ns}")),
-                    // Not an id this control plane makes: let the proxy drop it if it has it.
-                    _ => true,
-                }
-            }
+            Scope::Services(set) => match endpoint_id_service(id) {
+                Some((_, service)) => set.contains(&service),
+                // Not an id this control plane makes: let the proxy drop it if it has it.
+                None => true,
+            },
         }
+    }
+}
+
+/// The cluster and the service (`name.namespace`) named by an endpoint id
+/// (`<cluster>/<namespace>/<name>/<instance>`); none for an id this control plane does not make.
+pub(crate) fn endpoint_id_service(id: &str) -> Option<(&str, String)> {
+    let mut parts = id.splitn(4, '/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(cluster), Some(ns), Some(name)) => Some((cluster, format!("{name}.{ns}"))),
+        _ => None,
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, watch};
 
-use crate::discovery::Scope;
+use crate::discovery::{Scope, endpoint_id_service};
 use crate::state::{ChangeKey, State};
 
 /// Most changes kept for one session between two of its turns; past it the session sends a full
@@ -97,15 +97,6 @@ enum Registered {
     Services(HashSet<String>),
 }
 
-/// The service (`name.namespace`) and cluster of an endpoint id (`<cluster>/<ns>/<name>/<instance>`).
-fn parse_endpoint_id(id: &str) -> Option<(&str, String)> {
-    let mut parts = id.splitn(4, '/');
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(cluster), Some(ns), Some(name), Some(_)) => Some((cluster, format!("{name}.{ns}"))),
-        _ => None,
-    }
-}
-
 impl Fanout {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
@@ -172,7 +163,7 @@ impl Fanout {
         let mut to: HashMap<u64, Vec<&ChangeKey>> = HashMap::new();
         for key in &keys {
             let endpoint = match key {
-                ChangeKey::Endpoint(id) => parse_endpoint_id(id),
+                ChangeKey::Endpoint(id) => endpoint_id_service(id),
                 // Every view holds every service's definition and the trust bundle.
                 ChangeKey::Service(_) | ChangeKey::Trust => None,
             };

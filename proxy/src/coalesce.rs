@@ -40,7 +40,8 @@ const HOLD: usize = 64 * 1024;
 /// Buffer kept between flushes; a bigger burst's buffer is given back once written.
 const KEEP: usize = 16 * 1024;
 
-/// A transport whose writes are held until a flush, and whose flushes yield once first.
+/// A transport whose writes are held across the flushes of one run of its task and written by
+/// the first flush of the next run (see the module documentation).
 #[derive(Debug)]
 pub struct Coalesce<T> {
     io: T,

@@ -205,13 +205,25 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
                 );
                 // Below ~0.95 the core was not the limit: the load generator (on the other core)
                 // or the server was, and the figure is a lower bound for that path.
+                let core_use = used / s.elapsed.as_secs_f64().max(1e-9);
                 report.figure(
                     SCENARIO,
                     "saturation_core_use",
                     json!({"protocol": proto.label(), "path": p.name}),
-                    used / s.elapsed.as_secs_f64().max(1e-9),
+                    core_use,
                     "cores",
                 );
+                // Requests per CPU second of the pinned processes: the throughput of one whole
+                // core, read off a run that another limit kept below it.
+                if core_use > 0.0 {
+                    report.figure(
+                        SCENARIO,
+                        "saturation_rps_per_core",
+                        json!({"protocol": proto.label(), "path": p.name}),
+                        s.rps() / core_use,
+                        "req/s",
+                    );
+                }
                 for (_, pid) in &p.pids {
                     pin(*pid, "0-1")?;
                 }

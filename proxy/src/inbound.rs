@@ -29,7 +29,7 @@ use crate::body::{self, Body, text};
 use crate::coalesce::Coalesce;
 use crate::drain::Drain;
 use crate::headers::{peer_identity_value, set_peer_identity, strip_hop_by_hop};
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::{Direction, Metrics, RequestMetrics};
 use crate::routes::AppProtocol;
 
 /// How long a peer may take to complete its TLS handshake.
@@ -83,7 +83,7 @@ pub struct Inbound {
     client: Client<AppConnector, Body>,
     authorizer: Arc<dyn Authorizer>,
     metrics: Arc<Metrics>,
-    label: String,
+    requests: RequestMetrics,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -109,8 +109,9 @@ impl Inbound {
             .pool_idle_timeout(Duration::from_secs(60))
             .http2_only(h2c)
             .build(AppConnector { http: connector, multiplexed: h2c });
-        let label = app.as_ref().map(|a| a.service.clone()).unwrap_or_else(|| "none".into());
-        Arc::new(Self { tls: TlsAcceptor::from(tls), app, client, authorizer, metrics, label })
+        let label = app.as_ref().map(|a| a.service.as_str()).unwrap_or("none");
+        let requests = metrics.requests_of(Direction::inbound, label);
+        Arc::new(Self { tls: TlsAcceptor::from(tls), app, client, authorizer, metrics, requests })
     }
 
     /// Accepts peer connections until the drain starts.
@@ -204,7 +205,7 @@ impl Inbound {
     async fn request(&self, caller: &SpiffeId, header: Option<&HeaderValue>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let resp = self.forward(caller, header, req).await;
-        self.metrics.request(Direction::inbound, &self.label, resp.status().as_str(), started.elapsed());
+        self.requests.record(resp.status().as_str(), started.elapsed());
         resp
     }
 
@@ -261,7 +262,7 @@ impl Inbound {
         let meta = RequestMeta { kind: InboundKind::Tcp, method: None, path: None };
         if let Decision::Deny(reason) = self.authorizer.check(&caller, &meta) {
             tracing::info!(%caller, %reason, "TCP connection denied");
-            self.metrics.request(Direction::inbound, &self.label, "403", started.elapsed());
+            self.requests.record("403", started.elapsed());
             return;
         }
         let Some(app) = &self.app else { return };
@@ -270,17 +271,17 @@ impl Inbound {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::info!(app = %app.addr, error = %e, "application unreachable");
-                self.metrics.request(Direction::inbound, &self.label, "502", started.elapsed());
+                self.requests.record("502", started.elapsed());
                 return;
             }
             Err(_) => {
                 tracing::info!(app = %app.addr, "application connect timed out");
-                self.metrics.request(Direction::inbound, &self.label, "502", started.elapsed());
+                self.requests.record("502", started.elapsed());
                 return;
             }
         };
         let _ = upstream.set_nodelay(true);
-        self.metrics.request(Direction::inbound, &self.label, "tcp", started.elapsed());
+        self.requests.record("tcp", started.elapsed());
         if let Err(e) = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await {
             tracing::debug!(error = %e, "inbound TCP stream broke");
         }

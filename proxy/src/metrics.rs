@@ -1,6 +1,6 @@
 //! Prometheus metrics of the proxy, all named `trellis_proxy_*`, with labels from enums.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -207,14 +207,18 @@ impl Metrics {
         out
     }
 
-    /// Records one finished request.
-    pub fn request(&self, direction: Direction, service: &str, code: &str, elapsed: std::time::Duration) {
-        self.requests
-            .get_or_create(&RequestLabels { direction, service: service.to_string(), code: code.to_string() })
-            .inc();
-        self.request_duration
-            .get_or_create(&DurationLabels { direction, service: service.to_string() })
-            .observe(elapsed.as_secs_f64());
+    /// The request metrics of `service` in `direction`, looked up once for every request to
+    /// come.
+    pub fn requests_of(&self, direction: Direction, service: &str) -> RequestMetrics {
+        RequestMetrics {
+            direction,
+            service: service.to_string(),
+            requests: self.requests.clone(),
+            duration: self
+                .request_duration
+                .get_or_create_owned(&DurationLabels { direction, service: service.to_string() }),
+            codes: Mutex::new(Vec::new()),
+        }
     }
 
     /// Sets the certificate expiry gauge.
@@ -235,6 +239,45 @@ impl Metrics {
     }
 }
 
+/// The request counters and latency histogram of one direction and service. Recording a request
+/// builds no label set and takes no lock of a metric family: each status code's counter is looked
+/// up the first time the code is seen.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    direction: Direction,
+    service: String,
+    requests: Family<RequestLabels, Counter>,
+    duration: Histogram,
+    /// Counters by status code (or `tcp`), in order of first use: a service answers with a
+    /// handful of codes.
+    codes: Mutex<Vec<(Box<str>, Counter)>>,
+}
+
+impl RequestMetrics {
+    /// Records one finished request.
+    pub fn record(&self, code: &str, elapsed: std::time::Duration) {
+        {
+            let mut codes = self.codes.lock().unwrap_or_else(|p| p.into_inner());
+            match codes.iter().find(|(c, _)| &**c == code) {
+                Some((_, counter)) => {
+                    counter.inc();
+                }
+                None => {
+                    let labels = RequestLabels {
+                        direction: self.direction,
+                        service: self.service.clone(),
+                        code: code.to_string(),
+                    };
+                    let counter = self.requests.get_or_create_owned(&labels);
+                    counter.inc();
+                    codes.push((code.into(), counter));
+                }
+            }
+        }
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
 /// Decrements the active-connection gauge when the connection ends.
 #[derive(Debug)]
 pub struct ConnectionGuard {
@@ -245,5 +288,43 @@ pub struct ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.metrics.active_connections.get_or_create(&DirectionLabels { direction: self.direction }).dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn recorded_requests_appear_by_code_and_handles_of_one_service_share_their_series() {
+        let metrics = Metrics::new();
+        let a = metrics.requests_of(Direction::outbound, "web.shop");
+        let again = metrics.requests_of(Direction::outbound, "web.shop");
+        let other = metrics.requests_of(Direction::inbound, "web.shop");
+        a.record("200", Duration::from_millis(1));
+        a.record("200", Duration::from_millis(2));
+        a.record("503", Duration::from_millis(3));
+        again.record("200", Duration::from_millis(1));
+        other.record("tcp", Duration::from_millis(1));
+        let text = metrics.encode();
+        let line = |needle: &str| text.lines().find(|l| l.starts_with(needle)).map(str::to_string);
+        assert_eq!(
+            line(r#"trellis_proxy_requests_total{direction="outbound",service="web.shop",code="200"}"#).as_deref(),
+            Some(r#"trellis_proxy_requests_total{direction="outbound",service="web.shop",code="200"} 3"#)
+        );
+        assert_eq!(
+            line(r#"trellis_proxy_requests_total{direction="outbound",service="web.shop",code="503"}"#).as_deref(),
+            Some(r#"trellis_proxy_requests_total{direction="outbound",service="web.shop",code="503"} 1"#)
+        );
+        assert_eq!(
+            line(r#"trellis_proxy_requests_total{direction="inbound",service="web.shop",code="tcp"}"#).as_deref(),
+            Some(r#"trellis_proxy_requests_total{direction="inbound",service="web.shop",code="tcp"} 1"#)
+        );
+        assert_eq!(
+            line(r#"trellis_proxy_request_duration_seconds_count{direction="outbound",service="web.shop"}"#).as_deref(),
+            Some(r#"trellis_proxy_request_duration_seconds_count{direction="outbound",service="web.shop"} 4"#)
+        );
     }
 }

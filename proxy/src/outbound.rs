@@ -30,7 +30,7 @@ use crate::drain::Drain;
 use crate::gateways::{GatewayHealth, Way};
 use crate::h2body::{self, RecvBody};
 use crate::headers::strip_hop_by_hop;
-use crate::metrics::{Direction, Metrics, ServiceLabels, TierChange, TierChangeLabels};
+use crate::metrics::{Direction, Metrics, RequestMetrics, ServiceLabels, TierChange, TierChangeLabels};
 use crate::pool::{ConnectError, H2Pool, MeshConnector, Target, Via};
 use crate::retry::{Failure, MAX_REPLAY_BODY, MAX_RETRIES, RetryBudget, should_retry};
 use crate::routes::{AppProtocol, Endpoint, Routes, ServiceName};
@@ -94,11 +94,14 @@ struct Upstream {
     service: ServiceName,
     label: String,
     budget: RetryBudget,
+    requests: RequestMetrics,
 }
 
 impl Upstream {
-    fn new(service: ServiceName) -> Self {
-        Self { label: service.to_string(), service, budget: RetryBudget::default() }
+    fn new(service: ServiceName, metrics: &Metrics) -> Self {
+        let label = service.to_string();
+        let requests = metrics.requests_of(Direction::outbound, &label);
+        Self { label, service, budget: RetryBudget::default(), requests }
     }
 }
 
@@ -225,7 +228,7 @@ impl Outbound {
 
     /// Accepts local connections for `service` until the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, service: ServiceName, drain: Drain) {
-        let up = Arc::new(Upstream::new(service));
+        let up = Arc::new(Upstream::new(service, &self.metrics));
         loop {
             let (tcp, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -294,7 +297,7 @@ impl Outbound {
                     let routes = self.routes.borrow();
                     map.retain(|s, _| routes.services.contains_key(s));
                 }
-                map.entry(service.clone()).or_insert_with(|| Arc::new(Upstream::new(service))).clone()
+                map.entry(service.clone()).or_insert_with(|| Arc::new(Upstream::new(service, &self.metrics))).clone()
             };
             let _ = tcp.set_nodelay(true);
             let span = tracing::debug_span!("outbound", service = %up.label, client = %peer, destination = %dst);
@@ -398,7 +401,7 @@ impl Outbound {
     async fn forward(&self, up: &Upstream, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let resp = self.forward_inner(up, req, started).await;
-        self.metrics.request(Direction::outbound, &up.label, resp.status().as_str(), started.elapsed());
+        up.requests.record(resp.status().as_str(), started.elapsed());
         resp
     }
 
@@ -630,7 +633,7 @@ impl Outbound {
                     if attempt == 0 {
                         self.served(up, &ep, &routes.region);
                     }
-                    self.metrics.request(Direction::outbound, &up.label, "tcp", started.elapsed());
+                    up.requests.record("tcp", started.elapsed());
                     match tokio::io::copy_bidirectional(&mut io, &mut tls).await {
                         Ok((sent, received)) => {
                             tracing::debug!(endpoint = %ep.id, sent, received, "TCP stream done")
@@ -646,7 +649,7 @@ impl Outbound {
                 }
             }
         }
-        self.metrics.request(Direction::outbound, &up.label, "503", started.elapsed());
+        up.requests.record("503", started.elapsed());
         tracing::info!(service = %up.label, error = ?last_error, "no endpoint accepted the TCP stream");
     }
 }

@@ -37,7 +37,15 @@ struct Path {
     samples: Samples,
     /// The p99 of each round at the current rate, µs.
     round_p99: Vec<f64>,
+    /// CPU seconds of each process in `pids` at the current rate.
     cpu: Vec<f64>,
+}
+
+impl Path {
+    fn new(name: &'static str, addr: String, pids: Vec<(&'static str, u32)>) -> Self {
+        let cpu = vec![0.0; pids.len()];
+        Self { name, addr, pids, samples: Samples::default(), round_p99: Vec::new(), cpu }
+    }
 }
 
 /// Runs the scenario.
@@ -64,40 +72,16 @@ pub async fn run(opts: &Opts, report: &mut Report) -> anyhow::Result<()> {
         let app2 = app.clone();
         let relays = tokio::task::spawn_blocking(move || relay::start(&dir_path, &app2)).await??;
         let mut paths = vec![
-            Path {
-                name: "direct",
-                addr: app.clone(),
-                pids: vec![],
-                samples: Samples::default(),
-                round_p99: vec![],
-                cpu: vec![],
-            },
-            Path {
-                name: "relays",
-                addr: relays.entry.clone(),
-                pids: relays.pids(),
-                samples: Samples::default(),
-                round_p99: Vec::new(),
-                cpu: vec![0.0; 2],
-            },
-            Path {
-                name: "trellis",
-                addr: mesh.outbound.clone(),
-                pids: vec![("client-proxy", mesh.client_proxy.pid()), ("server-proxy", mesh.server_proxy.pid())],
-                samples: Samples::default(),
-                round_p99: Vec::new(),
-                cpu: vec![0.0; 2],
-            },
+            Path::new("direct", app.clone(), vec![]),
+            Path::new("relays", relays.entry.clone(), relays.pids()),
+            Path::new(
+                "trellis",
+                mesh.outbound.clone(),
+                vec![("client-proxy", mesh.client_proxy.pid()), ("server-proxy", mesh.server_proxy.pid())],
+            ),
         ];
         if let Some(h) = &ha {
-            paths.push(Path {
-                name: "haproxy",
-                addr: h.entry.clone(),
-                pids: h.pids(),
-                samples: Samples::default(),
-                round_p99: Vec::new(),
-                cpu: vec![0.0; 2],
-            });
+            paths.push(Path::new("haproxy", h.entry.clone(), h.pids()));
         }
         let body = Bytes::from(vec![b'y'; 1024]);
         for p in &paths {

@@ -49,16 +49,17 @@ impl Candidate {
 
 /// Picks the index of an endpoint: power of two choices among healthy, non-excluded candidates.
 pub fn choose(candidates: &[Candidate], rng: &mut fastrand::Rng) -> Option<usize> {
-    let eligible: Vec<usize> =
-        candidates.iter().enumerate().filter(|(_, c)| c.healthy && !c.excluded).map(|(i, _)| i).collect();
-    match eligible.len() {
+    let eligible = |c: &&Candidate| c.healthy && !c.excluded;
+    // The `k`-th eligible candidate's index (found by scanning: nothing is allocated per pick).
+    let nth = |k: usize| candidates.iter().enumerate().filter(|(_, c)| eligible(c)).nth(k).map(|(i, _)| i);
+    match candidates.iter().filter(eligible).count() {
         0 => None,
-        1 => Some(eligible[0]),
+        1 => nth(0),
         n => {
             let a = rng.usize(0..n);
             // A second, distinct draw: shift by 1..n so it never equals the first.
             let b = (a + 1 + rng.usize(0..n - 1)) % n;
-            let (a, b) = (eligible[a], eligible[b]);
+            let (a, b) = (nth(a)?, nth(b)?);
             Some(if candidates[b].score() < candidates[a].score() { b } else { a })
         }
     }
@@ -225,10 +226,28 @@ impl Drop for LoadGuard {
 /// Per-endpoint load state and the random source for choices.
 #[derive(Debug)]
 pub struct Balancer {
-    loads: Mutex<HashMap<String, Arc<EndpointLoad>>>,
-    rng: Mutex<fastrand::Rng>,
+    state: Mutex<State>,
     /// This proxy's place, for locality tiers.
     locality: Locality,
+}
+
+#[derive(Debug)]
+struct State {
+    loads: HashMap<String, Arc<EndpointLoad>>,
+    rng: fastrand::Rng,
+    /// Work space of one pick, kept between picks so that a pick allocates nothing.
+    candidates: Vec<Candidate>,
+    slots: Vec<Slot>,
+}
+
+/// What one pick notes about an endpoint besides its [`Candidate`].
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    reachable: bool,
+    held: bool,
+    /// No failed attempt since its last success.
+    clean: bool,
+    tier: u8,
 }
 
 /// Where a proxy runs. Endpoints are tried in tiers: its zone of its cluster, then its cluster,
@@ -265,7 +284,8 @@ impl Default for Balancer {
 impl Balancer {
     /// A balancer drawing from `rng`.
     pub fn new(rng: fastrand::Rng) -> Self {
-        Self { loads: Mutex::new(HashMap::new()), rng: Mutex::new(rng), locality: Locality::default() }
+        let state = State { loads: HashMap::new(), rng, candidates: Vec::new(), slots: Vec::new() };
+        Self { state: Mutex::new(state), locality: Locality::default() }
     }
 
     /// A balancer that prefers endpoints near `locality`.
@@ -286,70 +306,74 @@ impl Balancer {
         tried: &[String],
         region: &str,
     ) -> Option<(Arc<Endpoint>, Arc<EndpointLoad>)> {
-        self.pick_where(endpoints, tried, region, &|_| true)
+        self.pick_where(endpoints, &|ep| tried.contains(&ep.id), region, &|_| true)
     }
 
-    /// As [`Balancer::pick_in`], among the endpoints this proxy can reach now (`reachable`:
-    /// false for an endpoint behind gateways that are all down).
+    /// As [`Balancer::pick_in`], skipping the endpoints `tried` says this request already tried,
+    /// among the endpoints this proxy can reach now (`reachable`: false for an endpoint behind
+    /// gateways that are all down). Allocates nothing once the service's endpoints are known.
     pub fn pick_where(
         &self,
         endpoints: &[Arc<Endpoint>],
-        tried: &[String],
+        tried: &dyn Fn(&Endpoint) -> bool,
         region: &str,
         reachable: &dyn Fn(&Endpoint) -> bool,
     ) -> Option<(Arc<Endpoint>, Arc<EndpointLoad>)> {
         let now = Instant::now();
-        let reach: Vec<bool> = endpoints.iter().map(|ep| reachable(ep)).collect();
-        let loads: Vec<Arc<EndpointLoad>> = {
-            let mut map = self.loads.lock().unwrap_or_else(|p| p.into_inner());
-            // A service this proxy already sends to: its new endpoints are held back a moment.
-            let known = endpoints.iter().any(|ep| map.contains_key(&ep.id));
-            endpoints
-                .iter()
-                .zip(&reach)
-                .map(|(ep, r)| {
-                    let load = map.entry(ep.id.clone()).or_insert_with(|| Arc::new(EndpointLoad::new(now, ep, known)));
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let State { loads, rng, candidates, slots } = &mut *state;
+        candidates.clear();
+        slots.clear();
+        // A service this proxy already sends to: its new endpoints are held back a moment.
+        let known = endpoints.iter().any(|ep| loads.contains_key(ep.id.as_str()));
+        for ep in endpoints {
+            let reachable = reachable(ep);
+            let load = match loads.get_mut(ep.id.as_str()) {
+                Some(load) => {
                     if load.address != ep.address {
                         // A new instance at a new address: the old one's failures are not its own.
                         *load = Arc::new(EndpointLoad::new(now, ep, true));
                     }
-                    // Back to health, or reachable again (its gateway is back): held a moment.
-                    load.observe_health(ep.healthy && *r, now);
-                    load.clone()
-                })
-                .collect()
-        };
-        let mut candidates: Vec<Candidate> =
-            endpoints.iter().zip(&loads).map(|(ep, load)| load.candidate(ep, tried.contains(&ep.id), now)).collect();
-        for (c, r) in candidates.iter_mut().zip(&reach) {
-            c.excluded |= !r;
+                    load
+                }
+                None => loads.entry(ep.id.clone()).or_insert_with(|| Arc::new(EndpointLoad::new(now, ep, known))),
+            };
+            // Back to health, or reachable again (its gateway is back): held a moment.
+            load.observe_health(ep.healthy && reachable, now);
+            let mut candidate = load.candidate(ep, tried(ep), now);
+            candidate.excluded |= !reachable;
+            candidates.push(candidate);
+            slots.push(Slot {
+                reachable,
+                held: load.held(now),
+                clean: load.failures.load(Ordering::Relaxed) == 0,
+                tier: self.locality.tier(ep, region),
+            });
         }
         if !candidates.iter().any(|c| c.healthy && !c.excluded) {
             // Everything usable is set aside: trust the control plane's health rather than fail.
-            for ((c, ep), r) in candidates.iter_mut().zip(endpoints).zip(&reach) {
-                c.healthy = ep.healthy && *r;
+            for ((c, ep), slot) in candidates.iter_mut().zip(endpoints).zip(slots.iter()) {
+                c.healthy = ep.healthy && slot.reachable;
             }
         }
         // Endpoints on hold sit out while another can serve that has not just failed.
-        let held: Vec<bool> = loads.iter().map(|l| l.held(now)).collect();
-        let clean = |c: &Candidate, h: bool, l: &EndpointLoad| {
-            c.healthy && !c.excluded && !h && l.failures.load(Ordering::Relaxed) == 0
-        };
-        if candidates.iter().zip(&held).zip(&loads).any(|((c, h), l)| clean(c, *h, l)) {
-            for (c, h) in candidates.iter_mut().zip(&held) {
-                c.excluded |= *h;
+        if candidates.iter().zip(slots.iter()).any(|(c, s)| c.healthy && !c.excluded && !s.held && s.clean) {
+            for (c, s) in candidates.iter_mut().zip(slots.iter()) {
+                c.excluded |= s.held;
             }
         }
         // The nearest tier that still has a usable endpoint; the others sit this pick out.
-        let tiers: Vec<u8> = endpoints.iter().map(|ep| self.locality.tier(ep, region)).collect();
-        let best = candidates.iter().zip(&tiers).filter(|(c, _)| c.healthy && !c.excluded).map(|(_, t)| *t).min()?;
-        for (c, t) in candidates.iter_mut().zip(&tiers) {
-            if *t != best {
+        let best =
+            candidates.iter().zip(slots.iter()).filter(|(c, _)| c.healthy && !c.excluded).map(|(_, s)| s.tier).min()?;
+        for (c, s) in candidates.iter_mut().zip(slots.iter()) {
+            if s.tier != best {
                 c.excluded = true;
             }
         }
-        let i = choose(&candidates, &mut self.rng.lock().unwrap_or_else(|p| p.into_inner()))?;
-        Some((endpoints[i].clone(), loads[i].clone()))
+        let i = choose(candidates, rng)?;
+        let ep = &endpoints[i];
+        let load = loads.get(ep.id.as_str())?.clone();
+        Some((ep.clone(), load))
     }
 
     /// The tier of `ep` for this proxy, in `region` (see [`Locality::tier`]).
@@ -359,7 +383,7 @@ impl Balancer {
 
     /// Forgets endpoints that are no longer known.
     pub fn retain(&self, live: &dyn Fn(&str) -> bool) {
-        self.loads.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| live(id));
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).loads.retain(|id, _| live(id));
     }
 }
 
@@ -632,7 +656,7 @@ mod tests {
         // With b tried already, a's held endpoint serves rather than nothing.
         assert_eq!(b.pick_in(&eps, &["b/1".into()], "us").unwrap().0.id, "a/1");
         // The hold over, traffic returns.
-        let load = b.loads.lock().unwrap().get("a/1").unwrap().clone();
+        let load = b.state.lock().unwrap().loads.get("a/1").unwrap().clone();
         *load.held_until.lock().unwrap() = Some(Instant::now());
         assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "a/1");
     }
@@ -666,7 +690,7 @@ mod tests {
         // Restarted elsewhere: not ejected, held a moment, then serving.
         let moved = vec![endpoint("a/1", "a", "10.0.1.1:2", true), eps[1].clone()];
         assert_eq!(b.pick_in(&moved, &[], "us").unwrap().0.id, "b/1");
-        let load = b.loads.lock().unwrap().get("a/1").unwrap().clone();
+        let load = b.state.lock().unwrap().loads.get("a/1").unwrap().clone();
         assert!(!load.ejected(Instant::now()));
         *load.held_until.lock().unwrap() = None;
         assert_eq!(b.pick_in(&moved, &[], "us").unwrap().0.id, "a/1");
@@ -683,9 +707,9 @@ mod tests {
         assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "b/1", "same region first");
         let no_b = |e: &Endpoint| e.cluster != "b";
         for _ in 0..20 {
-            assert_eq!(b.pick_where(&eps, &[], "us", &no_b).unwrap().0.id, "c/1");
+            assert_eq!(b.pick_where(&eps, &|_| false, "us", &no_b).unwrap().0.id, "c/1");
         }
-        assert!(b.pick_where(&eps[..1], &[], "us", &no_b).is_none(), "never an unreachable endpoint");
+        assert!(b.pick_where(&eps[..1], &|_| false, "us", &no_b).is_none(), "never an unreachable endpoint");
         // b's gateway is back: b waits for the hold while c serves.
         assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "c/1");
     }

@@ -170,6 +170,19 @@ impl GatewayHealth {
             .collect()
     }
 
+    /// Can a proxy of `cluster` reach `ep` now? What [`GatewayHealth::way_to`] answers with
+    /// anything but [`Way::Unreachable`], without choosing the gateway (nothing is allocated).
+    pub fn reachable(&self, ep: &Endpoint, cluster: &str) -> bool {
+        if cluster.is_empty() || ep.cluster == cluster {
+            return true;
+        }
+        if ep.gateways.is_empty() {
+            return !ep.via_gateways;
+        }
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        ep.gateways.iter().any(|g| states.get(g.as_str()).is_none_or(|s| s.up))
+    }
+
     /// How a proxy of `cluster` reaches `ep`.
     pub fn way_to(&self, ep: &Endpoint, cluster: &str) -> Way {
         if cluster.is_empty() || ep.cluster == cluster {
@@ -599,6 +612,7 @@ mod tests {
             (ep("b/1", "b", &["g1:1"], false), "", Way::Direct),
         ];
         for (i, (e, cluster, want)) in cases.into_iter().enumerate() {
+            assert_eq!(h.reachable(&e, cluster), want != Way::Unreachable, "case {i}");
             assert_eq!(h.way_to(&e, cluster), want, "case {i}");
         }
     }
@@ -613,10 +627,13 @@ mod tests {
         for e in &eps {
             assert_eq!(h.way_to(e, "a"), Way::Gateway("g2:1".into()));
         }
+        assert!(h.reachable(&eps[0], "a"), "one gateway is still up");
         h.failed("g2:1", "connect refused");
         assert_eq!(h.way_to(&eps[0], "a"), Way::Unreachable);
+        assert!(!h.reachable(&eps[0], "a"));
         h.set("g1:1", true, Some(Duration::from_millis(1)), false);
         assert_eq!(h.way_to(&eps[0], "a"), Way::Gateway("g1:1".into()));
+        assert!(h.reachable(&eps[0], "a"));
         assert_eq!(h.rtt("g1:1"), Some(Duration::from_millis(1)));
     }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -57,8 +58,54 @@ struct AppConnector {
     multiplexed: bool,
 }
 
+/// A connection to the application. It carries no connection details for the client to copy
+/// into every response (nothing reads them, and copying them allocates).
+struct AppStream(TcpStream);
+
+impl hyper_util::client::legacy::connect::Connection for AppStream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+impl tokio::io::AsyncRead for AppStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for AppStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
 impl tower_service::Service<Uri> for AppConnector {
-    type Response = TokioIo<Coalesce<TcpStream>>;
+    type Response = TokioIo<Coalesce<AppStream>>;
     type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -71,7 +118,7 @@ impl tower_service::Service<Uri> for AppConnector {
         let multiplexed = self.multiplexed;
         Box::pin(async move {
             let tcp = connecting.await?.into_inner();
-            Ok(TokioIo::new(Coalesce::holding_if(tcp, multiplexed)))
+            Ok(TokioIo::new(Coalesce::holding_if(AppStream(tcp), multiplexed)))
         })
     }
 }
@@ -80,6 +127,8 @@ impl tower_service::Service<Uri> for AppConnector {
 pub struct Inbound {
     tls: TlsAcceptor,
     app: Option<AppTarget>,
+    /// The application's `host:port` as a URI authority (parsed once, shared by every request).
+    app_authority: Option<Authority>,
     client: Client<AppConnector, Body>,
     authorizer: Arc<dyn Authorizer>,
     metrics: Arc<Metrics>,
@@ -111,7 +160,8 @@ impl Inbound {
             .build(AppConnector { http: connector, multiplexed: h2c });
         let label = app.as_ref().map(|a| a.service.as_str()).unwrap_or("none");
         let requests = metrics.requests_of(Direction::inbound, label);
-        Arc::new(Self { tls: TlsAcceptor::from(tls), app, client, authorizer, metrics, requests })
+        let app_authority = app.as_ref().and_then(|a| a.addr.parse::<Authority>().ok());
+        Arc::new(Self { tls: TlsAcceptor::from(tls), app, app_authority, client, authorizer, metrics, requests })
     }
 
     /// Accepts peer connections until the drain starts.
@@ -221,9 +271,20 @@ impl Inbound {
         let (mut parts, incoming) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         set_peer_identity(&mut parts.headers, header);
+        let Some(app_authority) = &self.app_authority else {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("trellis-proxy: the application address '{}' is not HOST:PORT; fix --app", app.addr),
+            );
+        };
         let authority = parts.uri.authority().cloned();
-        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        parts.uri = match format!("http://{}{pq}", app.addr).parse::<Uri>() {
+        // The same path and query, to the application: built from shared parts, not reparsed.
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(app_authority.clone());
+        uri.path_and_query =
+            Some(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+        parts.uri = match Uri::from_parts(uri) {
             Ok(u) => u,
             Err(_) => return text(StatusCode::BAD_REQUEST, "trellis-proxy: unusable request path"),
         };

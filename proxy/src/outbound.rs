@@ -52,7 +52,7 @@ pub struct OutboundTimeouts {
 /// Where a proxy of `cluster` dials `ep`: through a usable gateway of the endpoint's cluster
 /// when it is in another cluster reached through gateways, directly otherwise; `None` when it
 /// can only be reached through gateways and none is up.
-pub fn target_for(ep: &Endpoint, cluster: &str, routes: &Routes, health: &GatewayHealth) -> Option<Target> {
+pub fn target_for(ep: &Arc<Endpoint>, cluster: &str, routes: &Routes, health: &GatewayHealth) -> Option<Target> {
     let via = match health.way_to(ep, cluster) {
         Way::Direct => None,
         Way::Unreachable => return None,
@@ -61,7 +61,7 @@ pub fn target_for(ep: &Endpoint, cluster: &str, routes: &Routes, health: &Gatewa
             Some(Via { gateway, authority: format!("{}:{port}", ep.service), endpoint: ep.id.clone() })
         }
     };
-    Some(Target { addr: ep.address.clone(), identity: ep.identity.clone(), via })
+    Some(Target { endpoint: ep.clone(), via })
 }
 
 /// The outbound side, shared by every upstream listener.
@@ -120,6 +120,35 @@ enum ReqBody {
     Empty,
     Buffered { data: Bytes, trailers: Option<http::HeaderMap> },
     Streaming(Option<Body>),
+}
+
+/// The endpoints one request has tried. The first is kept inline: most requests make one
+/// attempt, and nothing is allocated for it.
+#[derive(Default)]
+struct Tried {
+    first: Option<Arc<Endpoint>>,
+    more: Vec<Arc<Endpoint>>,
+}
+
+impl Tried {
+    fn push(&mut self, ep: Arc<Endpoint>) {
+        match self.first {
+            None => self.first = Some(ep),
+            Some(_) => self.more.push(ep),
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn contains(&self, ep: &Endpoint) -> bool {
+        self.first.iter().chain(&self.more).any(|t| t.id == ep.id)
+    }
 }
 
 /// A spawned task aborted when this is dropped, unless detached.
@@ -185,9 +214,9 @@ impl Outbound {
     }
 
     /// Picks an endpoint of `up`'s service this proxy can reach now.
-    fn pick(&self, up: &Upstream, routes: &Routes, tried: &[String]) -> Option<(Arc<Endpoint>, Arc<LoadHandle>)> {
-        let reachable = |ep: &Endpoint| self.gateways.way_to(ep, &self.cluster) != Way::Unreachable;
-        self.balancer.pick_where(routes.endpoints_of(&up.service), tried, &routes.region, &reachable)
+    fn pick(&self, up: &Upstream, routes: &Routes, tried: &Tried) -> Option<(Arc<Endpoint>, Arc<LoadHandle>)> {
+        let reachable = |ep: &Endpoint| self.gateways.reachable(ep, &self.cluster);
+        self.balancer.pick_where(routes.endpoints_of(&up.service), &|ep| tried.contains(ep), &routes.region, &reachable)
     }
 
     /// Records that `ep` served a first attempt to `up`'s service: the tier in use, and a
@@ -425,7 +454,7 @@ impl Outbound {
         };
 
         up.budget.deposit();
-        let mut tried: Vec<String> = Vec::new();
+        let mut tried = Tried::default();
         let mut last_error: Option<String> = None;
         let mut last_failure: Option<Failure> = None;
         // A 502/503/504 that was retried: returned as is if no other endpoint does better.
@@ -443,7 +472,7 @@ impl Outbound {
                 }
                 self.metrics.retries.get_or_create(&ServiceLabels { service: up.label.clone() }).inc();
             }
-            tried.push(ep.id.clone());
+            tried.push(ep.clone());
             let attempt_deadline = match self.timeouts.per_try {
                 Some(t) => deadline.min(Instant::now() + t),
                 None => deadline,
@@ -493,7 +522,7 @@ impl Outbound {
 
     async fn attempt(
         &self,
-        ep: &Endpoint,
+        ep: &Arc<Endpoint>,
         parts: &http::request::Parts,
         uri: &Uri,
         body: &mut ReqBody,
@@ -606,7 +635,7 @@ impl Outbound {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let started = Instant::now();
-        let mut tried = Vec::new();
+        let mut tried = Tried::default();
         let mut last_error = None;
         for attempt in 0..=MAX_RETRIES {
             let routes = self.routes.borrow().clone();
@@ -620,7 +649,7 @@ impl Outbound {
                 }
                 self.metrics.retries.get_or_create(&ServiceLabels { service: up.label.clone() }).inc();
             }
-            tried.push(ep.id.clone());
+            tried.push(ep.clone());
             let guard = load.start();
             let Some(target) = target_for(&ep, &self.cluster, &routes, &self.gateways) else {
                 drop(guard);
@@ -701,11 +730,8 @@ async fn hold_body(incoming: Incoming, deadline: Instant) -> Result<ReqBody, Res
     if !small {
         return Ok(ReqBody::Streaming(Some(body::boxed(incoming))));
     }
-    match tokio::time::timeout_at(deadline, incoming.collect()).await {
-        Ok(Ok(c)) => {
-            let trailers = c.trailers().cloned();
-            Ok(ReqBody::Buffered { data: c.to_bytes(), trailers })
-        }
+    match tokio::time::timeout_at(deadline, collect_small(incoming)).await {
+        Ok(Ok((data, trailers))) => Ok(ReqBody::Buffered { data, trailers }),
         Ok(Err(e)) => {
             Err(text(StatusCode::BAD_REQUEST, format!("trellis-proxy: reading the request body failed: {e}")))
         }
@@ -714,6 +740,26 @@ async fn hold_body(incoming: Incoming, deadline: Instant) -> Result<ReqBody, Res
 }
 
 /// Turns the peer's response into one for the local client.
+/// A small body whole, with its trailers. A body that arrives in one frame (most do) is kept
+/// as that frame, not copied.
+async fn collect_small(mut incoming: Incoming) -> Result<(Bytes, Option<http::HeaderMap>), hyper::Error> {
+    let mut data = Bytes::new();
+    let mut more: Option<bytes::BytesMut> = None;
+    let mut trailers = None;
+    while let Some(frame) = incoming.frame().await {
+        match frame?.into_data() {
+            Ok(chunk) if data.is_empty() && more.is_none() => data = chunk,
+            Ok(chunk) => more.get_or_insert_with(|| bytes::BytesMut::from(&data[..])).extend_from_slice(&chunk),
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = Some(t);
+                }
+            }
+        }
+    }
+    Ok((more.map(bytes::BytesMut::freeze).unwrap_or(data), trailers))
+}
+
 fn client_response(resp: Response<Body>, version: Version) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);

@@ -24,6 +24,7 @@ use trellis_proto::tls::{mesh_server_name, peer_id};
 
 use crate::gateways::{GatewayPool, H2Tunnel, TunnelError};
 use crate::metrics::{Direction, Metrics};
+use crate::routes::Endpoint;
 
 /// Why a connection to a peer could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -130,15 +131,43 @@ impl tokio::io::AsyncWrite for MeshIo {
     }
 }
 
-/// Where to connect and who must answer.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Where to connect and who must answer: an endpoint's address and identity, and the way to it.
+/// Two targets are the same peer when those are equal, whatever else their endpoints say, so
+/// endpoints at one address share its pooled connection.
+#[derive(Debug, Clone)]
 pub struct Target {
-    /// `host:port` of the peer's inbound listener.
-    pub addr: String,
-    /// Required peer identity; `None` accepts any identity the TLS config accepts.
-    pub identity: Option<SpiffeId>,
+    /// The endpoint (held, not copied: a target is made for every request).
+    pub endpoint: Arc<Endpoint>,
     /// Through a gateway of the peer's cluster, or directly.
     pub via: Option<Via>,
+}
+
+impl Target {
+    /// `host:port` of the peer's inbound listener.
+    pub fn addr(&self) -> &str {
+        &self.endpoint.address
+    }
+
+    /// Required peer identity; `None` accepts any identity the TLS config accepts.
+    pub fn identity(&self) -> Option<&SpiffeId> {
+        self.endpoint.identity.as_ref()
+    }
+}
+
+impl PartialEq for Target {
+    fn eq(&self, other: &Self) -> bool {
+        self.addr() == other.addr() && self.identity() == other.identity() && self.via == other.via
+    }
+}
+
+impl Eq for Target {}
+
+impl std::hash::Hash for Target {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.addr().hash(state);
+        self.identity().hash(state);
+        self.via.hash(state);
+    }
 }
 
 /// Dials peers with one rustls client configuration (one ALPN).
@@ -175,7 +204,7 @@ impl MeshConnector {
 
     /// Connects, completes the handshake and checks ALPN and the peer identity.
     pub async fn connect(&self, target: &Target) -> Result<TlsStream<MeshIo>, ConnectError> {
-        let addr = target.addr.clone();
+        let addr = target.addr().to_string();
         let tcp = match (&target.via, &self.gateways) {
             (Some(via), Some(gw)) => {
                 match gw.tunnel(&via.gateway, &via.authority, &via.endpoint, self.connect_timeout).await {
@@ -183,7 +212,7 @@ impl MeshConnector {
                     Err(e) => return Err(ConnectError::tunnel(via, addr, e)),
                 }
             }
-            _ => match tokio::time::timeout(self.connect_timeout, TcpStream::connect(&target.addr)).await {
+            _ => match tokio::time::timeout(self.connect_timeout, TcpStream::connect(target.addr())).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
                     MeshIo::Tcp(s)
@@ -214,7 +243,7 @@ impl MeshConnector {
         if conn.alpn_protocol() != Some(self.alpn) {
             return Err(ConnectError::Alpn { addr, alpn: String::from_utf8_lossy(self.alpn).into_owned() });
         }
-        if let Some(expected) = &target.identity {
+        if let Some(expected) = target.identity() {
             let got = peer_id(conn.peer_certificates());
             if got.as_ref() != Some(expected) {
                 self.metrics.handshake_failed(Direction::outbound);
@@ -419,7 +448,10 @@ impl H2Pool {
     pub async fn get(&self, target: &Target) -> Result<PeerConnection, ConnectError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.entry(target.clone()).or_default().clone()
+            match slots.get(target) {
+                Some(slot) => slot.clone(),
+                None => slots.entry(target.clone()).or_default().clone(),
+            }
         };
         // One dial at a time per target: concurrent requests wait for it instead of each
         // opening a connection of its own.
@@ -431,19 +463,19 @@ impl H2Pool {
         }
         let replacing = sender.is_some();
         *sender = None;
-        tracing::debug!(peer = %target.addr, replacing, "opening a pooled connection");
+        tracing::debug!(peer = %target.addr(), replacing, "opening a pooled connection");
         let tls = self.connector.connect(target).await?;
         let (epoch, last_read) = (tokio::time::Instant::now(), Arc::new(AtomicU64::new(0)));
         let io = Stamped { io: crate::coalesce::Coalesce::new(tls), epoch, last_read: last_read.clone() };
         let (send, conn) = h2_client()
             .handshake::<_, Bytes>(io)
             .await
-            .map_err(|source| ConnectError::Http2 { addr: target.addr.clone(), source })?;
+            .map_err(|source| ConnectError::Http2 { addr: target.addr().to_string(), source })?;
         let closed = Arc::new(AtomicBool::new(false));
         {
             let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
             while tasks.try_join_next().is_some() {}
-            tasks.spawn(drive(conn, target.addr.clone(), closed.clone(), epoch, last_read, KEEPALIVE));
+            tasks.spawn(drive(conn, target.addr().to_string(), closed.clone(), epoch, last_read, KEEPALIVE));
         }
         let peer = PeerConnection { send, closed };
         *sender = Some(peer.clone());

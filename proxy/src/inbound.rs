@@ -25,6 +25,7 @@ use tracing::Instrument;
 use trellis_proto::tls::peer_id;
 use trellis_proto::{ALPN_MESH_HTTP, ALPN_MESH_TCP, SpiffeId};
 
+use crate::apppool::AppPool;
 use crate::authz::{Authorizer, Decision, InboundKind, RequestMeta};
 use crate::body::{self, Body, text};
 use crate::coalesce::Coalesce;
@@ -129,7 +130,10 @@ pub struct Inbound {
     app: Option<AppTarget>,
     /// The application's `host:port` as a URI authority (parsed once, shared by every request).
     app_authority: Option<Authority>,
-    client: Client<AppConnector, Body>,
+    /// Pooled connections to an HTTP/1.1 application.
+    http1: Option<Arc<AppPool>>,
+    /// The multiplexed connection to an HTTP/2 (gRPC) application.
+    h2c: Client<AppConnector, Body>,
     authorizer: Arc<dyn Authorizer>,
     metrics: Arc<Metrics>,
     requests: RequestMetrics,
@@ -161,7 +165,17 @@ impl Inbound {
         let label = app.as_ref().map(|a| a.service.as_str()).unwrap_or("none");
         let requests = metrics.requests_of(Direction::inbound, label);
         let app_authority = app.as_ref().and_then(|a| a.addr.parse::<Authority>().ok());
-        Arc::new(Self { tls: TlsAcceptor::from(tls), app, app_authority, client, authorizer, metrics, requests })
+        let http1 = app.as_ref().filter(|_| !h2c).map(|a| AppPool::new(a.addr.clone(), APP_CONNECT_TIMEOUT));
+        Arc::new(Self {
+            tls: TlsAcceptor::from(tls),
+            app,
+            app_authority,
+            http1,
+            h2c: client,
+            authorizer,
+            metrics,
+            requests,
+        })
     }
 
     /// Accepts peer connections until the drain starts.
@@ -271,42 +285,49 @@ impl Inbound {
         let (mut parts, incoming) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         set_peer_identity(&mut parts.headers, header);
-        let Some(app_authority) = &self.app_authority else {
-            return text(
-                StatusCode::BAD_GATEWAY,
-                format!("trellis-proxy: the application address '{}' is not HOST:PORT; fix --app", app.addr),
-            );
-        };
         let authority = parts.uri.authority().cloned();
-        // The same path and query, to the application: built from shared parts, not reparsed.
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(app_authority.clone());
-        uri.path_and_query =
-            Some(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
-        parts.uri = match Uri::from_parts(uri) {
-            Ok(u) => u,
-            Err(_) => return text(StatusCode::BAD_REQUEST, "trellis-proxy: unusable request path"),
-        };
-        if app.protocol == AppProtocol::Grpc {
+        let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let sent = if app.protocol == AppProtocol::Grpc {
+            let Some(app_authority) = &self.app_authority else {
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("trellis-proxy: the application address '{}' is not HOST:PORT; fix --app", app.addr),
+                );
+            };
+            // The same path and query, to the application: built from shared parts, not reparsed.
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(app_authority.clone());
+            uri.path_and_query = Some(pq);
+            parts.uri = match Uri::from_parts(uri) {
+                Ok(u) => u,
+                Err(_) => return text(StatusCode::BAD_REQUEST, "trellis-proxy: unusable request path"),
+            };
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
+            let req = Request::from_parts(parts, body::boxed(incoming));
+            self.h2c.request(req).await.map(|r| r.map(body::boxed)).map_err(|e| e.to_string())
         } else {
+            let Some(pool) = &self.http1 else {
+                return text(StatusCode::NOT_FOUND, "trellis-proxy: this workload serves no service");
+            };
+            parts.uri = Uri::from(pq);
             parts.version = Version::HTTP_11;
             // The application sees the authority the caller used, not our loopback address.
-            if let Some(a) = authority
-                && let Ok(v) = HeaderValue::from_str(a.as_str())
-            {
+            let host = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+            let host = host.or_else(|| HeaderValue::from_str(&app.addr).ok());
+            if let Some(v) = host {
                 parts.headers.insert(header::HOST, v);
             }
-        }
-        let req = Request::from_parts(parts, body::boxed(incoming));
-        match self.client.request(req).await {
+            let req = Request::from_parts(parts, body::boxed(incoming));
+            pool.send(req).await.map_err(|e| e.to_string())
+        };
+        match sent {
             Ok(resp) => {
-                let (mut parts, incoming) = resp.into_parts();
+                let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 parts.version = Version::HTTP_2;
-                Response::from_parts(parts, body::boxed(incoming))
+                Response::from_parts(parts, body)
             }
             Err(e) => {
                 tracing::info!(app = %app.addr, error = %e, "application request failed");

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod apppool;
 pub mod authz;
 pub mod backoff;
 pub mod balance;

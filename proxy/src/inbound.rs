@@ -50,13 +50,12 @@ pub struct AppTarget {
     pub service: String,
 }
 
-/// Dials the local application. An HTTP/2 (gRPC) application's connection holds writes until
-/// a flush ([`Coalesce`]): a request's headers and body, and the requests of several streams,
-/// leave in one write.
+/// Dials an HTTP/2 (gRPC) application. Its connection holds writes until a flush
+/// ([`Coalesce`]): a request's headers and body, and the requests of several streams, leave in
+/// one write.
 #[derive(Clone)]
 struct AppConnector {
     http: HttpConnector,
-    multiplexed: bool,
 }
 
 /// A connection to the application. It carries no connection details for the client to copy
@@ -116,24 +115,28 @@ impl tower_service::Service<Uri> for AppConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let connecting = self.http.call(uri);
-        let multiplexed = self.multiplexed;
         Box::pin(async move {
             let tcp = connecting.await?.into_inner();
-            Ok(TokioIo::new(Coalesce::holding_if(AppStream(tcp), multiplexed)))
+            Ok(TokioIo::new(Coalesce::new(AppStream(tcp))))
         })
     }
+}
+
+/// How requests reach the application.
+enum AppClient {
+    /// Pooled HTTP/1.1 connections.
+    Http1(Arc<AppPool>),
+    /// One multiplexed HTTP/2 connection (gRPC), to the application's `host:port` as a URI
+    /// authority (parsed once, shared by every request).
+    H2c { client: Box<Client<AppConnector, Body>>, authority: Authority },
 }
 
 /// The inbound side.
 pub struct Inbound {
     tls: TlsAcceptor,
     app: Option<AppTarget>,
-    /// The application's `host:port` as a URI authority (parsed once, shared by every request).
-    app_authority: Option<Authority>,
-    /// Pooled connections to an HTTP/1.1 application.
-    http1: Option<Arc<AppPool>>,
-    /// The multiplexed connection to an HTTP/2 (gRPC) application.
-    h2c: Client<AppConnector, Body>,
+    /// How requests reach `app`; `None` without one, or when its address is unusable.
+    client: Option<AppClient>,
     authorizer: Arc<dyn Authorizer>,
     metrics: Arc<Metrics>,
     requests: RequestMetrics,
@@ -153,29 +156,25 @@ impl Inbound {
         authorizer: Arc<dyn Authorizer>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(APP_CONNECT_TIMEOUT));
-        let h2c = app.as_ref().is_some_and(|a| a.protocol == AppProtocol::Grpc);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .http2_only(h2c)
-            .build(AppConnector { http: connector, multiplexed: h2c });
+        let client = app.as_ref().and_then(|a| match a.protocol {
+            AppProtocol::Grpc => {
+                let mut http = HttpConnector::new();
+                http.set_nodelay(true);
+                http.set_connect_timeout(Some(APP_CONNECT_TIMEOUT));
+                let client = Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .http2_only(true)
+                    .build(AppConnector { http });
+                Some(AppClient::H2c { client: Box::new(client), authority: a.addr.parse().ok()? })
+            }
+            AppProtocol::Http | AppProtocol::Tcp => {
+                Some(AppClient::Http1(AppPool::new(a.addr.clone(), APP_CONNECT_TIMEOUT)))
+            }
+        });
         let label = app.as_ref().map(|a| a.service.as_str()).unwrap_or("none");
         let requests = metrics.requests_of(Direction::inbound, label);
-        let app_authority = app.as_ref().and_then(|a| a.addr.parse::<Authority>().ok());
-        let http1 = app.as_ref().filter(|_| !h2c).map(|a| AppPool::new(a.addr.clone(), APP_CONNECT_TIMEOUT));
-        Arc::new(Self {
-            tls: TlsAcceptor::from(tls),
-            app,
-            app_authority,
-            http1,
-            h2c: client,
-            authorizer,
-            metrics,
-            requests,
-        })
+        Arc::new(Self { tls: TlsAcceptor::from(tls), app, client, authorizer, metrics, requests })
     }
 
     /// Accepts peer connections until the drain starts.
@@ -287,40 +286,39 @@ impl Inbound {
         set_peer_identity(&mut parts.headers, header);
         let authority = parts.uri.authority().cloned();
         let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let sent = if app.protocol == AppProtocol::Grpc {
-            let Some(app_authority) = &self.app_authority else {
+        let sent = match &self.client {
+            None => {
                 return text(
                     StatusCode::BAD_GATEWAY,
                     format!("trellis-proxy: the application address '{}' is not HOST:PORT; fix --app", app.addr),
                 );
-            };
-            // The same path and query, to the application: built from shared parts, not reparsed.
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(Scheme::HTTP);
-            uri.authority = Some(app_authority.clone());
-            uri.path_and_query = Some(pq);
-            parts.uri = match Uri::from_parts(uri) {
-                Ok(u) => u,
-                Err(_) => return text(StatusCode::BAD_REQUEST, "trellis-proxy: unusable request path"),
-            };
-            parts.version = Version::HTTP_2;
-            parts.headers.remove(header::HOST);
-            let req = Request::from_parts(parts, body::boxed(incoming));
-            self.h2c.request(req).await.map(|r| r.map(body::boxed)).map_err(|e| e.to_string())
-        } else {
-            let Some(pool) = &self.http1 else {
-                return text(StatusCode::NOT_FOUND, "trellis-proxy: this workload serves no service");
-            };
-            parts.uri = Uri::from(pq);
-            parts.version = Version::HTTP_11;
-            // The application sees the authority the caller used, not our loopback address.
-            let host = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-            let host = host.or_else(|| HeaderValue::from_str(&app.addr).ok());
-            if let Some(v) = host {
-                parts.headers.insert(header::HOST, v);
             }
-            let req = Request::from_parts(parts, body::boxed(incoming));
-            pool.send(req).await.map_err(|e| e.to_string())
+            Some(AppClient::H2c { client, authority: app_authority }) => {
+                // The same path and query, to the application: built from shared parts, not reparsed.
+                let mut uri = http::uri::Parts::default();
+                uri.scheme = Some(Scheme::HTTP);
+                uri.authority = Some(app_authority.clone());
+                uri.path_and_query = Some(pq);
+                parts.uri = match Uri::from_parts(uri) {
+                    Ok(u) => u,
+                    Err(_) => return text(StatusCode::BAD_REQUEST, "trellis-proxy: unusable request path"),
+                };
+                parts.version = Version::HTTP_2;
+                parts.headers.remove(header::HOST);
+                let req = Request::from_parts(parts, body::boxed(incoming));
+                client.request(req).await.map(|r| r.map(body::boxed)).map_err(|e| e.to_string())
+            }
+            Some(AppClient::Http1(pool)) => {
+                parts.uri = Uri::from(pq);
+                parts.version = Version::HTTP_11;
+                // The application sees the authority the caller used, not our loopback address.
+                let host = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+                if let Some(v) = host.or_else(|| HeaderValue::from_str(&app.addr).ok()) {
+                    parts.headers.insert(header::HOST, v);
+                }
+                let req = Request::from_parts(parts, body::boxed(incoming));
+                pool.send(req).await.map_err(|e| e.to_string())
+            }
         };
         match sent {
             Ok(resp) => {

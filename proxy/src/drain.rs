@@ -1,15 +1,17 @@
 //! Graceful shutdown as a protocol: signal, drain with a deadline, then force.
 //!
 //! Listeners stop accepting when the drain is signalled; every connection runs as a tracked task
-//! that finishes its in-flight work (HTTP connections get a graceful shutdown) and is cancelled if
-//! it is still running when the deadline forces the end.
+//! that finishes its in-flight work (HTTP connections get a graceful shutdown) and is aborted if
+//! it is still running when the deadline forces the end. A tracked task costs nothing while it
+//! runs: it is aborted through its handle, not by polling a signal beside its work.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
 
 #[derive(Debug)]
 struct Inner {
@@ -17,6 +19,9 @@ struct Inner {
     forced: watch::Sender<bool>,
     active: AtomicUsize,
     idle: Notify,
+    /// The tracked tasks, to abort those left when the deadline passes. Finished ones are
+    /// reaped as new ones start.
+    tasks: Mutex<JoinSet<()>>,
 }
 
 /// Shared drain state of one process (cheap to clone).
@@ -37,6 +42,7 @@ impl Drain {
             forced: watch::channel(false).0,
             active: AtomicUsize::new(0),
             idle: Notify::new(),
+            tasks: Mutex::new(JoinSet::new()),
         }))
     }
 
@@ -67,20 +73,22 @@ impl Drain {
         self.0.active.load(Ordering::SeqCst)
     }
 
-    /// Runs `work` as a tracked task: the drain waits for it, the force cancels it.
-    pub fn spawn<F>(&self, work: F) -> tokio::task::JoinHandle<()>
+    /// Runs `work` as a tracked task: the drain waits for it, the force aborts it.
+    pub fn spawn<F>(&self, work: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        if *self.0.forced.borrow() {
+            // Past the deadline: nothing new starts.
+            return;
+        }
         let guard = Tracked::new(self.clone());
-        tokio::spawn(async move {
-            let drain = guard.0.clone();
-            tokio::select! {
-                _ = work => {}
-                _ = drain.forced() => {}
-            }
+        let mut tasks = self.0.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
+            work.await;
             drop(guard);
-        })
+        });
     }
 
     /// Waits until every tracked task ended or `deadline` passed; then forces the rest.
@@ -100,6 +108,7 @@ impl Drain {
             Err(_) => self.active(),
         };
         self.0.forced.send_replace(true);
+        self.0.tasks.lock().unwrap_or_else(|p| p.into_inner()).abort_all();
         left
     }
 }
@@ -146,5 +155,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(drain.active(), 0);
+        drain.spawn(std::future::pending());
+        assert_eq!(drain.active(), 0, "nothing starts after the force");
     }
 }

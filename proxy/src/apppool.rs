@@ -1,12 +1,13 @@
-//! Pooled HTTP/1.1 connections to the local application.
+//! Connections to the local application: pooled HTTP/1.1 connections ([`AppPool`]), or one
+//! multiplexed HTTP/2 connection for a gRPC application ([`AppH2`]).
 //!
-//! A request takes the most recently used idle connection (its socket is the warmest), or dials a
-//! new one. The connection goes back to the pool as soon as its response body has been read to
-//! the end and the connection is ready for another request; a response abandoned half-way takes
-//! its connection with it, since the rest of that body is still on the wire. An idle connection
-//! the application has closed is skipped, and a request that found its connection closed before
-//! any of it was written is sent again on another. Idle connections are closed after
-//! [`IDLE_TIMEOUT`], and at most [`MAX_IDLE`] are kept.
+//! An HTTP/1.1 request takes the most recently used idle connection (its socket is the warmest),
+//! or dials a new one. The connection goes back to the pool as soon as its response body has been
+//! read to the end and the connection is ready for another request; a response abandoned half-way
+//! takes its connection with it, since the rest of that body is still on the wire. An idle
+//! connection the application has closed is skipped, and a request that found its connection
+//! closed before any of it was written is sent again on another. Idle connections are closed
+//! after [`IDLE_TIMEOUT`], and at most [`MAX_IDLE`] are kept.
 //!
 //! Compared with a general-purpose client this does no per-request URI or host lookup, spawns
 //! nothing per request and copies no connection details into responses: every request goes to
@@ -21,11 +22,13 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::{Body, BoxError};
+use crate::coalesce::Coalesce;
 
 /// An idle connection older than this is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,7 +42,7 @@ pub enum AppRequestError {
     Connect(std::io::Error),
     #[error("connect timed out after {0:?}")]
     ConnectTimeout(Duration),
-    #[error("HTTP/1.1 handshake failed: {0}")]
+    #[error("HTTP handshake failed: {0}")]
     Handshake(hyper::Error),
     #[error("{0}")]
     Http(hyper::Error),
@@ -117,12 +120,7 @@ impl AppPool {
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, AppRequestError> {
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr.as_str())).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(AppRequestError::Connect(e)),
-            Err(_) => return Err(AppRequestError::ConnectTimeout(self.connect_timeout)),
-        };
-        let _ = tcp.set_nodelay(true);
+        let tcp = dial(&self.addr, self.connect_timeout).await?;
         let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await.map_err(AppRequestError::Handshake)?;
         let addr = self.addr.clone();
         tokio::spawn(async move {
@@ -164,6 +162,111 @@ impl AppPool {
         let stale = idle.iter().take_while(|i| i.since.elapsed() >= IDLE_TIMEOUT).count();
         idle.drain(..stale);
         idle.retain(|i| !i.sender.is_closed());
+    }
+}
+
+/// Dials `addr` within `timeout`, with Nagle off.
+async fn dial(addr: &str, timeout: Duration) -> Result<TcpStream, AppRequestError> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            Ok(tcp)
+        }
+        Ok(Err(e)) => Err(AppRequestError::Connect(e)),
+        Err(_) => Err(AppRequestError::ConnectTimeout(timeout)),
+    }
+}
+
+/// One HTTP/2 (h2c, prior knowledge) connection to a gRPC application, shared by every request
+/// and dialled again once it closes. Its writes are held until a flush ([`Coalesce`]): a
+/// request's headers and body, and the requests of several streams, leave in one write.
+pub struct AppH2 {
+    addr: String,
+    connect_timeout: Duration,
+    /// The live connection, if any, with its number (one more for each dial).
+    current: Mutex<Option<(u64, http2::SendRequest<Body>)>>,
+    /// Held while dialling: concurrent requests wait for one dial instead of each making one.
+    dialing: tokio::sync::Mutex<()>,
+    /// Connections dialled so far (numbers them).
+    dials: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for AppH2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppH2").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl AppH2 {
+    /// A connection to `addr` (`host:port`), dialled on first use within `connect_timeout`.
+    pub fn new(addr: String, connect_timeout: Duration) -> Self {
+        Self {
+            addr,
+            connect_timeout,
+            current: Mutex::new(None),
+            dialing: tokio::sync::Mutex::new(()),
+            dials: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Sends `req` (absolute URI: the scheme and authority become the pseudo-headers).
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, AppRequestError> {
+        let mut redialed = false;
+        loop {
+            let (dialed, mut sender) = self.sender().await?;
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(crate::body::boxed)),
+                Err(mut e) => match e.take_message() {
+                    // Not sent: the connection was closing. Once more on a new one.
+                    Some(again) if !redialed => {
+                        tracing::debug!(app = %self.addr, error = %e.error(), "application connection closed; resending");
+                        self.forget(dialed);
+                        redialed = true;
+                        req = again;
+                    }
+                    _ => return Err(AppRequestError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    fn live(&self) -> Option<(u64, http2::SendRequest<Body>)> {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().filter(|(_, s)| !s.is_closed()).cloned()
+    }
+
+    async fn sender(&self) -> Result<(u64, http2::SendRequest<Body>), AppRequestError> {
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let _dialing = self.dialing.lock().await;
+        // Another request may have dialled while this one waited.
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let tcp = dial(&self.addr, self.connect_timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(Coalesce::new(tcp)))
+            .await
+            .map_err(AppRequestError::Handshake)?;
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(app = %addr, error = %e, "application connection ended with an error");
+            }
+        });
+        let number = self.dials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((number, sender.clone()));
+        Ok((number, sender))
+    }
+
+    /// Sets connection `number` aside after it refused a request (unless it was replaced already).
+    fn forget(&self, number: u64) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|(n, _)| *n == number) {
+            *current = None;
+        }
     }
 }
 
@@ -365,14 +468,83 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
+    /// An HTTP/2 (h2c) application counting its connections; each connection is closed after
+    /// `per_connection` requests (by a graceful shutdown once it has answered them).
+    async fn h2_app(per_connection: usize) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let served = Arc::new(tokio::sync::Semaphore::new(0));
+                    let done = served.clone();
+                    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                        let done = done.clone();
+                        async move {
+                            done.add_permits(1);
+                            Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from_static(b"hi"))))
+                        }
+                    });
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = served.acquire_many(per_connection as u32) => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn h2_get(addr: &str) -> Request<Body> {
+        let mut req = Request::new(crate::body::empty());
+        *req.uri_mut() = format!("http://{addr}/svc/Method").parse().unwrap();
+        *req.version_mut() = http::Version::HTTP_2;
+        req
+    }
+
+    #[tokio::test]
+    async fn grpc_requests_share_one_http2_connection() {
+        let (addr, accepted) = h2_app(usize::MAX >> 40).await;
+        let conn = AppH2::new(addr.clone(), Duration::from_secs(1));
+        let all = (0..32).map(|_| conn.send(h2_get(&addr)));
+        for r in futures::future::join_all(all).await {
+            assert_eq!(read(r.unwrap()).await, "hi");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_closed_http2_connection_is_dialled_again() {
+        let (addr, accepted) = h2_app(2).await;
+        let conn = AppH2::new(addr.clone(), Duration::from_secs(1));
+        for i in 1..=6 {
+            assert_eq!(read(conn.send(h2_get(&addr)).await.unwrap()).await, "hi", "request {i}");
+            // Let the application's goodbye arrive before the next request.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3, "two requests per connection");
+    }
+
     #[tokio::test]
     async fn an_unreachable_application_is_an_error_that_says_so() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         drop(listener);
-        let pool = AppPool::new(addr, Duration::from_secs(1));
+        let pool = AppPool::new(addr.clone(), Duration::from_secs(1));
         let err = pool.send(get("/")).await.unwrap_err();
         assert!(matches!(err, AppRequestError::Connect(_)), "{err}");
         assert!(err.to_string().starts_with("connect failed"), "{err}");
+        let err = AppH2::new(addr.clone(), Duration::from_secs(1)).send(h2_get(&addr)).await.unwrap_err();
+        assert!(matches!(err, AppRequestError::Connect(_)), "{err}");
     }
 }

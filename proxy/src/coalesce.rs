@@ -103,14 +103,6 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
     }
 }
 
-impl<T: hyper_util::client::legacy::connect::Connection> hyper_util::client::legacy::connect::Connection
-    for Coalesce<T>
-{
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.io.connected()
-    }
-}
-
 impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();

@@ -3,20 +3,16 @@
 //! Client certificates are mandatory and verified against the trust bundle during the handshake;
 //! the verified SPIFFE ID is the caller. ALPN picks the mode: `trellis/h2` serves HTTP/2, checks
 //! each request with the [`Authorizer`], replaces any client-sent peer-identity header with the
-//! verified caller and forwards to the application through a pooled client; `trellis/tcp` checks
+//! verified caller and forwards to the application ([`crate::apppool`]); `trellis/tcp` checks
 //! the connection once and splices it to the application.
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -25,7 +21,7 @@ use tracing::Instrument;
 use trellis_proto::tls::peer_id;
 use trellis_proto::{ALPN_MESH_HTTP, ALPN_MESH_TCP, SpiffeId};
 
-use crate::apppool::AppPool;
+use crate::apppool::{AppH2, AppPool};
 use crate::authz::{Authorizer, Decision, InboundKind, RequestMeta};
 use crate::body::{self, Body, text};
 use crate::coalesce::Coalesce;
@@ -50,85 +46,13 @@ pub struct AppTarget {
     pub service: String,
 }
 
-/// Dials an HTTP/2 (gRPC) application. Its connection holds writes until a flush
-/// ([`Coalesce`]): a request's headers and body, and the requests of several streams, leave in
-/// one write.
-#[derive(Clone)]
-struct AppConnector {
-    http: HttpConnector,
-}
-
-/// A connection to the application. It carries no connection details for the client to copy
-/// into every response (nothing reads them, and copying them allocates).
-struct AppStream(TcpStream);
-
-impl hyper_util::client::legacy::connect::Connection for AppStream {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        hyper_util::client::legacy::connect::Connected::new()
-    }
-}
-
-impl tokio::io::AsyncRead for AppStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for AppStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-}
-
-impl tower_service::Service<Uri> for AppConnector {
-    type Response = TokioIo<Coalesce<AppStream>>;
-    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.http.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.http.call(uri);
-        Box::pin(async move {
-            let tcp = connecting.await?.into_inner();
-            Ok(TokioIo::new(Coalesce::new(AppStream(tcp))))
-        })
-    }
-}
-
 /// How requests reach the application.
 enum AppClient {
     /// Pooled HTTP/1.1 connections.
     Http1(Arc<AppPool>),
     /// One multiplexed HTTP/2 connection (gRPC), to the application's `host:port` as a URI
     /// authority (parsed once, shared by every request).
-    H2c { client: Box<Client<AppConnector, Body>>, authority: Authority },
+    H2c { conn: AppH2, authority: Authority },
 }
 
 /// The inbound side.
@@ -157,17 +81,10 @@ impl Inbound {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let client = app.as_ref().and_then(|a| match a.protocol {
-            AppProtocol::Grpc => {
-                let mut http = HttpConnector::new();
-                http.set_nodelay(true);
-                http.set_connect_timeout(Some(APP_CONNECT_TIMEOUT));
-                let client = Client::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .http2_only(true)
-                    .build(AppConnector { http });
-                Some(AppClient::H2c { client: Box::new(client), authority: a.addr.parse().ok()? })
-            }
+            AppProtocol::Grpc => Some(AppClient::H2c {
+                conn: AppH2::new(a.addr.clone(), APP_CONNECT_TIMEOUT),
+                authority: a.addr.parse().ok()?,
+            }),
             AppProtocol::Http | AppProtocol::Tcp => {
                 Some(AppClient::Http1(AppPool::new(a.addr.clone(), APP_CONNECT_TIMEOUT)))
             }
@@ -293,7 +210,7 @@ impl Inbound {
                     format!("trellis-proxy: the application address '{}' is not HOST:PORT; fix --app", app.addr),
                 );
             }
-            Some(AppClient::H2c { client, authority: app_authority }) => {
+            Some(AppClient::H2c { conn, authority: app_authority }) => {
                 // The same path and query, to the application: built from shared parts, not reparsed.
                 let mut uri = http::uri::Parts::default();
                 uri.scheme = Some(Scheme::HTTP);
@@ -306,7 +223,7 @@ impl Inbound {
                 parts.version = Version::HTTP_2;
                 parts.headers.remove(header::HOST);
                 let req = Request::from_parts(parts, body::boxed(incoming));
-                client.request(req).await.map(|r| r.map(body::boxed)).map_err(|e| e.to_string())
+                conn.send(req).await.map_err(|e| e.to_string())
             }
             Some(AppClient::Http1(pool)) => {
                 parts.uri = Uri::from(pq);

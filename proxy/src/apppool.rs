@@ -6,8 +6,9 @@
 //! read to the end and the connection is ready for another request; a response abandoned half-way
 //! takes its connection with it, since the rest of that body is still on the wire. An idle
 //! connection the application has closed is skipped, and a request that found its connection
-//! closed before any of it was written is sent again on another. Idle connections are closed
-//! after [`IDLE_TIMEOUT`], and at most [`MAX_IDLE`] are kept.
+//! closed before any of it was written is sent again on another. A connection idle for longer
+//! than [`IDLE_TIMEOUT`] is not used again and is closed at the next sweep (every half of that
+//! time); at most [`MAX_IDLE`] are kept.
 //!
 //! Compared with a general-purpose client this does no per-request URI or host lookup, spawns
 //! nothing per request and copies no connection details into responses: every request goes to
@@ -380,7 +381,7 @@ mod tests {
 
     /// The pool's connections come back once the conn task has seen the response end.
     async fn settle(pool: &AppPool, idle: usize) {
-        for _ in 0..100 {
+        for _ in 0..1000 {
             if pool.idle() == idle {
                 return;
             }
@@ -450,7 +451,14 @@ mod tests {
         });
         let pool = AppPool::new(addr, Duration::from_secs(1));
         assert_eq!(read(pool.send(get("/")).await.unwrap()).await, "hello");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        settle(&pool, 1).await;
+        // Until this side has seen the application close it (the pool holds it meanwhile).
+        let closed = || pool.idle.lock().unwrap().iter().all(|i| !i.sender.is_ready());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !closed() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(closed());
         assert_eq!(read(pool.send(get("/")).await.unwrap()).await, "hello");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -529,8 +537,15 @@ mod tests {
         let conn = AppH2::new(addr.clone(), Duration::from_secs(1));
         for i in 1..=6 {
             assert_eq!(read(conn.send(h2_get(&addr)).await.unwrap()).await, "hi", "request {i}");
-            // Let the application's goodbye arrive before the next request.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            if i % 2 == 0 {
+                // The application closes the connection after its second request: wait until
+                // this side has seen it go.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while conn.live().is_some() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                assert!(conn.live().is_none(), "the connection closed after request {i}");
+            }
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3, "two requests per connection");
     }

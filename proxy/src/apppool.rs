@@ -30,6 +30,7 @@ use tokio::time::Instant;
 
 use crate::body::{Body, BoxError};
 use crate::coalesce::Coalesce;
+use crate::metrics::Metrics;
 
 /// An idle connection older than this is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -59,6 +60,10 @@ pub struct AppPool {
     addr: String,
     connect_timeout: Duration,
     idle: Mutex<Vec<Idle>>,
+    /// `trellis_proxy_app_connections_total`.
+    opened: prometheus_client::metrics::counter::Counter,
+    /// `trellis_proxy_app_idle_connections`: the length of `idle`.
+    idle_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl std::fmt::Debug for AppPool {
@@ -68,11 +73,17 @@ impl std::fmt::Debug for AppPool {
 }
 
 impl AppPool {
-    /// A pool of connections to `addr` (`host:port`), each dialled within `connect_timeout`. It
-    /// starts a task that closes connections idle for longer than [`IDLE_TIMEOUT`]; the task ends
-    /// with the pool.
-    pub fn new(addr: String, connect_timeout: Duration) -> Arc<Self> {
-        let pool = Arc::new(Self { addr, connect_timeout, idle: Mutex::new(Vec::new()) });
+    /// A pool of connections to `addr` (`host:port`), each dialled within `connect_timeout`,
+    /// counted in `metrics`. It starts a task that closes connections idle for longer than
+    /// [`IDLE_TIMEOUT`]; the task ends with the pool.
+    pub fn new(addr: String, connect_timeout: Duration, metrics: &Metrics) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            addr,
+            connect_timeout,
+            idle: Mutex::new(Vec::new()),
+            opened: metrics.app_connections.clone(),
+            idle_gauge: metrics.app_idle_connections.clone(),
+        });
         tokio::spawn(sweep(Arc::downgrade(&pool)));
         pool
     }
@@ -112,17 +123,21 @@ impl AppPool {
     /// The most recently used idle connection that is still open and ready.
     fn checkout(&self) -> Option<SendRequest<Body>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut found = None;
         while let Some(Idle { sender, since }) = idle.pop() {
             if sender.is_ready() && since.elapsed() < IDLE_TIMEOUT {
-                return Some(sender);
+                found = Some(sender);
+                break;
             }
         }
-        None
+        self.idle_gauge.set(idle.len() as i64);
+        found
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, AppRequestError> {
         let tcp = dial(&self.addr, self.connect_timeout).await?;
         let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await.map_err(AppRequestError::Handshake)?;
+        self.opened.inc();
         let addr = self.addr.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -155,6 +170,7 @@ impl AppPool {
         if idle.len() < MAX_IDLE {
             idle.push(Idle { sender, since: Instant::now() });
         }
+        self.idle_gauge.set(idle.len() as i64);
     }
 
     /// Closes the connections idle for longer than [`IDLE_TIMEOUT`] (the oldest are first).
@@ -163,6 +179,7 @@ impl AppPool {
         let stale = idle.iter().take_while(|i| i.since.elapsed() >= IDLE_TIMEOUT).count();
         idle.drain(..stale);
         idle.retain(|i| !i.sender.is_closed());
+        self.idle_gauge.set(idle.len() as i64);
     }
 }
 
@@ -190,6 +207,8 @@ pub struct AppH2 {
     dialing: tokio::sync::Mutex<()>,
     /// Connections dialled so far (numbers them).
     dials: std::sync::atomic::AtomicU64,
+    /// `trellis_proxy_app_connections_total`.
+    opened: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for AppH2 {
@@ -199,14 +218,16 @@ impl std::fmt::Debug for AppH2 {
 }
 
 impl AppH2 {
-    /// A connection to `addr` (`host:port`), dialled on first use within `connect_timeout`.
-    pub fn new(addr: String, connect_timeout: Duration) -> Self {
+    /// A connection to `addr` (`host:port`), dialled on first use within `connect_timeout`,
+    /// counted in `metrics`.
+    pub fn new(addr: String, connect_timeout: Duration, metrics: &Metrics) -> Self {
         Self {
             addr,
             connect_timeout,
             current: Mutex::new(None),
             dialing: tokio::sync::Mutex::new(()),
             dials: std::sync::atomic::AtomicU64::new(0),
+            opened: metrics.app_connections.clone(),
         }
     }
 
@@ -251,6 +272,7 @@ impl AppH2 {
             .handshake(TokioIo::new(Coalesce::new(tcp)))
             .await
             .map_err(AppRequestError::Handshake)?;
+        self.opened.inc();
         let addr = self.addr.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -393,18 +415,21 @@ mod tests {
     #[tokio::test]
     async fn sequential_requests_share_one_connection() {
         let (addr, accepted) = app(false).await;
-        let pool = AppPool::new(addr, Duration::from_secs(1));
+        let metrics = Metrics::new();
+        let pool = AppPool::new(addr, Duration::from_secs(1), &metrics);
         for _ in 0..20 {
             assert_eq!(read(pool.send(get("/")).await.unwrap()).await, "hello");
         }
         settle(&pool, 1).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(metrics.app_connections.get(), 1);
+        assert_eq!(metrics.app_idle_connections.get(), 1);
     }
 
     #[tokio::test]
     async fn concurrent_requests_open_connections_that_are_then_reused() {
         let (addr, accepted) = app(false).await;
-        let pool = AppPool::new(addr, Duration::from_secs(1));
+        let pool = AppPool::new(addr, Duration::from_secs(1), &Metrics::new());
         let round = || async {
             let all = (0..8).map(|_| pool.send(get("/big")));
             let resps: Vec<_> = futures::future::join_all(all).await.into_iter().map(Result::unwrap).collect();
@@ -422,7 +447,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_application_closed_is_not_used_again() {
         let (addr, accepted) = app(true).await;
-        let pool = AppPool::new(addr, Duration::from_secs(1));
+        let pool = AppPool::new(addr, Duration::from_secs(1), &Metrics::new());
         for i in 1..=5 {
             assert_eq!(read(pool.send(get("/")).await.unwrap()).await, "hello", "request {i}");
         }
@@ -449,7 +474,7 @@ mod tests {
                 });
             }
         });
-        let pool = AppPool::new(addr, Duration::from_secs(1));
+        let pool = AppPool::new(addr, Duration::from_secs(1), &Metrics::new());
         assert_eq!(read(pool.send(get("/")).await.unwrap()).await, "hello");
         settle(&pool, 1).await;
         // Until this side has seen the application close it (the pool holds it meanwhile).
@@ -466,7 +491,7 @@ mod tests {
     #[tokio::test]
     async fn a_response_dropped_half_read_takes_its_connection_with_it() {
         let (addr, accepted) = app(false).await;
-        let pool = AppPool::new(addr, Duration::from_secs(1));
+        let pool = AppPool::new(addr, Duration::from_secs(1), &Metrics::new());
         let mut body = pool.send(get("/big")).await.unwrap().into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.is_data());
@@ -523,7 +548,7 @@ mod tests {
     #[tokio::test]
     async fn grpc_requests_share_one_http2_connection() {
         let (addr, accepted) = h2_app(usize::MAX >> 40).await;
-        let conn = AppH2::new(addr.clone(), Duration::from_secs(1));
+        let conn = AppH2::new(addr.clone(), Duration::from_secs(1), &Metrics::new());
         let all = (0..32).map(|_| conn.send(h2_get(&addr)));
         for r in futures::future::join_all(all).await {
             assert_eq!(read(r.unwrap()).await, "hi");
@@ -534,7 +559,8 @@ mod tests {
     #[tokio::test]
     async fn a_closed_http2_connection_is_dialled_again() {
         let (addr, accepted) = h2_app(2).await;
-        let conn = AppH2::new(addr.clone(), Duration::from_secs(1));
+        let metrics = Metrics::new();
+        let conn = AppH2::new(addr.clone(), Duration::from_secs(1), &metrics);
         for i in 1..=6 {
             assert_eq!(read(conn.send(h2_get(&addr)).await.unwrap()).await, "hi", "request {i}");
             if i % 2 == 0 {
@@ -548,6 +574,7 @@ mod tests {
             }
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3, "two requests per connection");
+        assert_eq!(metrics.app_connections.get(), 3);
     }
 
     #[tokio::test]
@@ -555,11 +582,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         drop(listener);
-        let pool = AppPool::new(addr.clone(), Duration::from_secs(1));
+        let pool = AppPool::new(addr.clone(), Duration::from_secs(1), &Metrics::new());
         let err = pool.send(get("/")).await.unwrap_err();
         assert!(matches!(err, AppRequestError::Connect(_)), "{err}");
         assert!(err.to_string().starts_with("connect failed"), "{err}");
-        let err = AppH2::new(addr.clone(), Duration::from_secs(1)).send(h2_get(&addr)).await.unwrap_err();
+        let err =
+            AppH2::new(addr.clone(), Duration::from_secs(1), &Metrics::new()).send(h2_get(&addr)).await.unwrap_err();
         assert!(matches!(err, AppRequestError::Connect(_)), "{err}");
     }
 }

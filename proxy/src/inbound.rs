@@ -82,11 +82,11 @@ impl Inbound {
     ) -> Arc<Self> {
         let client = app.as_ref().and_then(|a| match a.protocol {
             AppProtocol::Grpc => Some(AppClient::H2c {
-                conn: AppH2::new(a.addr.clone(), APP_CONNECT_TIMEOUT),
+                conn: AppH2::new(a.addr.clone(), APP_CONNECT_TIMEOUT, &metrics),
                 authority: a.addr.parse().ok()?,
             }),
             AppProtocol::Http | AppProtocol::Tcp => {
-                Some(AppClient::Http1(AppPool::new(a.addr.clone(), APP_CONNECT_TIMEOUT)))
+                Some(AppClient::Http1(AppPool::new(a.addr.clone(), APP_CONNECT_TIMEOUT, &metrics)))
             }
         });
         let label = app.as_ref().map(|a| a.service.as_str()).unwrap_or("none");

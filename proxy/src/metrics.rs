@@ -117,6 +117,10 @@ pub struct Metrics {
     pub gateway_up: Family<GatewayLabels, Gauge>,
     /// Round trip of the latest probe of each gateway, seconds.
     pub gateway_rtt: Family<GatewayLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Connections opened to the local application.
+    pub app_connections: Counter,
+    /// Idle pooled HTTP/1.1 connections to the local application.
+    pub app_idle_connections: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -179,7 +183,17 @@ impl Metrics {
         );
         let gateway_rtt = Family::<GatewayLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         registry.register("gateway_rtt_seconds", "Round trip of the latest probe of a gateway", gateway_rtt.clone());
+        let app_connections = Counter::default();
+        registry.register("app_connections", "Connections opened to the local application", app_connections.clone());
+        let app_idle_connections = Gauge::default();
+        registry.register(
+            "app_idle_connections",
+            "Idle pooled HTTP/1.1 connections to the local application",
+            app_idle_connections.clone(),
+        );
         Arc::new(Self {
+            app_connections,
+            app_idle_connections,
             registry,
             tier,
             tier_changes,

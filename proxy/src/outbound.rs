@@ -739,7 +739,6 @@ async fn hold_body(incoming: Incoming, deadline: Instant) -> Result<ReqBody, Res
     }
 }
 
-/// Turns the peer's response into one for the local client.
 /// A small body whole, with its trailers. A body that arrives in one frame (most do) is kept
 /// as that frame, not copied.
 async fn collect_small(mut incoming: Incoming) -> Result<(Bytes, Option<http::HeaderMap>), hyper::Error> {
@@ -760,6 +759,7 @@ async fn collect_small(mut incoming: Incoming) -> Result<(Bytes, Option<http::He
     Ok((more.map(bytes::BytesMut::freeze).unwrap_or(data), trailers))
 }
 
+/// Turns the peer's response into one for the local client.
 fn client_response(resp: Response<Body>, version: Version) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);

@@ -508,6 +508,38 @@ impl H2Pool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn targets_are_the_same_peer_when_address_identity_and_route_are() {
+        use std::hash::{BuildHasher, RandomState};
+        let ep = |id: &str, address: &str, identity: Option<&str>| {
+            Arc::new(Endpoint {
+                id: id.into(),
+                service: "api.default".parse().unwrap(),
+                cluster: "a".into(),
+                zone: String::new(),
+                region: String::new(),
+                gateways: Vec::new(),
+                via_gateways: false,
+                address: address.into(),
+                identity: identity.map(|i| i.parse().unwrap()),
+                healthy: true,
+                weight: 1,
+            })
+        };
+        let direct = |e: Arc<Endpoint>| Target { endpoint: e, via: None };
+        let id = Some("spiffe://trellis.local/ns/default/sa/api");
+        let a = direct(ep("a/default/api/1", "10.0.0.1:15006", id));
+        let hasher = RandomState::new();
+        // Another endpoint record for the same instance: the same peer, one pooled connection.
+        let same = direct(ep("a/default/api/other", "10.0.0.1:15006", id));
+        assert_eq!(a, same);
+        assert_eq!(hasher.hash_one(&a), hasher.hash_one(&same));
+        assert_ne!(a, direct(ep("a/default/api/1", "10.0.0.2:15006", id)), "another address");
+        assert_ne!(a, direct(ep("a/default/api/1", "10.0.0.1:15006", None)), "another identity");
+        let via = Via { gateway: "g:1".into(), authority: "api.default:80".into(), endpoint: "a/default/api/1".into() };
+        assert_ne!(a, Target { via: Some(via), ..a.clone() }, "through a gateway");
+    }
+
     const QUICK: Keepalive = Keepalive { interval: Duration::from_millis(50), timeout: Duration::from_millis(100) };
 
     /// A client connection over an in-memory pipe, driven with [`QUICK`] keepalives; the server

@@ -138,12 +138,7 @@ impl AppPool {
         let tcp = dial(&self.addr, self.connect_timeout).await?;
         let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await.map_err(AppRequestError::Handshake)?;
         self.opened.inc();
-        let addr = self.addr.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(app = %addr, error = %e, "application connection ended with an error");
-            }
-        });
+        drive(conn, self.addr.clone());
         Ok(sender)
     }
 
@@ -181,6 +176,18 @@ impl AppPool {
         idle.retain(|i| !i.sender.is_closed());
         self.idle_gauge.set(idle.len() as i64);
     }
+}
+
+/// Runs a connection to the application at `addr` until it ends.
+fn drive<C>(conn: C, addr: String)
+where
+    C: Future<Output = hyper::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(app = %addr, error = %e, "application connection ended with an error");
+        }
+    });
 }
 
 /// Dials `addr` within `timeout`, with Nagle off.
@@ -273,12 +280,7 @@ impl AppH2 {
             .await
             .map_err(AppRequestError::Handshake)?;
         self.opened.inc();
-        let addr = self.addr.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(app = %addr, error = %e, "application connection ended with an error");
-            }
-        });
+        drive(conn, self.addr.clone());
         let number = self.dials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((number, sender.clone()));
         Ok((number, sender))

@@ -66,11 +66,6 @@ impl<T> Coalesce<T> {
     pub fn direct(io: T) -> Self {
         Self { hold: false, ..Self::new(io) }
     }
-
-    /// Holds writes if `hold`, else [`Coalesce::direct`].
-    pub fn holding_if(io: T, hold: bool) -> Self {
-        if hold { Self::new(io) } else { Self::direct(io) }
-    }
 }
 
 impl<T: AsyncWrite + Unpin> Coalesce<T> {
@@ -272,7 +267,7 @@ mod tests {
     #[tokio::test]
     async fn direct_writes_go_straight_through() {
         let (a, mut b) = tokio::io::duplex(1 << 20);
-        let mut a = Coalesce::holding_if(a, false);
+        let mut a = Coalesce::direct(a);
         a.write_all(b"now").await.unwrap();
         let mut got = [0u8; 3];
         b.read_exact(&mut got).await.unwrap();

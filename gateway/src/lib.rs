@@ -40,7 +40,7 @@ use trellis_proxy::coalesce::Coalesce;
 use trellis_proxy::discovery::{DiscoveryTask, NodeInfo, View};
 use trellis_proxy::drain::Drain;
 use trellis_proxy::identity::{self, Signer};
-use trellis_proxy::routes::{Routes, ServiceName};
+use trellis_proxy::routes::{EndpointList, Routes, ServiceName};
 
 /// The header naming the endpoint the caller chose.
 pub const ENDPOINT_HEADER: &str = "trellis-endpoint";
@@ -226,7 +226,13 @@ async fn handle(
             format!("service {svc} is local to cluster {}: it is not exported to other clusters\n", shared.cluster),
         );
     }
-    let local: Vec<_> = routes.endpoints_of(&service).iter().filter(|e| e.cluster == shared.cluster).cloned().collect();
+    // A gateway's view holds its own cluster's endpoints: the list is used as it is (so the
+    // balancer keeps what it built for it) unless another cluster's endpoint is in it.
+    let local: EndpointList = match routes.endpoint_list(&service) {
+        Some(all) if all.iter().all(|e| e.cluster == shared.cluster) => all.clone(),
+        Some(all) => all.iter().filter(|e| e.cluster == shared.cluster).cloned().collect(),
+        None => EndpointList::from(Vec::new()),
+    };
     let wanted = req.headers().get(ENDPOINT_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
     let chosen = match &wanted {
         Some(id) => match local.iter().find(|e| &e.id == id) {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::routes::Endpoint;
+use crate::routes::{Endpoint, EndpointList, ServiceName};
 
 /// Estimate of an endpoint never used: neutral, neither preferred over nor starved by
 /// endpoints with real samples on a LAN (Linkerd uses the same default).
@@ -223,21 +223,273 @@ impl Drop for LoadGuard {
     }
 }
 
+/// Which endpoints this proxy can reach now, for a pick.
+#[derive(Clone, Copy)]
+pub struct Reach<'a> {
+    /// Changes whenever an answer of `reachable` may have changed (a gateway went down or came
+    /// back): see [`crate::gateways::GatewayHealth::generation`].
+    pub generation: u64,
+    /// False for an endpoint behind gateways that are all down.
+    pub reachable: &'a dyn Fn(&Endpoint) -> bool,
+}
+
+fn everywhere(_: &Endpoint) -> bool {
+    true
+}
+
+impl Reach<'static> {
+    /// Every endpoint is reachable, always.
+    pub fn everywhere() -> Self {
+        Self { generation: 0, reachable: &everywhere }
+    }
+}
+
+impl std::fmt::Debug for Reach<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reach").field("generation", &self.generation).finish_non_exhaustive()
+    }
+}
+
+/// A tier with more endpoints than this is drawn from; a smaller one is looked at whole. Also the
+/// most endpoints a pick draws before it looks at the whole tier.
+const DRAWS: usize = 16;
+
 /// Per-endpoint load state and the random source for choices.
+///
+/// A pick among a service's endpoints is power of two choices among the usable endpoints of the
+/// nearest tier that has one (see [`Balancer::pick_where`] for which are usable). A pick looks
+/// only at the nearest tiers: in a large tier it draws at random among the endpoints the
+/// control plane calls healthy, skipping those it cannot use, until it has two (the same two a
+/// look at every endpoint would have drawn, so the choice is the same); a small tier it looks
+/// at whole. The cost follows the draws and the size of the nearest tier, not the size of the
+/// service. When that cannot settle the choice (every usable endpoint of the nearest usable
+/// tier has failed lately, or nothing can be used at all), the pick looks at every endpoint.
 #[derive(Debug)]
 pub struct Balancer {
     state: Mutex<State>,
     /// This proxy's place, for locality tiers.
     locality: Locality,
+    /// Every pick looks at every endpoint (to compare, in tests).
+    always_scan: bool,
 }
 
 #[derive(Debug)]
 struct State {
     loads: HashMap<String, Arc<EndpointLoad>>,
     rng: fastrand::Rng,
-    /// Work space of one pick, kept between picks so that a pick allocates nothing.
+    /// What a pick needs of each service's current endpoint list, by service.
+    tables: HashMap<ServiceName, Table>,
+    /// Work space of one scan, kept between picks so that a pick allocates nothing.
     candidates: Vec<Candidate>,
     slots: Vec<Slot>,
+    /// Picks that looked at every endpoint.
+    scans: u64,
+}
+
+/// One service's endpoint list with what a pick needs beside it, built when the list, the
+/// region or the reachability of gateways changes.
+#[derive(Debug)]
+struct Table {
+    list: EndpointList,
+    region: String,
+    generation: u64,
+    /// The load of each endpoint of `list`, in its order.
+    loads: Vec<Arc<EndpointLoad>>,
+    /// The tier of each endpoint of `list`, in its order.
+    tiers: Vec<u8>,
+    /// Indices of the endpoints the control plane calls healthy, by tier (0 nearest).
+    healthy_by_tier: [Vec<u32>; 4],
+}
+
+impl Table {
+    fn fits(&self, list: &EndpointList, region: &str, generation: u64) -> bool {
+        Arc::ptr_eq(&self.list, list) && self.generation == generation && self.region == region
+    }
+
+    fn build(
+        list: &EndpointList,
+        region: &str,
+        reach: Reach<'_>,
+        locality: &Locality,
+        loads: &mut HashMap<String, Arc<EndpointLoad>>,
+        now: Instant,
+    ) -> Self {
+        // A service this proxy already sends to: its new endpoints are held back a moment.
+        let known = list.iter().any(|ep| loads.contains_key(ep.id.as_str()));
+        let mut table = Table {
+            list: list.clone(),
+            region: region.to_owned(),
+            generation: reach.generation,
+            loads: Vec::with_capacity(list.len()),
+            tiers: Vec::with_capacity(list.len()),
+            healthy_by_tier: Default::default(),
+        };
+        for (i, ep) in list.iter().enumerate() {
+            let load = match loads.get_mut(ep.id.as_str()) {
+                Some(load) => {
+                    if load.address != ep.address {
+                        // A new instance at a new address: the old one's failures are not its own.
+                        *load = Arc::new(EndpointLoad::new(now, ep, true));
+                    }
+                    load.clone()
+                }
+                None => {
+                    let load = Arc::new(EndpointLoad::new(now, ep, known));
+                    loads.insert(ep.id.clone(), load.clone());
+                    load
+                }
+            };
+            // Back to health, or reachable again (its gateway is back): held a moment. Health
+            // changes come with a new list and reachability with a new generation, so every
+            // change is seen here even by an endpoint that draws do not look at.
+            load.observe_health(ep.healthy && (reach.reachable)(ep), now);
+            let tier = locality.tier(ep, region);
+            if ep.healthy
+                && let Ok(i) = u32::try_from(i)
+            {
+                table.healthy_by_tier[usize::from(tier.min(3))].push(i);
+            }
+            table.loads.push(load);
+            table.tiers.push(tier);
+        }
+        table
+    }
+
+    /// The choice a scan would make, looking only at the nearest tiers: `None` when that needs
+    /// a look at every endpoint (the caller scans then).
+    ///
+    /// Tiers are taken nearest first, each with the endpoints the control plane calls healthy
+    /// (a tier without any cannot serve). A large tier is drawn from; a small one, or a large
+    /// one whose draws did not settle it, is looked at whole. A tier with nothing this pick
+    /// can use passes to the next.
+    fn nearest(
+        &self,
+        tried: &dyn Fn(&Endpoint) -> bool,
+        reach: Reach<'_>,
+        now: Instant,
+        rng: &mut fastrand::Rng,
+        candidates: &mut Vec<Candidate>,
+    ) -> Option<usize> {
+        for pool in self.healthy_by_tier.iter().filter(|t| !t.is_empty()) {
+            if pool.len() > DRAWS
+                && let Some(i) = self.drawn(pool, tried, reach, now, rng)
+            {
+                return Some(i);
+            }
+            candidates.clear();
+            let (mut usable, mut clean) = (false, false);
+            for &i in pool {
+                let (ep, load) = (&self.list[i as usize], &self.loads[i as usize]);
+                let reachable = (reach.reachable)(ep);
+                load.observe_health(ep.healthy && reachable, now);
+                let ok = reachable && !tried(ep) && !load.ejected(now);
+                let held = load.held(now);
+                usable |= ok;
+                clean |= ok && !held && load.failures.load(Ordering::Relaxed) == 0;
+                let mut candidate = load.candidate(ep, false, now);
+                candidate.excluded = !ok || held;
+                candidates.push(candidate);
+            }
+            if !usable {
+                continue;
+            }
+            if !clean {
+                // Whether held endpoints sit out depends on endpoints of other tiers.
+                return None;
+            }
+            return choose(candidates, rng).map(|k| pool[k] as usize);
+        }
+        None
+    }
+
+    /// Draws the two endpoints of a power-of-two choice among `pool`'s usable ones (skipping
+    /// the others), and chooses between them. `None` when the draws did not find two, or found
+    /// none that has not failed lately (with one, held endpoints sit out, so skipping them was
+    /// right).
+    fn drawn(
+        &self,
+        pool: &[u32],
+        tried: &dyn Fn(&Endpoint) -> bool,
+        reach: Reach<'_>,
+        now: Instant,
+        rng: &mut fastrand::Rng,
+    ) -> Option<usize> {
+        let mut found = [0usize; 2];
+        let mut n = 0;
+        let mut clean = false;
+        for _ in 0..DRAWS {
+            let i = pool[rng.usize(0..pool.len())] as usize;
+            if n == 1 && i == found[0] {
+                continue;
+            }
+            let (ep, load) = (&self.list[i], &self.loads[i]);
+            let reachable = (reach.reachable)(ep);
+            load.observe_health(ep.healthy && reachable, now);
+            if !reachable || tried(ep) || load.ejected(now) || load.held(now) {
+                continue;
+            }
+            clean |= load.failures.load(Ordering::Relaxed) == 0;
+            found[n] = i;
+            n += 1;
+            if n == 2 {
+                break;
+            }
+        }
+        if n < 2 || !clean {
+            return None;
+        }
+        let pair = found.map(|i| self.loads[i].candidate(&self.list[i], false, now));
+        choose(&pair, rng).map(|k| found[k])
+    }
+
+    /// Looks at every endpoint: the nearest tier with a usable endpoint, then a power-of-two
+    /// choice among its usable endpoints.
+    fn scan(
+        &self,
+        tried: &dyn Fn(&Endpoint) -> bool,
+        reach: Reach<'_>,
+        now: Instant,
+        rng: &mut fastrand::Rng,
+        candidates: &mut Vec<Candidate>,
+        slots: &mut Vec<Slot>,
+    ) -> Option<usize> {
+        candidates.clear();
+        slots.clear();
+        for ((ep, load), &tier) in self.list.iter().zip(&self.loads).zip(&self.tiers) {
+            let reachable = (reach.reachable)(ep);
+            load.observe_health(ep.healthy && reachable, now);
+            let mut candidate = load.candidate(ep, tried(ep), now);
+            candidate.excluded |= !reachable;
+            candidates.push(candidate);
+            slots.push(Slot {
+                reachable,
+                held: load.held(now),
+                clean: load.failures.load(Ordering::Relaxed) == 0,
+                tier,
+            });
+        }
+        if !candidates.iter().any(|c| c.healthy && !c.excluded) {
+            // Everything usable is set aside: trust the control plane's health rather than fail.
+            for ((c, ep), slot) in candidates.iter_mut().zip(self.list.iter()).zip(slots.iter()) {
+                c.healthy = ep.healthy && slot.reachable;
+            }
+        }
+        // Endpoints on hold sit out while another can serve that has not just failed.
+        if candidates.iter().zip(slots.iter()).any(|(c, s)| c.healthy && !c.excluded && !s.held && s.clean) {
+            for (c, s) in candidates.iter_mut().zip(slots.iter()) {
+                c.excluded |= s.held;
+            }
+        }
+        // The nearest tier that still has a usable endpoint; the others sit this pick out.
+        let best =
+            candidates.iter().zip(slots.iter()).filter(|(c, _)| c.healthy && !c.excluded).map(|(_, s)| s.tier).min()?;
+        for (c, s) in candidates.iter_mut().zip(slots.iter()) {
+            if s.tier != best {
+                c.excluded = true;
+            }
+        }
+        choose(candidates, rng)
+    }
 }
 
 /// What one pick notes about an endpoint besides its [`Candidate`].
@@ -284,8 +536,21 @@ impl Default for Balancer {
 impl Balancer {
     /// A balancer drawing from `rng`.
     pub fn new(rng: fastrand::Rng) -> Self {
-        let state = State { loads: HashMap::new(), rng, candidates: Vec::new(), slots: Vec::new() };
-        Self { state: Mutex::new(state), locality: Locality::default() }
+        let state = State {
+            loads: HashMap::new(),
+            rng,
+            tables: HashMap::new(),
+            candidates: Vec::new(),
+            slots: Vec::new(),
+            scans: 0,
+        };
+        Self { state: Mutex::new(state), locality: Locality::default(), always_scan: false }
+    }
+
+    /// This balancer, looking at every endpoint on every pick when `always` (to compare).
+    #[cfg(test)]
+    fn scanning(self, always: bool) -> Self {
+        Self { always_scan: always, ..self }
     }
 
     /// A balancer that prefers endpoints near `locality`.
@@ -294,7 +559,7 @@ impl Balancer {
     }
 
     /// Picks one of `endpoints`, skipping those whose id is in `tried`.
-    pub fn pick(&self, endpoints: &[Arc<Endpoint>], tried: &[String]) -> Option<(Arc<Endpoint>, Arc<EndpointLoad>)> {
+    pub fn pick(&self, endpoints: &EndpointList, tried: &[String]) -> Option<(Arc<Endpoint>, Arc<EndpointLoad>)> {
         self.pick_in(endpoints, tried, "")
     }
 
@@ -302,78 +567,44 @@ impl Balancer {
     /// region come before the rest.
     pub fn pick_in(
         &self,
-        endpoints: &[Arc<Endpoint>],
+        endpoints: &EndpointList,
         tried: &[String],
         region: &str,
     ) -> Option<(Arc<Endpoint>, Arc<EndpointLoad>)> {
-        self.pick_where(endpoints, &|ep| tried.contains(&ep.id), region, &|_| true)
+        self.pick_where(endpoints, &|ep| tried.contains(&ep.id), region, Reach::everywhere())
     }
 
     /// As [`Balancer::pick_in`], skipping the endpoints `tried` says this request already tried,
-    /// among the endpoints this proxy can reach now (`reachable`: false for an endpoint behind
-    /// gateways that are all down). Allocates nothing once the service's endpoints are known.
+    /// among the endpoints this proxy can reach now. An endpoint is usable when the control
+    /// plane calls it healthy, it is reachable, not tried, and not set aside for failing; one
+    /// held back (new, or just back) sits out while another usable one has not failed lately.
+    /// When nothing is usable, an endpoint set aside for failing is used rather than none.
+    ///
+    /// All `endpoints` are of one service. Allocates nothing once the list has been seen.
     pub fn pick_where(
         &self,
-        endpoints: &[Arc<Endpoint>],
+        endpoints: &EndpointList,
         tried: &dyn Fn(&Endpoint) -> bool,
         region: &str,
-        reachable: &dyn Fn(&Endpoint) -> bool,
+        reach: Reach<'_>,
     ) -> Option<(Arc<Endpoint>, Arc<EndpointLoad>)> {
+        let service = &endpoints.first()?.service;
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let State { loads, rng, candidates, slots } = &mut *state;
-        candidates.clear();
-        slots.clear();
-        // A service this proxy already sends to: its new endpoints are held back a moment.
-        let known = endpoints.iter().any(|ep| loads.contains_key(ep.id.as_str()));
-        for ep in endpoints {
-            let reachable = reachable(ep);
-            let load = match loads.get_mut(ep.id.as_str()) {
-                Some(load) => {
-                    if load.address != ep.address {
-                        // A new instance at a new address: the old one's failures are not its own.
-                        *load = Arc::new(EndpointLoad::new(now, ep, true));
-                    }
-                    load
-                }
-                None => loads.entry(ep.id.clone()).or_insert_with(|| Arc::new(EndpointLoad::new(now, ep, known))),
-            };
-            // Back to health, or reachable again (its gateway is back): held a moment.
-            load.observe_health(ep.healthy && reachable, now);
-            let mut candidate = load.candidate(ep, tried(ep), now);
-            candidate.excluded |= !reachable;
-            candidates.push(candidate);
-            slots.push(Slot {
-                reachable,
-                held: load.held(now),
-                clean: load.failures.load(Ordering::Relaxed) == 0,
-                tier: self.locality.tier(ep, region),
-            });
+        let State { loads, rng, tables, candidates, slots, .. } = &mut *state;
+        if !tables.get(service).is_some_and(|t| t.fits(endpoints, region, reach.generation)) {
+            let table = Table::build(endpoints, region, reach, &self.locality, loads, now);
+            tables.insert(service.clone(), table);
         }
-        if !candidates.iter().any(|c| c.healthy && !c.excluded) {
-            // Everything usable is set aside: trust the control plane's health rather than fail.
-            for ((c, ep), slot) in candidates.iter_mut().zip(endpoints).zip(slots.iter()) {
-                c.healthy = ep.healthy && slot.reachable;
-            }
-        }
-        // Endpoints on hold sit out while another can serve that has not just failed.
-        if candidates.iter().zip(slots.iter()).any(|(c, s)| c.healthy && !c.excluded && !s.held && s.clean) {
-            for (c, s) in candidates.iter_mut().zip(slots.iter()) {
-                c.excluded |= s.held;
-            }
-        }
-        // The nearest tier that still has a usable endpoint; the others sit this pick out.
-        let best =
-            candidates.iter().zip(slots.iter()).filter(|(c, _)| c.healthy && !c.excluded).map(|(_, s)| s.tier).min()?;
-        for (c, s) in candidates.iter_mut().zip(slots.iter()) {
-            if s.tier != best {
-                c.excluded = true;
-            }
-        }
-        let i = choose(candidates, rng)?;
-        let ep = &endpoints[i];
-        let load = loads.get(ep.id.as_str())?.clone();
-        Some((ep.clone(), load))
+        let table = tables.get(service)?;
+        let drawn = if self.always_scan { None } else { table.nearest(tried, reach, now, rng, candidates) };
+        let (i, scanned) = match drawn {
+            Some(i) => (Some(i), false),
+            None => (table.scan(tried, reach, now, rng, candidates, slots), true),
+        };
+        let picked = i.map(|i| (endpoints[i].clone(), table.loads[i].clone()));
+        state.scans += u64::from(scanned);
+        picked
     }
 
     /// The tier of `ep` for this proxy, in `region` (see [`Locality::tier`]).
@@ -381,9 +612,11 @@ impl Balancer {
         self.locality.tier(ep, region)
     }
 
-    /// Forgets endpoints that are no longer known.
+    /// Forgets endpoints that are no longer known, and the lists that held them.
     pub fn retain(&self, live: &dyn Fn(&str) -> bool) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).loads.retain(|id, _| live(id));
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.loads.retain(|id, _| live(id));
+        state.tables.retain(|_, t| t.list.iter().all(|ep| live(&ep.id)));
     }
 }
 
@@ -475,6 +708,40 @@ mod tests {
         assert!(slow_picks < 100, "slow endpoint picked {slow_picks} times of 10000");
     }
 
+    /// The behaviour tests below run twice: picks that look at every endpoint, and picks that
+    /// look at the nearest tiers (as in use), which must behave the same.
+    macro_rules! scanned_and_drawn {
+        ($($name:ident),* $(,)?) => {
+            mod scanned {
+                $(#[test]
+                fn $name() {
+                    super::$name(true)
+                })*
+            }
+            mod nearest_tiers {
+                $(#[test]
+                fn $name() {
+                    super::$name(false)
+                })*
+            }
+        };
+    }
+
+    scanned_and_drawn!(
+        balancer_moves_away_from_failures,
+        nearest_tier_first_then_failover,
+        other_clusters_of_the_region_come_before_other_regions,
+        an_endpoint_that_keeps_failing_is_set_aside_and_the_next_tier_serves,
+        a_recovered_nearer_endpoint_takes_traffic_back_only_after_the_hold,
+        new_endpoints_of_a_known_service_start_after_the_hold_but_not_the_first_ones,
+        an_endpoint_at_a_new_address_starts_with_a_clean_record,
+        unreachable_endpoints_are_skipped_and_held_when_they_come_back,
+    );
+
+    fn near_a(scan_all: bool) -> Balancer {
+        Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() }).scanning(scan_all)
+    }
+
     #[test]
     fn excluded_endpoints_are_skipped() {
         let mut rng = fastrand::Rng::with_seed(3);
@@ -507,8 +774,7 @@ mod tests {
         assert!((fresh.get(t0) - 0.001).abs() < 1e-9);
     }
 
-    #[test]
-    fn balancer_moves_away_from_failures() {
+    fn balancer_moves_away_from_failures(scan_all: bool) {
         let ep = |id: &str| {
             Arc::new(Endpoint {
                 id: id.into(),
@@ -524,8 +790,8 @@ mod tests {
                 weight: 1,
             })
         };
-        let eps = vec![ep("a"), ep("b")];
-        let b = Balancer::new(fastrand::Rng::with_seed(9));
+        let eps: EndpointList = vec![ep("a"), ep("b")].into();
+        let b = Balancer::new(fastrand::Rng::with_seed(9)).scanning(scan_all);
         let (first, load) = b.pick(&eps, &[]).unwrap();
         load.start().failure();
         for _ in 0..1000 {
@@ -536,8 +802,7 @@ mod tests {
         assert_ne!(retry.id, first.id);
     }
 
-    #[test]
-    fn nearest_tier_first_then_failover() {
+    fn nearest_tier_first_then_failover(scan_all: bool) {
         let ep = |id: &str, cluster: &str, zone: &str, healthy: bool| {
             Arc::new(Endpoint {
                 id: id.into(),
@@ -553,8 +818,9 @@ mod tests {
                 weight: 1,
             })
         };
-        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
-        let eps = vec![ep("remote", "b", "z1", true), ep("other-zone", "a", "z2", true), ep("near", "a", "z1", true)];
+        let b = near_a(scan_all);
+        let eps: EndpointList =
+            vec![ep("remote", "b", "z1", true), ep("other-zone", "a", "z2", true), ep("near", "a", "z1", true)].into();
         for _ in 0..20 {
             assert_eq!(b.pick(&eps, &[]).unwrap().0.id, "near");
         }
@@ -562,12 +828,11 @@ mod tests {
         assert_eq!(b.pick(&eps, &["near".into()]).unwrap().0.id, "other-zone");
         assert_eq!(b.pick(&eps, &["near".into(), "other-zone".into()]).unwrap().0.id, "remote");
         // Unhealthy local endpoints fail over to the remote cluster.
-        let eps = vec![ep("remote", "b", "z1", true), ep("near", "a", "z1", false)];
+        let eps: EndpointList = vec![ep("remote", "b", "z1", true), ep("near", "a", "z1", false)].into();
         assert_eq!(b.pick(&eps, &[]).unwrap().0.id, "remote");
     }
 
-    #[test]
-    fn other_clusters_of_the_region_come_before_other_regions() {
+    fn other_clusters_of_the_region_come_before_other_regions(scan_all: bool) {
         let ep = |id: &str, cluster: &str, region: &str| {
             Arc::new(Endpoint {
                 id: id.into(),
@@ -583,8 +848,8 @@ mod tests {
                 weight: 1,
             })
         };
-        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
-        let eps = vec![ep("far", "c", "eu"), ep("same-region", "b", "us"), ep("local", "a", "us")];
+        let b = near_a(scan_all);
+        let eps: EndpointList = vec![ep("far", "c", "eu"), ep("same-region", "b", "us"), ep("local", "a", "us")].into();
         let tried = ["local".to_string()];
         for _ in 0..20 {
             assert_eq!(b.pick_in(&eps, &tried, "us").unwrap().0.id, "same-region");
@@ -596,8 +861,7 @@ mod tests {
         assert_eq!(picked.len(), 2, "{picked:?}");
     }
 
-    #[test]
-    fn an_endpoint_that_keeps_failing_is_set_aside_and_the_next_tier_serves() {
+    fn an_endpoint_that_keeps_failing_is_set_aside_and_the_next_tier_serves(scan_all: bool) {
         let ep = |id: &str, cluster: &str| {
             Arc::new(Endpoint {
                 id: id.into(),
@@ -613,8 +877,8 @@ mod tests {
                 weight: 1,
             })
         };
-        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
-        let eps = vec![ep("near", "a"), ep("remote", "b")];
+        let b = near_a(scan_all);
+        let eps: EndpointList = vec![ep("near", "a"), ep("remote", "b")].into();
         for _ in 0..EJECT_AFTER {
             let (got, load) = b.pick(&eps, &[]).unwrap();
             assert_eq!(got.id, "near");
@@ -622,7 +886,7 @@ mod tests {
         }
         assert_eq!(b.pick(&eps, &[]).unwrap().0.id, "remote", "the failing endpoint is set aside");
         // With only the failing endpoint left, it is still used rather than failing outright.
-        assert_eq!(b.pick(&eps[..1], &[]).unwrap().0.id, "near");
+        assert_eq!(b.pick(&EndpointList::from(&eps[..1]), &[]).unwrap().0.id, "near");
     }
 
     fn endpoint(id: &str, cluster: &str, address: &str, healthy: bool) -> Arc<Endpoint> {
@@ -641,15 +905,14 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_recovered_nearer_endpoint_takes_traffic_back_only_after_the_hold() {
-        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
+    fn a_recovered_nearer_endpoint_takes_traffic_back_only_after_the_hold(scan_all: bool) {
+        let b = near_a(scan_all);
         let remote = endpoint("b/1", "b", "10.0.2.1:1", true);
         // a's backend is down: b serves.
-        let eps = vec![endpoint("a/1", "a", "10.0.1.1:1", false), remote.clone()];
+        let eps: EndpointList = vec![endpoint("a/1", "a", "10.0.1.1:1", false), remote.clone()].into();
         assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "b/1");
         // It is healthy again: held while b can serve.
-        let eps = vec![endpoint("a/1", "a", "10.0.1.1:1", true), remote.clone()];
+        let eps: EndpointList = vec![endpoint("a/1", "a", "10.0.1.1:1", true), remote.clone()].into();
         for _ in 0..20 {
             assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "b/1", "failback waits for the hold");
         }
@@ -661,26 +924,25 @@ mod tests {
         assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "a/1");
     }
 
-    #[test]
-    fn new_endpoints_of_a_known_service_start_after_the_hold_but_not_the_first_ones() {
-        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
-        let first = vec![endpoint("a/1", "a", "10.0.1.1:1", true)];
+    fn new_endpoints_of_a_known_service_start_after_the_hold_but_not_the_first_ones(scan_all: bool) {
+        let b = near_a(scan_all);
+        let first: EndpointList = vec![endpoint("a/1", "a", "10.0.1.1:1", true)].into();
         assert_eq!(b.pick_in(&first, &[], "us").unwrap().0.id, "a/1");
-        let more = vec![first[0].clone(), endpoint("a/2", "a", "10.0.1.2:1", true)];
+        let more: EndpointList = vec![first[0].clone(), endpoint("a/2", "a", "10.0.1.2:1", true)].into();
         for _ in 0..20 {
             assert_eq!(b.pick_in(&more, &[], "us").unwrap().0.id, "a/1");
         }
         // A service seen for the first time: every endpoint serves at once.
-        let fresh = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
+        let fresh = near_a(scan_all);
         let picked: std::collections::BTreeSet<String> =
             (0..100).map(|_| fresh.pick_in(&more, &[], "us").unwrap().0.id.clone()).collect();
         assert_eq!(picked.len(), 2);
     }
 
-    #[test]
-    fn an_endpoint_at_a_new_address_starts_with_a_clean_record() {
-        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
-        let eps = vec![endpoint("a/1", "a", "10.0.1.1:1", true), endpoint("b/1", "b", "10.0.2.1:1", true)];
+    fn an_endpoint_at_a_new_address_starts_with_a_clean_record(scan_all: bool) {
+        let b = near_a(scan_all);
+        let eps: EndpointList =
+            vec![endpoint("a/1", "a", "10.0.1.1:1", true), endpoint("b/1", "b", "10.0.2.1:1", true)].into();
         for _ in 0..EJECT_AFTER {
             let (got, load) = b.pick_in(&eps, &[], "us").unwrap();
             assert_eq!(got.id, "a/1");
@@ -688,7 +950,7 @@ mod tests {
         }
         assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "b/1", "ejected");
         // Restarted elsewhere: not ejected, held a moment, then serving.
-        let moved = vec![endpoint("a/1", "a", "10.0.1.1:2", true), eps[1].clone()];
+        let moved: EndpointList = vec![endpoint("a/1", "a", "10.0.1.1:2", true), eps[1].clone()].into();
         assert_eq!(b.pick_in(&moved, &[], "us").unwrap().0.id, "b/1");
         let load = b.state.lock().unwrap().loads.get("a/1").unwrap().clone();
         assert!(!load.ejected(Instant::now()));
@@ -696,21 +958,174 @@ mod tests {
         assert_eq!(b.pick_in(&moved, &[], "us").unwrap().0.id, "a/1");
     }
 
-    #[test]
-    fn unreachable_endpoints_are_skipped_and_held_when_they_come_back() {
-        let b = Balancer::with_locality(Locality { cluster: "a".into(), zone: "z1".into() });
-        let eps = vec![endpoint("b/1", "b", "10.0.2.1:1", true), {
+    fn unreachable_endpoints_are_skipped_and_held_when_they_come_back(scan_all: bool) {
+        let b = near_a(scan_all);
+        let eps: EndpointList = vec![endpoint("b/1", "b", "10.0.2.1:1", true), {
             let mut e = (*endpoint("c/1", "c", "10.0.3.1:1", true)).clone();
             e.region = "eu".into();
             Arc::new(e)
-        }];
+        }]
+        .into();
         assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "b/1", "same region first");
         let no_b = |e: &Endpoint| e.cluster != "b";
+        let without_b = Reach { generation: 1, reachable: &no_b };
         for _ in 0..20 {
-            assert_eq!(b.pick_where(&eps, &|_| false, "us", &no_b).unwrap().0.id, "c/1");
+            assert_eq!(b.pick_where(&eps, &|_| false, "us", without_b).unwrap().0.id, "c/1");
         }
-        assert!(b.pick_where(&eps[..1], &|_| false, "us", &no_b).is_none(), "never an unreachable endpoint");
+        assert!(
+            b.pick_where(&EndpointList::from(&eps[..1]), &|_| false, "us", without_b).is_none(),
+            "never an unreachable endpoint"
+        );
         // b's gateway is back: b waits for the hold while c serves.
         assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "c/1");
+    }
+
+    /// A service of 1,000 endpoints: `near` of them in this proxy's zone, the rest in other
+    /// clusters of the region ("b") and beyond ("c").
+    fn large(near: usize, healthy_near: bool) -> EndpointList {
+        service_of(1_000, near, healthy_near)
+    }
+
+    /// A service of `n` endpoints laid out as [`large`]'s.
+    fn service_of(n: usize, near: usize, healthy_near: bool) -> EndpointList {
+        (0..n)
+            .map(|i| {
+                let (cluster, region) = match i {
+                    i if i < near => ("a", "us"),
+                    i if i % 2 == 0 => ("b", "us"),
+                    _ => ("c", "eu"),
+                };
+                Arc::new(Endpoint {
+                    id: format!("{cluster}/{i}"),
+                    service: "api.default".parse().unwrap(),
+                    cluster: cluster.into(),
+                    zone: "z1".into(),
+                    region: region.into(),
+                    gateways: if cluster == "a" { Vec::new() } else { vec![format!("gw-{cluster}")] },
+                    via_gateways: cluster != "a",
+                    address: format!("10.0.{}.{}:1", i / 250, i % 250),
+                    identity: None,
+                    healthy: cluster != "a" || healthy_near,
+                    weight: 1,
+                })
+            })
+            .collect()
+    }
+
+    fn scans(b: &Balancer) -> u64 {
+        b.state.lock().unwrap().scans
+    }
+
+    #[test]
+    fn a_large_service_is_drawn_from_evenly_in_the_nearest_tier_without_scanning() {
+        let b = near_a(false);
+        let eps = large(100, true);
+        let mut counts = HashMap::<String, u32>::new();
+        // No samples: every endpoint keeps the same estimate, so the choice is even.
+        for _ in 0..20_000 {
+            let (ep, _) = b.pick_in(&eps, &[], "us").unwrap();
+            *counts.entry(ep.id.clone()).or_default() += 1;
+        }
+        assert_eq!(scans(&b), 0, "every pick settled by its draws");
+        assert_eq!(counts.len(), 100, "only the 100 endpoints of this zone, each of them");
+        assert!(counts.keys().all(|id| id.starts_with("a/")));
+        // About 200 each.
+        let (lo, hi) = (counts.values().min().unwrap(), counts.values().max().unwrap());
+        assert!(*lo >= 100 && *hi <= 320, "spread {lo}..{hi}");
+        // A retry skips the endpoint it tried.
+        let tried: Vec<String> = (0..99).map(|i| format!("a/{i}")).collect();
+        for _ in 0..20 {
+            assert_eq!(b.pick_in(&eps, &tried, "us").unwrap().0.id, "a/99");
+        }
+    }
+
+    #[test]
+    fn drawing_chooses_as_scanning_does() {
+        // 64 endpoints of one zone in four groups of latency: each group's share of the picks
+        // is the same whether the picks scan or draw.
+        let eps = service_of(128, 64, true);
+        let shares = |scan_all: bool| {
+            let b = near_a(scan_all);
+            b.pick_in(&eps, &[], "us").unwrap();
+            for (i, ep) in eps.iter().take(64).enumerate() {
+                let load = b.state.lock().unwrap().loads.get(&ep.id).unwrap().clone();
+                load.record(Duration::from_millis([1, 2, 5, 20][i % 4]));
+            }
+            let mut groups = [0u32; 4];
+            for _ in 0..40_000 {
+                let (ep, _) = b.pick_in(&eps, &[], "us").unwrap();
+                let i: usize = ep.id.trim_start_matches("a/").parse().unwrap();
+                groups[i % 4] += 1;
+            }
+            (groups.map(|g| f64::from(g) / 40_000.0), scans(&b))
+        };
+        let (scanned, scans_when_scanning) = shares(true);
+        let (drawn, scans_when_drawing) = shares(false);
+        assert_eq!(scans_when_drawing, 0);
+        assert!(scans_when_scanning >= 40_000);
+        // Power of two choices: the fastest group wins unless both draws are slower, so the
+        // shares fall steeply; the slowest group is picked only against itself.
+        assert!(scanned[0] > 0.4 && scanned[3] < 0.1, "{scanned:?}");
+        for (s, d) in scanned.iter().zip(&drawn) {
+            assert!((s - d).abs() < 0.02, "scanned {scanned:?}, drawn {drawn:?}");
+        }
+    }
+
+    #[test]
+    fn a_small_nearest_tier_of_a_large_service_is_looked_at_whole() {
+        let b = near_a(false);
+        let eps = large(3, true);
+        let mut picked = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            picked.insert(b.pick_in(&eps, &[], "us").unwrap().0.id.clone());
+        }
+        assert_eq!(picked, ["a/0", "a/1", "a/2"].map(String::from).into());
+        // Two of them tried: the third, then the next tier.
+        assert_eq!(b.pick_in(&eps, &["a/0".into(), "a/1".into()], "us").unwrap().0.id, "a/2");
+        let all: Vec<String> = (0..3).map(|i| format!("a/{i}")).collect();
+        assert_eq!(b.pick_in(&eps, &all, "us").unwrap().0.cluster, "b");
+        assert_eq!(scans(&b), 0);
+    }
+
+    #[test]
+    fn a_large_service_whose_zone_is_down_is_drawn_from_in_the_region_without_scanning() {
+        let b = near_a(false);
+        let eps = large(100, false);
+        for _ in 0..2_000 {
+            let (ep, load) = b.pick_in(&eps, &[], "us").unwrap();
+            assert_eq!(ep.cluster, "b");
+            load.start().success();
+        }
+        assert_eq!(scans(&b), 0);
+    }
+
+    #[test]
+    fn a_large_service_behind_a_gateway_that_goes_down_and_comes_back() {
+        let b = near_a(false);
+        let eps = large(0, true);
+        let no_b = |e: &Endpoint| e.cluster != "b";
+        let down = Reach { generation: 1, reachable: &no_b };
+        let up = Reach { generation: 2, reachable: &everywhere };
+        assert_eq!(b.pick_where(&eps, &|_| false, "us", Reach { generation: 0, ..up }).unwrap().0.cluster, "b");
+        // b's gateway is down: c serves, and b's tier is passed over without a look at c's.
+        let before = scans(&b);
+        for _ in 0..50 {
+            assert_eq!(b.pick_where(&eps, &|_| false, "us", down).unwrap().0.cluster, "c");
+        }
+        assert_eq!(scans(&b), before);
+        // Back: all of b's endpoints were seen to go and come back, even those never drawn, so
+        // they are held while c serves.
+        for _ in 0..50 {
+            assert_eq!(b.pick_where(&eps, &|_| false, "us", up).unwrap().0.cluster, "c", "b waits for the hold");
+        }
+        let loads: Vec<_> = b.state.lock().unwrap().loads.values().cloned().collect();
+        for load in loads {
+            *load.held_until.lock().unwrap() = None;
+        }
+        let before = scans(&b);
+        for _ in 0..50 {
+            assert_eq!(b.pick_where(&eps, &|_| false, "us", up).unwrap().0.cluster, "b");
+        }
+        assert_eq!(scans(&b), before, "drawn again once b serves");
     }
 }

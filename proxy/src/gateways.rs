@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::future::Future as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -89,12 +89,20 @@ pub enum Way {
 pub struct GatewayHealth {
     states: Mutex<HashMap<String, GatewayState>>,
     metrics: Arc<Metrics>,
+    /// Counts the gateways that went down or came back (see [`GatewayHealth::generation`]).
+    changes: AtomicU64,
 }
 
 impl GatewayHealth {
     /// Health reported in `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self { states: Mutex::new(HashMap::new()), metrics })
+        Arc::new(Self { states: Mutex::new(HashMap::new()), metrics, changes: AtomicU64::new(0) })
+    }
+
+    /// A number that changes whenever a gateway goes down or comes back, that is whenever an
+    /// answer of [`GatewayHealth::reachable`] may change.
+    pub fn generation(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 
     /// May tunnels go through `gateway`?
@@ -110,8 +118,15 @@ impl GatewayHealth {
     fn set(&self, gateway: &str, up: bool, rtt: Option<Duration>, used: bool) {
         let now = Instant::now();
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        let s = states.entry(gateway.to_string()).or_insert(GatewayState { up, last_used: now, rtt: None });
+        let s = states.entry(gateway.to_string()).or_insert_with(|| {
+            if !up {
+                // A gateway never seen was presumed up.
+                self.changes.fetch_add(1, Ordering::AcqRel);
+            }
+            GatewayState { up, last_used: now, rtt: None }
+        });
         if s.up != up {
+            self.changes.fetch_add(1, Ordering::AcqRel);
             if up {
                 tracing::info!(%gateway, "gateway is back");
             } else {
@@ -154,8 +169,12 @@ impl GatewayHealth {
     fn to_probe(&self, known: &dyn Fn(&str) -> bool) -> Vec<String> {
         let now = Instant::now();
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        states.retain(|g, _| {
+        states.retain(|g, s| {
             let keep = known(g);
+            if !keep && !s.up {
+                // Forgotten, it would be presumed up again.
+                self.changes.fetch_add(1, Ordering::AcqRel);
+            }
             if !keep {
                 let labels = GatewayLabels { gateway: g.clone() };
                 self.metrics.gateway_up.remove(&labels);

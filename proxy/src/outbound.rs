@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::balance::{Balancer, EndpointLoad as LoadHandle, LoadGuard, Locality};
+use crate::balance::{Balancer, EndpointLoad as LoadHandle, LoadGuard, Locality, Reach};
 use crate::body::{self, Body, text};
 use crate::coalesce::Coalesce;
 use crate::detect::{FirstByte, Protocol, sniff};
@@ -216,7 +216,8 @@ impl Outbound {
     /// Picks an endpoint of `up`'s service this proxy can reach now.
     fn pick(&self, up: &Upstream, routes: &Routes, tried: &Tried) -> Option<(Arc<Endpoint>, Arc<LoadHandle>)> {
         let reachable = |ep: &Endpoint| self.gateways.reachable(ep, &self.cluster);
-        self.balancer.pick_where(routes.endpoints_of(&up.service), &|ep| tried.contains(ep), &routes.region, &reachable)
+        let reach = Reach { generation: self.gateways.generation(), reachable: &reachable };
+        self.balancer.pick_where(routes.endpoint_list(&up.service)?, &|ep| tried.contains(ep), &routes.region, reach)
     }
 
     /// Records that `ep` served a first attempt to `up`'s service: the tier in use, and a

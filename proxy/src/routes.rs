@@ -227,6 +227,10 @@ impl Endpoint {
     }
 }
 
+/// A service's endpoints as [`Routes`] hold them: shared, and replaced rather than changed when
+/// the service's endpoints change, so a balancer knows a list it has already seen.
+pub type EndpointList = Arc<[Arc<Endpoint>]>;
+
 /// Everything the proxy currently routes on. Cheap to share: readers hold an `Arc`.
 #[derive(Debug, Clone, Default)]
 pub struct Routes {
@@ -243,7 +247,7 @@ pub struct Routes {
     /// The services whose endpoints the control plane sends this proxy (a scoped view), as it
     /// confirmed them; `None`: every endpoint the proxy may see.
     pub scope: Option<BTreeSet<ServiceName>>,
-    by_service: BTreeMap<ServiceName, Vec<Arc<Endpoint>>>,
+    by_service: BTreeMap<ServiceName, EndpointList>,
     by_vip: HashMap<std::net::Ipv4Addr, ServiceName>,
 }
 
@@ -259,7 +263,13 @@ pub struct Applied {
 impl Routes {
     /// Every endpoint of `service`, healthy or not.
     pub fn endpoints_of(&self, service: &ServiceName) -> &[Arc<Endpoint>] {
-        self.by_service.get(service).map(Vec::as_slice).unwrap_or(&[])
+        self.by_service.get(service).map_or(&[], |l| l)
+    }
+
+    /// The endpoints of `service` as one shared list, which stays the same list (the same `Arc`)
+    /// across updates that leave the service's endpoints as they were. `None`: it has none.
+    pub fn endpoint_list(&self, service: &ServiceName) -> Option<&EndpointList> {
+        self.by_service.get(service)
     }
 
     /// The service with virtual address `vip`, if any (transparent mode).
@@ -347,15 +357,30 @@ impl Routes {
             by_service: BTreeMap::new(),
             by_vip: HashMap::new(),
         };
-        routes.reindex();
+        routes.reindex(self);
         Applied { routes, rejected }
     }
 
-    fn reindex(&mut self) {
-        self.by_service.clear();
+    /// Indexes the endpoints by service, keeping `before`'s list of a service whose endpoints
+    /// are the same ones in the same order.
+    fn reindex(&mut self, before: &Routes) {
+        let mut lists: BTreeMap<&ServiceName, Vec<Arc<Endpoint>>> = BTreeMap::new();
         for ep in self.endpoints.values() {
-            self.by_service.entry(ep.service.clone()).or_default().push(ep.clone());
+            lists.entry(&ep.service).or_default().push(ep.clone());
         }
+        let same = |a: &[Arc<Endpoint>], b: &[Arc<Endpoint>]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
+        };
+        self.by_service = lists
+            .into_iter()
+            .map(|(name, list)| {
+                let list = match before.by_service.get(name) {
+                    Some(old) if same(old, &list) => old.clone(),
+                    _ => EndpointList::from(list),
+                };
+                (name.clone(), list)
+            })
+            .collect();
         self.by_vip = self.services.values().filter_map(|s| Some((s.vip?, s.name.clone()))).collect();
     }
 }
@@ -406,6 +431,32 @@ mod tests {
 
     fn web() -> ServiceName {
         "web.default".parse().unwrap()
+    }
+
+    #[test]
+    fn a_service_whose_endpoints_did_not_change_keeps_its_list() {
+        let full = pb::DiscoveryResponse {
+            version: 1,
+            full: true,
+            endpoints: vec![
+                ep("local/default/web/a", "web.default", "127.0.0.1:1001"),
+                ep("local/default/api/a", "api.default", "127.0.0.1:1002"),
+            ],
+            ..Default::default()
+        };
+        let r1 = Routes::default().apply(&full).routes;
+        let delta = pb::DiscoveryResponse {
+            version: 2,
+            endpoints: vec![ep("local/default/api/b", "api.default", "127.0.0.1:1003")],
+            ..Default::default()
+        };
+        let r2 = r1.apply(&delta).routes;
+        let api: ServiceName = "api.default".parse().unwrap();
+        let list = |r: &Routes, s: &ServiceName| r.endpoint_list(s).unwrap().clone();
+        assert!(Arc::ptr_eq(&list(&r1, &web()), &list(&r2, &web())), "web's endpoints are as they were");
+        assert!(!Arc::ptr_eq(&list(&r1, &api), &list(&r2, &api)));
+        assert_eq!(list(&r2, &api).len(), 2);
+        assert!(r2.endpoint_list(&"none.default".parse().unwrap()).is_none());
     }
 
     #[test]

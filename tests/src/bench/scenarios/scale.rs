@@ -210,5 +210,62 @@ pub fn run(clusters: usize, endpoints: usize, services: usize, report: &mut Repo
             "change_log": state.changes.len()});
         report.figure(SCENARIO, "one_change_per_session", labels, us, "us");
     }
+    endpoint_pick(clusters, report)
+}
+
+/// What a proxy's endpoint choice costs per request for one service of 10 to 10,000 endpoints
+/// spread over `clusters` clusters (five regions, three zones), seen from cluster c00: the pick,
+/// the in-flight mark and the latency sample, as every request does them, with the outbound
+/// side's real balancer and gateway-reachability check. Every endpoint is healthy; the nearest
+/// tier (cluster c00's zone z0) holds a 150th of them.
+fn endpoint_pick(clusters: usize, report: &mut Report) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use trellis_proxy::balance::{Balancer, Locality, Reach};
+    use trellis_proxy::gateways::GatewayHealth;
+    use trellis_proxy::metrics::Metrics;
+    use trellis_proxy::routes::{Endpoint as ProxyEndpoint, EndpointList, ServiceName};
+
+    let service = ServiceName::new("big", "default")?;
+    for n in [10usize, 100, 1_000, 10_000] {
+        let list: EndpointList = (0..n)
+            .map(|e| {
+                let c = e % clusters;
+                Arc::new(ProxyEndpoint {
+                    id: format!("c{c:02}/default/big/pod-{e}"),
+                    service: service.clone(),
+                    cluster: format!("c{c:02}"),
+                    zone: format!("z{}", e % 3),
+                    region: format!("r{}", c % 5),
+                    gateways: vec![format!("10.{c}.0.1:15443")],
+                    via_gateways: true,
+                    address: format!("10.{c}.{}.{}:15006", (e / 250) % 250, e % 250 + 1),
+                    identity: None,
+                    healthy: true,
+                    weight: 1,
+                })
+            })
+            .collect();
+        let balancer = Balancer::with_locality(Locality { cluster: "c00".into(), zone: "z0".into() });
+        let gateways = GatewayHealth::new(Metrics::new());
+        let reachable = |ep: &ProxyEndpoint| gateways.reachable(ep, "c00");
+        let one = || -> anyhow::Result<()> {
+            let reach = Reach { generation: gateways.generation(), reachable: &reachable };
+            let (_, load) = balancer
+                .pick_where(&list, &|_| false, "r0", reach)
+                .ok_or_else(|| anyhow::anyhow!("no endpoint picked among {n}"))?;
+            load.start().success();
+            Ok(())
+        };
+        for _ in 0..100 {
+            one()?;
+        }
+        let picks = (2_000_000 / n).clamp(200, 200_000);
+        let t = Instant::now();
+        for _ in 0..picks {
+            one()?;
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6 / picks as f64;
+        report.figure(SCENARIO, "endpoint_pick", json!({"endpoints": n, "clusters": clusters.min(n)}), us, "us");
+    }
     Ok(())
 }

@@ -357,8 +357,8 @@ impl Outbound {
                     if declared.is_some() { FirstByte::Patiently } else { FirstByte::Within(self.timeouts.sniff) };
                 let Some((protocol, io)) = self.detect(&up, tcp, first).await else { return };
                 match protocol {
-                    Protocol::Http1 => self.serve_http(up, Coalesce::direct(io), drain).await,
-                    Protocol::Http2 => self.serve_http(up, Coalesce::new(io), drain).await,
+                    Protocol::Http1 => self.serve_http(up, Coalesce::direct(io), Protocol::Http1, drain).await,
+                    Protocol::Http2 => self.serve_http(up, Coalesce::new(io), Protocol::Http2, drain).await,
                     Protocol::Tcp => self.splice(&up, io).await,
                 }
             }
@@ -400,7 +400,9 @@ impl Outbound {
         }
     }
 
-    async fn serve_http<I>(self: Arc<Self>, up: Arc<Upstream>, io: I, drain: Drain)
+    /// Serves the application's HTTP connection, of the `protocol` detection found (HTTP/1.x or
+    /// HTTP/2 with prior knowledge).
+    async fn serve_http<I>(self: Arc<Self>, up: Arc<Upstream>, io: I, protocol: Protocol, drain: Drain)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -410,21 +412,34 @@ impl Outbound {
             let up = up.clone();
             async move { Ok::<_, Infallible>(this.forward(&up, req).await) }
         });
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new());
-        builder.http2().timer(TokioTimer::new());
-        let conn = builder.serve_connection(TokioIo::new(io), svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
+        let io = TokioIo::new(io);
+        let ended = if protocol == Protocol::Http2 {
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder.timer(TokioTimer::new());
+            let conn = builder.serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = drain.signaled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
             }
-            _ = drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+        } else {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new());
+            let conn = builder.serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = drain.signaled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
             }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
         }
     }
 

@@ -238,9 +238,10 @@ fn everywhere(_: &Endpoint) -> bool {
 }
 
 impl Reach<'static> {
-    /// Every endpoint is reachable, always.
+    /// Every endpoint is reachable, always. Its generation is one that gateway health does not
+    /// reach, so a balancer that is also given gateway health tells the two apart.
     pub fn everywhere() -> Self {
-        Self { generation: 0, reachable: &everywhere }
+        Self { generation: u64::MAX, reachable: &everywhere }
     }
 }
 
@@ -402,10 +403,11 @@ impl Table {
         None
     }
 
-    /// Draws the two endpoints of a power-of-two choice among `pool`'s usable ones (skipping
-    /// the others), and chooses between them. `None` when the draws did not find two, or found
-    /// none that has not failed lately (with one, held endpoints sit out, so skipping them was
-    /// right).
+    /// Draws the two endpoints of a power-of-two choice among `pool`'s usable ones that are not
+    /// held (skipping the others), and chooses between them. `None` when the draws did not find
+    /// two, or when the tier has no usable, unheld endpoint that has not failed lately (with
+    /// one, held endpoints sit out, so skipping them was right; without, it depends on the
+    /// other tiers).
     fn drawn(
         &self,
         pool: &[u32],
@@ -435,11 +437,25 @@ impl Table {
                 break;
             }
         }
-        if n < 2 || !clean {
+        // Whether the pair stands must not depend on which pair was drawn: without a witness
+        // in it, one is looked for in the whole tier.
+        if n < 2 || !(clean || self.has_clean(pool, tried, reach, now)) {
             return None;
         }
         let pair = found.map(|i| self.loads[i].candidate(&self.list[i], false, now));
         choose(&pair, rng).map(|k| found[k])
+    }
+
+    /// Whether `pool` has a usable endpoint that is not held and has not failed lately.
+    fn has_clean(&self, pool: &[u32], tried: &dyn Fn(&Endpoint) -> bool, reach: Reach<'_>, now: Instant) -> bool {
+        pool.iter().any(|&i| {
+            let (ep, load) = (&self.list[i as usize], &self.loads[i as usize]);
+            load.failures.load(Ordering::Relaxed) == 0
+                && (reach.reachable)(ep)
+                && !tried(ep)
+                && !load.ejected(now)
+                && !load.held(now)
+        })
     }
 
     /// Looks at every endpoint: the nearest tier with a usable endpoint, then a power-of-two
@@ -1069,6 +1085,33 @@ mod tests {
         for (s, d) in scanned.iter().zip(&drawn) {
             assert!((s - d).abs() < 0.02, "scanned {scanned:?}, drawn {drawn:?}");
         }
+    }
+
+    #[test]
+    fn drawing_chooses_as_scanning_does_when_most_endpoints_failed_lately() {
+        // 40 endpoints of one zone, 36 of them with a failure since their last success: a pick
+        // takes a clean one only when one is among its two draws, whether it scans or draws.
+        let eps = service_of(80, 40, true);
+        let share = |scan_all: bool| {
+            let b = near_a(scan_all);
+            b.pick_in(&eps, &[], "us").unwrap();
+            for ep in eps.iter().take(36) {
+                let load = b.state.lock().unwrap().loads.get(&ep.id).unwrap().clone();
+                load.start().failure();
+            }
+            let clean = (0..40_000)
+                .filter(|_| {
+                    let id = b.pick_in(&eps, &[], "us").unwrap().0.id.clone();
+                    id.trim_start_matches("a/").parse::<usize>().unwrap() >= 36
+                })
+                .count();
+            clean as f64 / 40_000.0
+        };
+        // 1 - (36 * 35) / (40 * 39)
+        let want = 1.0 - 1260.0 / 1560.0;
+        let (scanned, drawn) = (share(true), share(false));
+        assert!((scanned - want).abs() < 0.02, "scanned {scanned}, want {want}");
+        assert!((drawn - want).abs() < 0.02, "drawn {drawn}, want {want}");
     }
 
     #[test]

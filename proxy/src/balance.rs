@@ -935,7 +935,7 @@ mod tests {
         // With b tried already, a's held endpoint serves rather than nothing.
         assert_eq!(b.pick_in(&eps, &["b/1".into()], "us").unwrap().0.id, "a/1");
         // The hold over, traffic returns.
-        let load = b.state.lock().unwrap().loads.get("a/1").unwrap().clone();
+        let load = load_of(&b, "a/1");
         *load.held_until.lock().unwrap() = Some(Instant::now());
         assert_eq!(b.pick_in(&eps, &[], "us").unwrap().0.id, "a/1");
     }
@@ -968,7 +968,7 @@ mod tests {
         // Restarted elsewhere: not ejected, held a moment, then serving.
         let moved: EndpointList = vec![endpoint("a/1", "a", "10.0.1.1:2", true), eps[1].clone()].into();
         assert_eq!(b.pick_in(&moved, &[], "us").unwrap().0.id, "b/1");
-        let load = b.state.lock().unwrap().loads.get("a/1").unwrap().clone();
+        let load = load_of(&b, "a/1");
         assert!(!load.ejected(Instant::now()));
         *load.held_until.lock().unwrap() = None;
         assert_eq!(b.pick_in(&moved, &[], "us").unwrap().0.id, "a/1");
@@ -1028,6 +1028,10 @@ mod tests {
             .collect()
     }
 
+    fn load_of(b: &Balancer, id: &str) -> Arc<EndpointLoad> {
+        b.state.lock().unwrap().loads.get(id).unwrap().clone()
+    }
+
     fn scans(b: &Balancer) -> u64 {
         b.state.lock().unwrap().scans
     }
@@ -1064,8 +1068,7 @@ mod tests {
             let b = near_a(scan_all);
             b.pick_in(&eps, &[], "us").unwrap();
             for (i, ep) in eps.iter().take(64).enumerate() {
-                let load = b.state.lock().unwrap().loads.get(&ep.id).unwrap().clone();
-                load.record(Duration::from_millis([1, 2, 5, 20][i % 4]));
+                load_of(&b, &ep.id).record(Duration::from_millis([1, 2, 5, 20][i % 4]));
             }
             let mut groups = [0u32; 4];
             for _ in 0..40_000 {
@@ -1096,8 +1099,7 @@ mod tests {
             let b = near_a(scan_all);
             b.pick_in(&eps, &[], "us").unwrap();
             for ep in eps.iter().take(36) {
-                let load = b.state.lock().unwrap().loads.get(&ep.id).unwrap().clone();
-                load.start().failure();
+                load_of(&b, &ep.id).start().failure();
             }
             let clean = (0..40_000)
                 .filter(|_| {

@@ -130,6 +130,25 @@ impl Drop for Tracked {
     }
 }
 
+/// Runs a `hyper` server connection to its end and evaluates to its result. Once `drain` starts,
+/// the connection is asked to finish (what is in flight completes, nothing new is taken) and
+/// still runs to its end. A macro rather than a generic `async fn`: the compiler cannot prove
+/// such a function's future `Send` for `hyper`'s connection futures.
+macro_rules! serve_until_drained {
+    ($conn:expr, $drain:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = $drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+pub(crate) use serve_until_drained;
+
 #[cfg(test)]
 mod tests {
     use super::*;

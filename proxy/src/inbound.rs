@@ -168,17 +168,8 @@ impl Inbound {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .serve_connection(TokioIo::new(Coalesce::new(tls)), svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
-                }
-            }
-            _ = drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
+        if let Err(e) = crate::drain::serve_until_drained!(conn, drain) {
+            tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
         }
     }
 

@@ -416,27 +416,11 @@ impl Outbound {
         let ended = if protocol == Protocol::Http2 {
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             builder.timer(TokioTimer::new());
-            let conn = builder.serve_connection(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = drain.signaled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+            crate::drain::serve_until_drained!(builder.serve_connection(io, svc), drain)
         } else {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(TokioTimer::new());
-            let conn = builder.serve_connection(io, svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = drain.signaled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+            crate::drain::serve_until_drained!(builder.serve_connection(io, svc), drain)
         };
         if let Err(e) = ended {
             tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
